@@ -1,0 +1,79 @@
+"""The one place that decides which backend runs (DESIGN.md section 4).
+
+Nothing here touches a GPU or a Triton driver at import time; availability is probed on demand.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton", "cuda", "cuda-emu")
+# the order "auto" tries, fastest first
+_AUTO_ORDER = ("cuda", "triton", "torch")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reasons(backend: str, device: torch.device | None = None) -> list[str]:
+    """Every reason ``backend`` cannot run on ``device`` (empty list: it can)."""
+    device = torch.device(device) if device is not None else None
+    if backend not in BACKENDS:
+        return [f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS + ('auto',))}"]
+    reasons: list[str] = []
+    if backend in ("reference", "torch"):
+        return reasons
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("the triton package is not installed")
+        if device is not None and device.type == "cpu" and not triton_interpreting():
+            reasons.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set (Triton needs a CUDA device or its interpreter)")
+        if device is None and not torch.cuda.is_available() and not triton_interpreting():
+            reasons.append("no CUDA device is visible and TRITON_INTERPRET=1 is not set")
+        return reasons
+    from mbt_fast import cuda_ext  # local: keeps the extension loader out of import time
+
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            reasons.append("no CUDA device is visible to torch")
+        if device is not None and device.type != "cuda":
+            reasons.append(f"tensors are on {device}, the cuda backend needs CUDA tensors")
+        reasons += cuda_ext.build_problems(emulated=False)
+    else:  # cuda-emu
+        if device is not None and device.type != "cpu":
+            reasons.append(f"cuda-emu runs the CUDA kernel sources on the CPU; tensors are on {device}")
+        reasons += cuda_ext.build_problems(emulated=True)
+    return reasons
+
+
+def check_backend(backend: str, device: torch.device | None = None) -> None:
+    """Raise ``RuntimeError`` listing every reason ``backend`` cannot run."""
+    reasons = unavailable_reasons(backend, device)
+    if reasons:
+        raise RuntimeError(f"backend {backend!r} is unavailable: " + "; ".join(reasons))
+
+
+@lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device | None = None) -> str:
+    """Map ``auto`` to the fastest backend that can run; check an explicit one."""
+    if backend != "auto":
+        check_backend(backend, device)
+        return backend
+    skipped = []
+    for name in _AUTO_ORDER:
+        reasons = unavailable_reasons(name, device)
+        if not reasons:
+            if skipped:
+                _warn_once(f"backend 'auto' picked {name!r}: " + " | ".join(skipped))
+            return name
+        skipped.append(f"{name}: " + "; ".join(reasons))
+    raise AssertionError("the torch backend is always available")

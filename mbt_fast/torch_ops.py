@@ -1,0 +1,58 @@
+"""Plain-PyTorch implementations of the fused ops: the ``torch`` backend.
+
+Same contracts as the kernels (see ``mbt_fast.ops``); autograd comes from PyTorch itself.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mbt_fast.layout import PackedLayout
+
+
+def mbt_attention(q, k, v, segments, scale: float, dropout_p: float = 0.0):
+    out = q.new_zeros(q.shape)
+    pieces = []
+    for qs, qe, ks, ke in segments.tolist():
+        # [n, B, H, D] -> [B, H, n, D] views; SDPA picks flash/efficient/math by device
+        o = F.scaled_dot_product_attention(
+            q[qs:qe].permute(1, 2, 0, 3), k[ks:ke].permute(1, 2, 0, 3), v[ks:ke].permute(1, 2, 0, 3),
+            dropout_p=dropout_p, scale=scale)
+        pieces.append((qs, qe, o.permute(2, 0, 1, 3)))
+    if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1] == q.shape[0]:
+        return pieces[0][2]
+    # rows in no segment stay zero; slice_scatter is out of place, so autograd sees ordinary ops
+    for qs, qe, o in pieces:
+        out = out.slice_scatter(o.to(out.dtype), dim=0, start=qs, end=qe)
+    return out
+
+
+def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str):
+    if keep is None:
+        out = x + y.to(x.dtype)
+    else:
+        row_keep = keep.t().to(x.dtype)[layout.row_weight(x.device).long()]  # [N, B]
+        out = torch.addcmul(x, y.to(x.dtype), row_keep.unsqueeze(-1))
+    nb = layout.n_bottleneck
+    if nb == 0 or bottleneck == "add":
+        return out
+    slots = [layout.bottleneck_rows(m) for m in range(layout.num_modalities)]
+    if bottleneck == "keep":
+        new = [x[s] for s in slots]
+    else:  # mean
+        mean = torch.stack([out[s] for s in slots]).mean(0)
+        new = [mean] * len(slots)
+    for s, val in zip(slots, new):
+        out = out.slice_scatter(val, dim=0, start=s.start, end=s.stop)
+    return out
+
+
+def segment_layernorm(x, weight, bias, row_weight, eps: float):
+    y = F.layer_norm(x, x.shape[-1:], eps=eps)
+    idx = row_weight.to(x.device).long()
+    return y * weight[idx].unsqueeze(1).to(y.dtype) + bias[idx].unsqueeze(1).to(y.dtype)
+
+
+def bias_gelu(x, bias, row_weight):
+    idx = row_weight.to(x.device).long()
+    return F.gelu(x + bias[idx].unsqueeze(1).to(x.dtype), approximate="tanh")
