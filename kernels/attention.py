@@ -1,0 +1,524 @@
+"""Multimodal bottleneck attention in Triton: one launch for every modality, head and sample.
+
+Contract (``mbt_fast.ops.mbt_attention``): q ``[Nq, B, H, D]``, k/v ``[Nk, B, H, D]``, token-major,
+any strides along N, B and H; ``segments`` int32 ``[S, 4]`` rows ``(q_start, q_end, k_start, k_end)``:
+the queries in ``[q_start, q_end)`` attend exactly to the keys in ``[k_start, k_end)``. Query ranges
+are disjoint; query rows in no segment output 0 and get a zero gradient.
+
+How it is computed:
+
+* forward: flash-style online softmax, fp32 accumulation, ``exp2`` with ``log2(e)`` folded into the
+  softmax scale; the natural-log LSE of every row is saved as fp32 ``[B, H, Nq]``;
+* backward: ``delta = rowsum(dO * O)`` (preprocess kernel), then dK/dV per key block (looping over the
+  query blocks of every segment that sees the block) and dQ per query block (looping over the
+  segment's key blocks), both recomputing P from the LSE: deterministic, no atomics, no N x N matrix;
+* the grid is ``(blocks, B * H)``: a small host-built int32 *block table* gives each program its rows
+  and the segment they belong to, so ragged segments never share a block and nothing is padded.
+
+Precision: fp16/bf16 operands go to the tensor cores with fp32 accumulation (P and dS are rounded to
+the input dtype before their GEMM, as in FlashAttention). fp32 inputs use ``input_precision="ieee"``:
+true fp32 dot products on the GPU, **no TF32**. Under the Triton interpreter (``TRITON_INTERPRET=1``)
+every dot operand is upcast to fp32 after that rounding, because the interpreter's ``tl.dot`` is
+silently wrong on bf16 (Triton 3.8); the result equals the GPU math up to summation order.
+
+Strides: the last (D) dimension must have stride 1 so loads vectorise; an input whose D stride is not
+1 is copied once by the launcher (views of a packed ``[N, B, 3, H, D]`` qkv buffer need no copy).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from mbt_fast.backends import triton_interpreting
+
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------------
+def mbt_attention_ref(q, k, v, segments, scale: float | None = None, dtype: torch.dtype = torch.float32):
+    """Naive masked attention over the full ``[Nq, Nk]`` score matrix, computed in ``dtype``.
+
+    ``dtype=float32`` is the oracle of the tests; a low ``dtype`` gives the "eager low precision"
+    error that sets their tolerance. Returns ``[Nq, B, H, D]`` in ``dtype``; differentiable.
+    """
+    nq, nk = q.shape[0], k.shape[0]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    allowed = torch.zeros(nq, nk, dtype=torch.bool, device=q.device)
+    for qs, qe, ks, ke in torch.as_tensor(segments).reshape(-1, 4).tolist():
+        allowed[qs:qe, ks:ke] = True
+    covered = allowed.any(1, keepdim=True)
+    # rows in no segment: unmask them (a softmax over nothing is NaN) and zero their output below
+    allowed = allowed | ~covered
+    qf, kf, vf = (t.to(dtype).permute(1, 2, 0, 3) for t in (q, k, v))  # [B, H, N, D]
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    out = (p @ vf).permute(2, 0, 1, 3)
+    return torch.where(covered[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation; fp32 operands use exact (IEEE) products, not TF32."""
+    if DOT_FP32:  # interpreter only: its bf16 tl.dot is wrong, so run the (already rounded) operands in fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _mbt_attention_fwd_kernel(
+    Q, K, V, Out, Lse, QBlocks,
+    stride_qn, stride_qb, stride_qh,
+    stride_kn, stride_kb, stride_kh,
+    stride_vn, stride_vb, stride_vh,
+    stride_on, stride_ob, stride_oh,
+    num_heads, nq, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One program = one query block of one segment, for one (sample, head)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    # block table row: (q_start, q_end, k_start, k_end, first row of this block)
+    q_end = tl.load(QBlocks + blk * 5 + 1)
+    k_start = tl.load(QBlocks + blk * 5 + 2)
+    k_end = tl.load(QBlocks + blk * 5 + 3)
+    m_start = tl.load(QBlocks + blk * 5 + 4)
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_end
+    rows_m = offs_m.to(tl.int64)[:, None]  # int64: N * stride_n can pass 2**31 at large batch
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m * stride_qn + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp(x * s) = exp2(x * s * log2 e)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n_start in range(k_start, k_end, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < k_end
+        rows_n = offs_n.to(tl.int64)[:, None]
+        k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        # the first key block always holds a valid key, so m_new is finite from the start
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh + rows_m * stride_on + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=m_mask[:, None])
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(Lse + bh.to(tl.int64) * nq + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def _mbt_attention_bwd_preprocess_kernel(
+    Out, DO, Delta,
+    stride_on, stride_ob, stride_oh,
+    stride_don, stride_dob, stride_doh,
+    num_heads, nq,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``delta[b, h, n] = sum_d dO * O`` over every row (rows in no segment have O = 0, so delta = 0)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < nq
+    rows_m = offs_m.to(tl.int64)[:, None]
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows_m * stride_on + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows_m * stride_don + offs_d[None, :],
+                 mask=m_mask[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * nq + offs_m, tl.sum(o * do, 1), mask=m_mask)
+
+
+@triton.jit
+def _mbt_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta, KBlocks, SegQ,
+    stride_qn, stride_qb, stride_qh,
+    stride_kn, stride_kb, stride_kh,
+    stride_vn, stride_vb, stride_vh,
+    stride_don, stride_dob, stride_doh,
+    stride_gn, stride_gb, stride_gh,
+    num_heads, nq, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One program = one key block, for one (sample, head): dK and dV of its rows.
+
+    Works in the transposed frame (``[keys, queries]``) so K, V, dK, dV stay in registers while the
+    query blocks of every segment that sees this key block stream past.
+    """
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    # key block table row: (first row, end of its key interval, first and past-last entry in SegQ)
+    n_start = tl.load(KBlocks + blk * 4 + 0)
+    n_end = tl.load(KBlocks + blk * 4 + 1)
+    s_first = tl.load(KBlocks + blk * 4 + 2)
+    s_last = tl.load(KBlocks + blk * 4 + 3)
+
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < n_end
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k = tl.load(K + b * stride_kb + h * stride_kh + rows_n * stride_kn + offs_d[None, :],
+                mask=n_mask[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + rows_n * stride_vn + offs_d[None, :],
+                mask=n_mask[:, None], other=0.0)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    Lse += bh.to(tl.int64) * nq
+    Delta += bh.to(tl.int64) * nq
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for s in range(s_first, s_last):  # usually one segment; several when key ranges overlap
+        q_start = tl.load(SegQ + s * 2 + 0)
+        q_end = tl.load(SegQ + s * 2 + 1)
+        for m_start in range(q_start, q_end, BLOCK_M):
+            offs_m = m_start + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < q_end
+            rows_m = offs_m.to(tl.int64)[:, None]
+            q = tl.load(Q + rows_m * stride_qn + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+            do = tl.load(DO + rows_m * stride_don + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+            lse2 = tl.load(Lse + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+            delta = tl.load(Delta + offs_m, mask=m_mask, other=0.0)
+            # P^T recomputed from the saved LSE: [BLOCK_N, BLOCK_M]
+            qk_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), DOT_FP32)
+            p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+            p_t = tl.where(m_mask[None, :], p_t, 0.0)
+            dv = _dot(p_t.to(do.dtype), do, dv, DOT_FP32)
+            dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), DOT_FP32)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = _dot(ds_t.to(q.dtype), q, dk, DOT_FP32)
+
+    dk = dk * sm_scale  # dS is the gradient of the scaled scores
+    rows_g = rows_n * stride_gn + b * stride_gb + h * stride_gh + offs_d[None, :]
+    tl.store(DK + rows_g, dk.to(DK.dtype.element_ty), mask=n_mask[:, None])
+    tl.store(DV + rows_g, dv.to(DV.dtype.element_ty), mask=n_mask[:, None])
+
+
+@triton.jit
+def _mbt_attention_bwd_dq_kernel(
+    Q, K, V, DO, DQ, Lse, Delta, QBlocks,
+    stride_qn, stride_qb, stride_qh,
+    stride_kn, stride_kb, stride_kh,
+    stride_vn, stride_vb, stride_vh,
+    stride_don, stride_dob, stride_doh,
+    stride_gn, stride_gb, stride_gh,
+    num_heads, nq, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One program = one query block, for one (sample, head): dQ of its rows over the segment's keys."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    q_end = tl.load(QBlocks + blk * 5 + 1)
+    k_start = tl.load(QBlocks + blk * 5 + 2)
+    k_end = tl.load(QBlocks + blk * 5 + 3)
+    m_start = tl.load(QBlocks + blk * 5 + 4)
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_end
+    rows_m = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m * stride_qn + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows_m * stride_don + offs_d[None, :],
+                 mask=m_mask[:, None], other=0.0)
+    lse2 = tl.load(Lse + bh.to(tl.int64) * nq + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * nq + offs_m, mask=m_mask, other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n_start in range(k_start, k_end, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < k_end
+        rows_n = offs_n.to(tl.int64)[:, None]
+        k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        p = tl.where(n_mask[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_FP32)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_gb + h * stride_gh + rows_m * stride_gn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_mask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch configuration and block tables
+# ----------------------------------------------------------------------------------------------------
+def _configs(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
+    """Static block sizes per kernel (``@triton.autotune`` needs a driver, and the interpreter has none).
+
+    GPU values keep fwd and bwd free of register spills with tensor-core MMAs at D = 64 fp16/bf16 on
+    sm_80 and sm_90 (checked by tests/kernels/test_attention_aot.py). The interpreter gets small
+    blocks: its cost is per program and per op, and small blocks cross more ragged edges per test.
+    """
+    if interpreting:
+        return {"fwd": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+                "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+                "dkdv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+                "dq": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)}
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: smaller tiles keep registers in check
+        small = 32 if head_dim == 128 else 64
+        return {"fwd": dict(BLOCK_M=small, BLOCK_N=32, num_warps=4, num_stages=2),
+                "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+                "dkdv": dict(BLOCK_M=32, BLOCK_N=small, num_warps=4, num_stages=2),
+                "dq": dict(BLOCK_M=small, BLOCK_N=32, num_warps=4, num_stages=2)}
+    if head_dim == 128:
+        return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+                "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)}
+    return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+            "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+            "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
+            "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)}
+
+
+def _query_block_table(segments: tuple, block_m: int) -> list:
+    """Rows ``(q_start, q_end, k_start, k_end, first_row)``: one per query block of every segment."""
+    return [(qs, qe, ks, ke, m) for qs, qe, ks, ke in segments for m in range(qs, qe, block_m)]
+
+
+def _key_block_table(segments: tuple, block_n: int) -> tuple[list, list]:
+    """Key blocks and the query ranges each one must visit.
+
+    The key axis is cut at every ``k_start``/``k_end``; inside one piece the set of segments that see
+    a key is fixed. Returns rows ``(first_row, piece_end, first, last)`` and the list of
+    ``(q_start, q_end)`` that ``[first, last)`` indexes. Keys no segment sees get no block (grad 0).
+    """
+    cuts = sorted({c for _, _, ks, ke in segments for c in (ks, ke)})
+    blocks, seg_q = [], []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        seen_by = [(qs, qe) for qs, qe, ks, ke in segments if ks <= lo and hi <= ke]
+        if not seen_by:
+            continue
+        first = len(seg_q)
+        seg_q += seen_by
+        blocks += [(n, hi, first, len(seg_q)) for n in range(lo, hi, block_n)]
+    return blocks, seg_q
+
+
+@lru_cache(maxsize=64)
+def _tables(segments: tuple, kind: str, block_m: int, block_n: int, device: str):
+    """Block tables as int32 tensors on ``device``, built once per layout (no GPU work at import)."""
+    if kind == "q":
+        return torch.tensor(_query_block_table(segments, block_m), dtype=torch.int32).to(device)
+    blocks, seg_q = _key_block_table(segments, block_n)
+    return (torch.tensor(blocks, dtype=torch.int32).reshape(-1, 4).to(device),
+            torch.tensor(seg_q, dtype=torch.int32).reshape(-1, 2).to(device))
+
+
+def _covers(segments: tuple, n: int, col: int) -> bool:
+    """Whether the ranges in columns ``col, col+1`` cover all ``n`` rows (else outputs start at zero)."""
+    hit = torch.zeros(n, dtype=torch.bool)
+    for row in segments:
+        hit[row[col]:row[col + 1]] = True
+    return bool(hit.all())
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | None = None):
+    """Returns ``out [Nq, B, H, D]`` (dtype of q) and ``lse [B, H, Nq]`` fp32 (natural log)."""
+    interpreting = triton_interpreting()
+    cfg = (configs or _configs(q.shape[-1], q.dtype, interpreting))["fwd"]
+    q, k, v = map(_unit_last_stride, (q, k, v))
+    nq, B, H, D = q.shape
+    table = _tables(segments, "q", cfg["BLOCK_M"], 0, str(q.device))
+    out = (torch.empty if _covers(segments, nq, 0) else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.zeros(B, H, nq, dtype=torch.float32, device=q.device)
+    _mbt_attention_fwd_kernel[(table.shape[0], B * H)](
+        q, k, v, out, lse, table,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        H, nq, scale,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, DOT_FP32=interpreting,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse
+
+
+def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, configs: dict | None = None):
+    """Returns ``dq, dk, dv`` (contiguous, dtypes of q, k, v); rows no segment touches get 0."""
+    interpreting = triton_interpreting()
+    cfgs = configs or _configs(q.shape[-1], q.dtype, interpreting)
+    do, q, k, v = map(_unit_last_stride, (do, q, k, v))
+    nq, B, H, D = q.shape
+    nk = k.shape[0]
+    dev = str(q.device)
+
+    delta = torch.empty(B, H, nq, dtype=torch.float32, device=q.device)
+    pre = cfgs["pre"]
+    _mbt_attention_bwd_preprocess_kernel[(triton.cdiv(nq, pre["BLOCK_M"]), B * H)](
+        out, do, delta, *_strides(out), *_strides(do), H, nq,
+        BLOCK_M=pre["BLOCK_M"], BLOCK_D=D, num_warps=pre["num_warps"], num_stages=pre["num_stages"])
+
+    key_rows_covered = _covers(segments, nk, 2)
+    new_k = torch.empty if key_rows_covered else torch.zeros
+    dk = new_k(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_k(v.shape, dtype=v.dtype, device=v.device)
+    assert dk.stride() == dv.stride()
+    c = cfgs["dkdv"]
+    kblocks, seg_q = _tables(segments, "k", 0, c["BLOCK_N"], dev)
+    _mbt_attention_bwd_dkdv_kernel[(kblocks.shape[0], B * H)](
+        q, k, v, do, dk, dv, lse, delta, kblocks, seg_q,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+        H, nq, scale,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, DOT_FP32=interpreting,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    dq = (torch.empty if _covers(segments, nq, 0) else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    c = cfgs["dq"]
+    qblocks = _tables(segments, "q", c["BLOCK_M"], 0, dev)
+    _mbt_attention_bwd_dq_kernel[(qblocks.shape[0], B * H)](
+        q, k, v, do, dq, lse, delta, qblocks,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, nq, scale,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, DOT_FP32=interpreting,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd and the op
+# ----------------------------------------------------------------------------------------------------
+class MBTAttentionFunction(torch.autograd.Function):
+    """Saves q, k, v, the output and the fp32 LSE; the backward recomputes P block by block."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, segments: tuple, scale: float, configs: dict | None = None):
+        out, lse = _mbt_attention_fwd(q, k, v, segments, scale, configs)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.segments, ctx.scale, ctx.configs = segments, scale, configs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _mbt_attention_bwd(grad_out, q, k, v, out, lse, ctx.segments, ctx.scale, ctx.configs)
+        return dq, dk, dv, None, None, None
+
+
+def _check(q, k, v, segments) -> tuple:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dimensions [N, B, H, D], got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name}: expected one of float16, bfloat16, float32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (q's), got {t.device}")
+    if k.shape != v.shape or k.shape[1:] != q.shape[1:]:
+        raise ValueError(f"q, k, v: expected [Nq, B, H, D] and two equal [Nk, B, H, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"q: expected head dim (last dimension) in {HEAD_DIMS}, got {q.shape[-1]}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpreting()):
+        raise ValueError(f"q: the Triton attention kernel needs CUDA tensors (or CPU tensors under "
+                         f"TRITON_INTERPRET=1), got device {q.device}")
+    seg = torch.as_tensor(segments).reshape(-1, 4).tolist()
+    if not seg:
+        raise ValueError("segments: expected at least one (q_start, q_end, k_start, k_end) row, got none")
+    for qs, qe, ks, ke in seg:
+        if not (0 <= qs < qe <= q.shape[0] and 0 <= ks < ke <= k.shape[0]):
+            raise ValueError(f"segments: row {(qs, qe, ks, ke)} is empty or outside q rows [0, {q.shape[0]}) "
+                             f"/ k rows [0, {k.shape[0]})")
+    seg.sort()
+    if any(a[1] > b[0] for a, b in zip(seg[:-1], seg[1:])):
+        raise ValueError(f"segments: query ranges must not overlap, got {seg}")
+    return tuple(tuple(int(x) for x in row) for row in seg)
+
+
+def mbt_attention(q, k, v, segments, scale: float | None = None):
+    """Segment-masked attention (see the module docstring); differentiable in q, k and v."""
+    seg = _check(q, k, v, segments)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return MBTAttentionFunction.apply(q, k, v, seg, scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ahead-of-time compilation (static performance report)
+# ----------------------------------------------------------------------------------------------------
+def aot_specs(dtype: torch.dtype = torch.float16) -> list[dict]:
+    """The four kernels at the MBT-B configuration (head dim 64, 12 heads), GPU block sizes.
+
+    Each dict feeds ``triton.compile(ASTSource(fn, signature, constexprs), target, options)``.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype: expected torch.float16 or torch.bfloat16, got {dtype}")
+    D = 64
+    ty = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    cfgs = _configs(D, dtype, interpreting=False)
+    strides = lambda *names: {f"stride_{n}{x}": "i32" for n in names for x in "nbh"}  # noqa: E731
+
+    def spec(name, direction, fn, sig, cfg, consts):
+        sig = dict(sig)
+        sig.update({c: "constexpr" for c in consts})
+        return {"kernel": name, "direction": direction, "fn": fn, "signature": sig, "constexprs": consts,
+                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+    scalars = {"num_heads": "i32", "nq": "i32", "sm_scale": "fp32"}
+    fwd, pre, dkdv, dq = cfgs["fwd"], cfgs["pre"], cfgs["dkdv"], cfgs["dq"]
+    return [
+        spec("_mbt_attention_fwd_kernel", "fwd", _mbt_attention_fwd_kernel,
+             {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32",
+              **strides("q", "k", "v", "o"), **scalars},
+             fwd, {"BLOCK_M": fwd["BLOCK_M"], "BLOCK_N": fwd["BLOCK_N"], "BLOCK_D": D, "DOT_FP32": False}),
+        spec("_mbt_attention_bwd_preprocess_kernel", "bwd", _mbt_attention_bwd_preprocess_kernel,
+             {"Out": ty, "DO": ty, "Delta": "*fp32", **strides("o", "do"), "num_heads": "i32", "nq": "i32"},
+             pre, {"BLOCK_M": pre["BLOCK_M"], "BLOCK_D": D}),
+        spec("_mbt_attention_bwd_dkdv_kernel", "bwd", _mbt_attention_bwd_dkdv_kernel,
+             {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "Lse": "*fp32", "Delta": "*fp32",
+              "KBlocks": "*i32", "SegQ": "*i32", **strides("q", "k", "v", "do", "g"), **scalars},
+             dkdv, {"BLOCK_M": dkdv["BLOCK_M"], "BLOCK_N": dkdv["BLOCK_N"], "BLOCK_D": D, "DOT_FP32": False}),
+        spec("_mbt_attention_bwd_dq_kernel", "bwd", _mbt_attention_bwd_dq_kernel,
+             {"Q": ty, "K": ty, "V": ty, "DO": ty, "DQ": ty, "Lse": "*fp32", "Delta": "*fp32", "QBlocks": "*i32",
+              **strides("q", "k", "v", "do", "g"), **scalars},
+             dq, {"BLOCK_M": dq["BLOCK_M"], "BLOCK_N": dq["BLOCK_N"], "BLOCK_D": D, "DOT_FP32": False}),
+    ]
