@@ -304,10 +304,10 @@ def _configs(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
                 "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
                 "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                 "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)}
-    return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
             "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
-            "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
-            "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)}
+            "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+            "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)}
 
 
 def _query_block_table(segments: tuple, block_m: int) -> list:
@@ -485,40 +485,49 @@ def mbt_attention(q, k, v, segments, scale: float | None = None):
 # ----------------------------------------------------------------------------------------------------
 # ahead-of-time compilation (static performance report)
 # ----------------------------------------------------------------------------------------------------
-def aot_specs(dtype: torch.dtype = torch.float16) -> list[dict]:
+def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64) -> list[dict]:
     """The four kernels at the MBT-B configuration (head dim 64, 12 heads), GPU block sizes.
 
-    Each dict feeds ``triton.compile(ASTSource(fn, signature, constexprs), target, options)``.
+    Each dict feeds ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target, options)``.
+    ``attrs`` marks every pointer and stride 16-divisible, which is what ``@triton.jit`` specialises on
+    a GPU for MBT-B tensors (16-byte aligned storage, strides multiples of D); without it the compiler
+    must assume unaligned rows, cannot vectorise loads and spills. The head count (12) is a runtime
+    argument and does not change the code.
     """
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype: expected torch.float16 or torch.bfloat16, got {dtype}")
-    D = 64
-    ty = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype: expected one of float16, bfloat16, float32, got {dtype}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
+    D = head_dim
+    ty = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     cfgs = _configs(D, dtype, interpreting=False)
     strides = lambda *names: {f"stride_{n}{x}": "i32" for n in names for x in "nbh"}  # noqa: E731
+    scalars = {"num_heads": "i32", "nq": "i32", "sm_scale": "fp32"}
 
-    def spec(name, direction, fn, sig, cfg, consts):
-        sig = dict(sig)
-        sig.update({c: "constexpr" for c in consts})
-        return {"kernel": name, "direction": direction, "fn": fn, "signature": sig, "constexprs": consts,
+    def spec(fn, direction, sig, cfg, consts):
+        names = list(fn.arg_names)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]]
+                 for a, t in sig.items() if t.startswith("*") or a.startswith("stride_")}
+        return {"kernel": fn.__name__, "direction": direction, "fn": fn,
+                "signature": {**sig, **{c: "constexpr" for c in consts}}, "constexprs": consts, "attrs": attrs,
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
-    scalars = {"num_heads": "i32", "nq": "i32", "sm_scale": "fp32"}
+    def blocks(cfg):
+        return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": D, "DOT_FP32": False}
+
     fwd, pre, dkdv, dq = cfgs["fwd"], cfgs["pre"], cfgs["dkdv"], cfgs["dq"]
     return [
-        spec("_mbt_attention_fwd_kernel", "fwd", _mbt_attention_fwd_kernel,
+        spec(_mbt_attention_fwd_kernel, "fwd",
              {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32",
-              **strides("q", "k", "v", "o"), **scalars},
-             fwd, {"BLOCK_M": fwd["BLOCK_M"], "BLOCK_N": fwd["BLOCK_N"], "BLOCK_D": D, "DOT_FP32": False}),
-        spec("_mbt_attention_bwd_preprocess_kernel", "bwd", _mbt_attention_bwd_preprocess_kernel,
+              **strides("q", "k", "v", "o"), **scalars}, fwd, blocks(fwd)),
+        spec(_mbt_attention_bwd_preprocess_kernel, "bwd",
              {"Out": ty, "DO": ty, "Delta": "*fp32", **strides("o", "do"), "num_heads": "i32", "nq": "i32"},
              pre, {"BLOCK_M": pre["BLOCK_M"], "BLOCK_D": D}),
-        spec("_mbt_attention_bwd_dkdv_kernel", "bwd", _mbt_attention_bwd_dkdv_kernel,
+        spec(_mbt_attention_bwd_dkdv_kernel, "bwd",
              {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "Lse": "*fp32", "Delta": "*fp32",
               "KBlocks": "*i32", "SegQ": "*i32", **strides("q", "k", "v", "do", "g"), **scalars},
-             dkdv, {"BLOCK_M": dkdv["BLOCK_M"], "BLOCK_N": dkdv["BLOCK_N"], "BLOCK_D": D, "DOT_FP32": False}),
-        spec("_mbt_attention_bwd_dq_kernel", "bwd", _mbt_attention_bwd_dq_kernel,
+             dkdv, blocks(dkdv)),
+        spec(_mbt_attention_bwd_dq_kernel, "bwd",
              {"Q": ty, "K": ty, "V": ty, "DO": ty, "DQ": ty, "Lse": "*fp32", "Delta": "*fp32", "QBlocks": "*i32",
-              **strides("q", "k", "v", "do", "g"), **scalars},
-             dq, {"BLOCK_M": dq["BLOCK_M"], "BLOCK_N": dq["BLOCK_N"], "BLOCK_D": D, "DOT_FP32": False}),
+              **strides("q", "k", "v", "do", "g"), **scalars}, dq, blocks(dq)),
     ]
