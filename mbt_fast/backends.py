@@ -36,8 +36,10 @@ def unavailable_reasons(backend: str, device: torch.device | None = None) -> lis
         if device is None and not torch.cuda.is_available() and not triton_interpreting():
             reasons.append("no CUDA device is visible and TRITON_INTERPRET=1 is not set")
         return reasons
-    from mbt_fast import cuda_ext  # local: keeps the extension loader out of import time
-
+    try:
+        from mbt_fast import cuda_ext  # local: keeps the extension loader out of import time
+    except ImportError as e:
+        return [f"the CUDA extension loader cannot be imported ({e})"]
     if backend == "cuda":
         if not torch.cuda.is_available():
             reasons.append("no CUDA device is visible to torch")

@@ -1,0 +1,39 @@
+"""Shared test setup: Triton runs under its CPU interpreter, and the DESIGN.md §6 comparison rule."""
+import os
+
+# Must be set before any module defines a @triton.jit kernel: Triton reads it at decoration time.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+FLOORS = {  # (forward, backward)
+    torch.float32: (1e-4, 1e-3),
+    torch.float16: (1e-2, 5e-2),
+    torch.bfloat16: (5e-2, 1e-1),
+}
+
+
+def assert_close_2x(out, ref_fp32, eager_lowp, dtype, backward=False, name="output"):
+    """``max|out - ref| <= 2 * max|eager_lowp - ref| + floor[dtype]``, printing both errors."""
+    floor = FLOORS[dtype][int(backward)]
+    err = (out.double() - ref_fp32.double()).abs().max().item()
+    base = (eager_lowp.double() - ref_fp32.double()).abs().max().item() if eager_lowp is not None else 0.0
+    bound = 2 * base + floor
+    assert err <= bound, f"{name}: max|out - ref| = {err:.3e} > bound {bound:.3e} (max|eager_lowp - ref| = {base:.3e}, floor {floor:g})"
+
+
+def fixtures_dir() -> Path | None:
+    env = os.environ.get("MBT_FAST_SCENIC_FIXTURES")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scenic_mbt"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def scenic_fixtures():
+    path = fixtures_dir()
+    if path is None:
+        pytest.skip("Scenic fixtures not found: set MBT_FAST_SCENIC_FIXTURES or place shared/fixtures/scenic_mbt beside the repo")
+    return path
