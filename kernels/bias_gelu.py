@@ -161,10 +161,10 @@ def aot_specs(dtype: torch.dtype) -> list[dict]:
     bwd = {"x_ptr": p, "bias_ptr": p, "rw_ptr": "*i32", "g_ptr": p, "gx_ptr": p, "db_part_ptr": "*fp32", **ints,
            "rows_per_prog": "i32"}
     return [
-        {"kernel": "bias_gelu", "direction": "fwd", "fn": _bias_gelu_fwd_kernel, "signature": fwd,
+        {"kernel": "_bias_gelu_fwd_kernel", "direction": "fwd", "fn": _bias_gelu_fwd_kernel, "signature": fwd,
          "constexprs": dict(BLOCK_R=block_r, BLOCK_F=block_f), "num_warps": warps, "num_stages": 1,
          "divisible_by_16": ["F"]},
-        {"kernel": "bias_gelu", "direction": "bwd", "fn": _bias_gelu_bwd_kernel, "signature": bwd,
+        {"kernel": "_bias_gelu_bwd_kernel", "direction": "bwd", "fn": _bias_gelu_bwd_kernel, "signature": bwd,
          "constexprs": dict(M=2, M_PAD=2, BLOCK_R=block_r, BLOCK_F=block_f), "num_warps": warps, "num_stages": 1,
          "divisible_by_16": ["F"]},
     ]

@@ -254,6 +254,6 @@ def aot_specs(dtype: torch.dtype) -> list[dict]:
     bwd = {"g_ptr": p, "keep_ptr": "*fp32", "gx_ptr": p, "gy_ptr": p, "starts_ptr": "*i32", "slot_starts_ptr": "*i32", **ints}
     common = {"constexprs": const, "num_warps": warps, "num_stages": 1, "divisible_by_16": ["C"]}
     return [
-        {"kernel": "residual_mean", "direction": "fwd", "fn": _residual_mean_fwd_kernel, "signature": fwd, **common},
-        {"kernel": "residual_mean", "direction": "bwd", "fn": _residual_mean_bwd_kernel, "signature": bwd, **common},
+        {"kernel": "_residual_mean_fwd_kernel", "direction": "fwd", "fn": _residual_mean_fwd_kernel, "signature": fwd, **common},
+        {"kernel": "_residual_mean_bwd_kernel", "direction": "bwd", "fn": _residual_mean_bwd_kernel, "signature": bwd, **common},
     ]

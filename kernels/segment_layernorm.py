@@ -217,10 +217,10 @@ def aot_specs(dtype: torch.dtype) -> list[dict]:
            "gs_ptr": p, "gx_ptr": p, "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32",
            "n_rows": "i32", "B": "i32", "C": "i32", "rows_per_prog": "i32"}
     return [
-        {"kernel": "segment_layernorm", "direction": "fwd", "fn": _segment_layernorm_fwd_kernel, "signature": fwd,
+        {"kernel": "_segment_layernorm_fwd_kernel", "direction": "fwd", "fn": _segment_layernorm_fwd_kernel, "signature": fwd,
          "constexprs": dict(HAS_RESIDUAL=True, BLOCK_R=fr, BLOCK_C=fc), "num_warps": fw, "num_stages": 1,
          "divisible_by_16": ["C"]},
-        {"kernel": "segment_layernorm", "direction": "bwd", "fn": _segment_layernorm_bwd_kernel, "signature": bwd,
+        {"kernel": "_segment_layernorm_bwd_kernel", "direction": "bwd", "fn": _segment_layernorm_bwd_kernel, "signature": bwd,
          "constexprs": dict(M=M, M_PAD=mp, HAS_GS=True, BLOCK_R=br, BLOCK_C=bc), "num_warps": bw, "num_stages": 1,
          "divisible_by_16": ["C"]},
     ]
