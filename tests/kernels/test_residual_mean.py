@@ -22,6 +22,13 @@ def check(name, out, ref, eager, dtype, backward=False):
     assert err <= 2 * base + floor, f"{name}: max|out - ref| = {err:.3e} > 2 * {base:.3e} (max|eager - ref|) + {floor:g}"
 
 
+def agree(name, out, other, rtol=1e-6):
+    """fp32 kernel and fp32 torch backend agree to rounding: catches small slips the floors would hide."""
+    scale = max(1.0, other.abs().max().item())
+    err = (out.double() - other.double()).abs().max().item()
+    assert err <= rtol * scale, f"{name}: max|triton - torch| = {err:.3e} > {rtol:g} * {scale:.3g}"
+
+
 LAYOUTS = [
     PackedLayout(("a",), (7,), 1),
     PackedLayout(("spectrogram", "rgb"), (5, 11), 4),
@@ -59,6 +66,8 @@ def _compare(x, y, k, layout, mode, grad):
     assert out[0].dtype == x.dtype and out[1].dtype == x.dtype and out[2].dtype == y.dtype
     for i, name in enumerate(("out", "grad_x", "grad_y")):
         check(name, out[i], ref[i], eager[i], out[i].dtype, backward=i > 0)  # grad_y: y's dtype
+        if out[i].dtype == torch.float32 and eager[i].dtype == torch.float32:
+            agree(name, out[i], eager[i])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"M{l.num_modalities}nb{l.n_bottleneck}")
