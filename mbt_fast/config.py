@@ -178,6 +178,6 @@ PRESETS: dict[str, MBTConfig] = {
     "mbt_base_16x2_rgb": dataclasses.replace(_MBT_B, modality_fusion=("rgb",), use_bottleneck=False,
                                               input_shapes={"rgb": (-1, 32, 224, 224, 3)}),
     # small enough to train on a CPU in minutes: 16 RGB tokens + 8 spectrogram tokens (+ CLS each)
-    "tiny": MBTConfig(hidden_size=64, num_heads=4, mlp_dim=128, num_layers=4, fusion_layer=2, n_bottlenecks=4,
+    "tiny": MBTConfig(hidden_size=64, num_heads=2, mlp_dim=128, num_layers=4, fusion_layer=2, n_bottlenecks=4,
                       num_classes=10, input_shapes={"rgb": (-1, 8, 32, 32, 3), "spectrogram": (-1, 64, 32, 3)}),
 }
