@@ -1,0 +1,192 @@
+"""A dataset of audio-visual video files with labels, and the pieces that make loading robust.
+
+Sources:
+- a CSV with rows ``path,labels`` (labels: class indices separated by ``;`` or spaces -- several per
+  clip for AudioSet-style multi-label, one for VGGSound-style single label; an optional header row whose
+  first cell is ``path``/``file``/``filename``/``video``; relative paths resolve against ``root`` or the
+  CSV's folder);
+- a folder ``root/<class name>/<clip>.{mp4,mkv,webm,...}`` (single label, classes in sorted order).
+
+Items are dicts: ``rgb`` ``[3, T, H, W]`` in [-1, 1], ``spectrogram`` ``[time, mel]`` normalised,
+``label`` float ``[num_classes]`` (multi-hot, or one-hot for single label), ``index``, ``audio_missing``.
+With ``num_clips > 1`` (test mode) ``rgb``/``spectrogram`` get a leading clip axis ``[K, ...]``.
+
+Robustness: an unreadable/corrupt file gives a ``{"skipped": reason}`` item (warning logged, counted);
+:func:`collate_skip_bad` drops those and reports how many were dropped, so an epoch never crashes on a
+bad file. A missing audio track gives an all-zero spectrogram and ``audio_missing=True`` (counted).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mbt_fast.data import audio as audio_lib
+from mbt_fast.data.augment import spec_augment_freq
+from mbt_fast.data.video import read_clips
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+AUDIOSET_NUM_CLASSES = 527
+MODES = ("train", "eval", "test")
+
+
+def parse_labels(text: str) -> list[int]:
+    parts = [p for p in text.replace(";", " ").replace("|", " ").split() if p]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"labels must be integer class indices separated by ';' or spaces, got {text!r}") from None
+
+
+def read_csv(csv_path, root=None) -> list[tuple[str, list[int]]]:
+    csv_path = Path(csv_path)
+    base = Path(root) if root is not None else csv_path.parent
+    items = []
+    with open(csv_path, newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
+                continue
+            if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "video"):
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{csv_path}:{i + 1}: expected 'path,labels', got {row!r}")
+            path = Path(row[0].strip())
+            items.append((str(path if path.is_absolute() else base / path), parse_labels(",".join(row[1:]))))
+    return items
+
+
+def read_folder(root) -> tuple[list[tuple[str, list[int]]], list[str]]:
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data folder {str(root)!r} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"data folder {str(root)!r} has no class sub-folders (expected root/<class>/<clip>.mp4)")
+    items = []
+    for c, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() in VIDEO_EXTENSIONS:
+                items.append((str(f), [c]))
+    return items, classes
+
+
+def item_seed(*parts) -> int:
+    """A stable 63-bit seed from any ints/strings (independent of PYTHONHASHSEED and of workers)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+class VideoDataset(Dataset):
+    """Video files -> MBT inputs, Scenic's sampling parameterised by the model's input shapes.
+
+    ``rgb_shape``/``spectrogram_shape`` are the config's ``(T, H, W)`` / ``(time, mel)``; ``mode``
+    is ``train`` (random clip, augmentation), ``eval`` (centre clip) or ``test`` (``num_clips``
+    linspaced clips). Indexing with ``(index, seed)`` (as :class:`ResumableSampler` does) makes every
+    random choice a function of that seed; a plain int uses a seed derived from the index.
+    """
+
+    def __init__(self, items, num_classes: int, rgb_shape=(32, 224, 224), spectrogram_shape=(800, 128),
+                 multi_label: bool = True, mode: str = "train", num_clips: int = 1,
+                 modalities=("spectrogram", "rgb"), spec_mean: float = audio_lib.SCENIC_SPEC_MEAN,
+                 spec_std: float = audio_lib.SCENIC_SPEC_STD, spec_augment: bool = True, class_names=None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        for path, labels in items:
+            bad = [c for c in labels if not 0 <= c < num_classes]
+            if bad:
+                raise ValueError(f"{path}: label(s) {bad} outside [0, {num_classes})")
+            if not multi_label and len(labels) != 1:
+                raise ValueError(f"{path}: single-label dataset needs exactly one label, got {labels}")
+        self.items = list(items)
+        self.num_classes, self.multi_label, self.mode = num_classes, multi_label, mode
+        self.num_clips = num_clips if mode == "test" else 1
+        self.rgb_shape, self.spectrogram_shape = tuple(rgb_shape), tuple(spectrogram_shape)
+        self.modalities = tuple(modalities)
+        self.spec_mean, self.spec_std, self.spec_augment = spec_mean, spec_std, spec_augment
+        self.class_names = class_names
+        self.num_skipped = 0        # counted in this process (workers count their own copies)
+        self.num_audio_missing = 0
+
+    @classmethod
+    def from_csv(cls, csv_path, root=None, **kw):
+        return cls(read_csv(csv_path, root), **kw)
+
+    @classmethod
+    def from_folder(cls, root, **kw):
+        items, classes = read_folder(root)
+        kw.setdefault("num_classes", len(classes))
+        kw.setdefault("multi_label", False)
+        return cls(items, class_names=classes, **kw)
+
+    def __len__(self):
+        return len(self.items)
+
+    def _spectrogram(self, waveform, start_proportions, rng_torch) -> list[torch.Tensor]:
+        t, mel = self.spectrogram_shape
+        if waveform is None:
+            return [torch.zeros(t, mel) for _ in start_proportions]
+        logmel = audio_lib.log_mel_spectrogram(waveform, audio_lib.SAMPLE_RATE, num_mel=mel)
+        spec = audio_lib.normalize_spectrogram(logmel, self.spec_mean, self.spec_std)
+        out = []
+        for p in start_proportions:
+            s = spec[audio_lib.sample_window(spec.shape[0], t, p)]
+            if self.mode == "train" and self.spec_augment:
+                s = spec_augment_freq(s, generator=rng_torch)
+            out.append(s)
+        return out
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, item_seed("eval", key))
+        path, labels = self.items[index]
+        rng = np.random.default_rng(seed)
+        rng_torch = torch.Generator().manual_seed(seed)
+        want_rgb, want_audio = "rgb" in self.modalities, "spectrogram" in self.modalities
+        try:
+            clips = read_clips(path, self.rgb_shape[0], self.rgb_shape[1:], self.mode, self.num_clips, rng,
+                               want_rgb=want_rgb, want_audio=want_audio)
+        except Exception as e:  # noqa: BLE001 -- any decoding failure means "skip this file"
+            self.num_skipped += 1
+            log.warning("skipping unreadable video %s (%s: %s); %d skipped so far in this process",
+                        path, type(e).__name__, e, self.num_skipped)
+            return {"skipped": f"{path}: {type(e).__name__}: {e}", "index": index}
+        item = {"index": index, "audio_missing": want_audio and clips.waveform is None}
+        if want_rgb:
+            item["rgb"] = clips.rgb[0] if self.num_clips == 1 else torch.stack(clips.rgb)
+        if want_audio:
+            if clips.waveform is None:
+                self.num_audio_missing += 1
+                log.warning("%s has no audio track; using a zero spectrogram (%d such files so far in this process)",
+                            path, self.num_audio_missing)
+            specs = self._spectrogram(clips.waveform, clips.start_proportions, rng_torch)
+            item["spectrogram"] = specs[0] if self.num_clips == 1 else torch.stack(specs)
+        label = torch.zeros(self.num_classes)
+        label[labels] = 1.0
+        item["label"] = label
+        return item
+
+
+def collate_skip_bad(batch: list) -> dict:
+    """Stack the good items; drop ``None`` and skipped items, reporting ``num_skipped`` and
+    ``num_audio_missing``. A batch with no good item has only those counts (and ``skipped`` reasons)."""
+    good = [b for b in batch if b is not None and "skipped" not in b]
+    out = {
+        "num_skipped": len(batch) - len(good),
+        "skipped": [b["skipped"] for b in batch if b is not None and "skipped" in b],
+        "num_audio_missing": sum(bool(b.get("audio_missing", False)) for b in good),
+    }
+    if not good:
+        return out
+    for k in ("rgb", "spectrogram", "label"):
+        if k in good[0]:
+            out[k] = torch.stack([b[k] for b in good])
+    out["index"] = torch.tensor([b["index"] for b in good])
+    return out

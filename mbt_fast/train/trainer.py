@@ -1,0 +1,462 @@
+"""The training loop: Scenic's MBT recipe, exact resume, DDP through torchrun.
+
+Defaults follow ``balanced_audioset_base.py`` (SCENIC_MBT.md section 4): SGD momentum 0.9, base lr 0.5
+at batch 64 scaled linearly with the global batch, compound schedule (linear warmup over 5 % of the
+steps -- Scenic's 2.5 of 50 epochs -- then cosine), global grad-norm clip 1.0, label smoothing 0.3,
+mixup alpha 0.5, SpecAugment, stochastic depth 0.3 (a model-config field). AdamW is selectable.
+
+Multi-GPU: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the model is wrapped in
+DistributedDataParallel, the data in a DistributedSampler, rank 0 logs and writes checkpoints. The
+gradient is clipped after DDP's all-reduce (Scenic clips each device's gradient before its pmean).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from mbt_fast.data.augment import mixup, sample_mixup_lambda
+from mbt_fast.data.dataset import collate_skip_bad
+from mbt_fast.data.sampler import ResumableSampler, eval_sampler
+from mbt_fast.train import checkpoint as ckpt
+from mbt_fast.train.losses import classification_loss
+from mbt_fast.train.metrics import mean_average_precision, precision_at_1, topk_accuracy
+from mbt_fast.train.schedule import compound_lr
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run that is not the model config (stored in checkpoints as JSON)."""
+    out_dir: str = "runs/mbt"
+    steps: int = 1000
+    batch_size: int = 64                 # global, split over ranks
+    optimizer: str = "sgd"               # "sgd" (Scenic's momentum) | "adamw"
+    lr: float = 0.5                      # sgd: at batch 64, scaled by batch_size / 64; adamw: used as is
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = None      # None: 5 % of steps
+    grad_clip: float = 1.0               # <= 0 disables
+    label_smoothing: float = 0.3
+    mixup_alpha: float = 0.5             # <= 0 disables
+    seed: int = 0
+    backend: str = "torch"
+    device: str = "auto"                 # "auto": cuda if available (cuda:LOCAL_RANK under torchrun)
+    num_workers: int = 0
+    ckpt_every: int = 500                # 0: only at the end / on a signal
+    eval_every: int = 0                  # 0: only at the end (when there is a validation set)
+    log_every: int = 1
+    progress: bool = True
+    plot: bool = True
+    stop_after: int | None = None        # stop (checkpointing) after this many steps of *this* run
+    extra: dict = field(default_factory=dict)  # free-form notes stored with the run
+
+    def scaled_lr(self) -> float:
+        return self.lr * self.batch_size / 64 if self.optimizer == "sgd" else self.lr
+
+    def warmup(self) -> int:
+        return int(round(0.05 * self.steps)) if self.warmup_steps is None else self.warmup_steps
+
+
+# ---- distributed -------------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); the process group is joined when torchrun's variables say so."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+class _PerModality(torch.nn.Module):
+    """DDP hooks only ``forward``: route it to ``forward_per_modality`` so gradients get all-reduced."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return self.model.forward_per_modality(**inputs)
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(params, tc: TrainConfig) -> torch.optim.Optimizer:
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.scaled_lr(), momentum=tc.momentum, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.scaled_lr(), betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {tc.optimizer!r}")
+
+
+def model_inputs(batch: dict, modalities, device) -> dict:
+    return {m: batch[m].to(device, non_blocking=True) for m in modalities}
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, multi_label: bool, batch_size: int = 32, device="cpu", num_workers: int = 0,
+             rank: int = 0, world: int = 1) -> dict:
+    """Eval-mode metrics on ``dataset``; items with a clip axis (multi-clip test) get their raw logits
+    averaged over clips (Scenic). mAP (multi-label) or top-1/top-5 (single label), plus the loss."""
+    was_training = model.training
+    model.eval()
+    mods = model.cfg.modality_fusion
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=eval_sampler(dataset, world, rank),
+                        num_workers=num_workers, collate_fn=collate_skip_bad)
+    logits_all, labels_all, skipped = [], [], 0
+    for batch in loader:
+        skipped += batch["num_skipped"]
+        if "label" not in batch:
+            continue
+        inputs = model_inputs(batch, mods, device)
+        multi_clip = inputs[mods[0]].dim() == (6 if mods[0] == "rgb" else 4)
+        if multi_clip:
+            b, k = inputs[mods[0]].shape[:2]
+            inputs = {m: x.flatten(0, 1) for m, x in inputs.items()}
+        with _autocast(device):
+            out = model(**inputs).float()
+        if multi_clip:
+            out = out.view(b, k, -1).mean(1)
+        logits_all.append(out.cpu())
+        labels_all.append(batch["label"])
+    n_cls = model.cfg.num_classes
+    logits = torch.cat(logits_all) if logits_all else torch.zeros(0, n_cls)
+    labels = torch.cat(labels_all) if labels_all else torch.zeros(0, n_cls)
+    if world > 1:  # gather the shards (padded to one length) on every rank
+        n = torch.tensor([len(logits)])
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n)
+        m = int(max(s.item() for s in sizes))
+        pad = lambda x: torch.cat([x, x.new_zeros(m - len(x), n_cls)])  # noqa: E731
+        gl = [torch.zeros(m, n_cls) for _ in range(world)]
+        gy = [torch.zeros(m, n_cls) for _ in range(world)]
+        dist.all_gather(gl, pad(logits))
+        dist.all_gather(gy, pad(labels))
+        logits = torch.cat([g[:int(s)] for g, s in zip(gl, sizes)])
+        labels = torch.cat([g[:int(s)] for g, s in zip(gy, sizes)])
+        skipped = int(_all_reduce(torch.tensor([skipped])).item())
+    model.train(was_training)
+    res = {"num_examples": len(logits), "num_skipped": skipped}
+    if len(logits) == 0:
+        return res
+    res["loss"] = float(classification_loss(logits, labels, multi_label))
+    y, s = labels.numpy(), logits.numpy()
+    if multi_label:
+        res["mAP"] = mean_average_precision(y, s)
+        res["prec@1"] = precision_at_1(y, s)
+    else:
+        res["accuracy"] = topk_accuracy(y, s, 1)
+        res["top5"] = topk_accuracy(y, s, 5)
+    return res
+
+
+def _autocast(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()  # bf16 autocast on GPU only; CPU runs fp32
+
+
+def plot_curves(out_dir) -> Path | None:
+    """``out_dir/curves.png`` from metrics.jsonl (loss, lr) and eval.jsonl (held-out metrics)."""
+    out_dir = Path(out_dir)
+    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+        if (out_dir / "metrics.jsonl").exists() else []
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [json.loads(x) for x in (out_dir / "eval.jsonl").read_text().splitlines() if x.strip()] \
+        if (out_dir / "eval.jsonl").exists() else []
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(13 if evals else 9, 3.5))
+    steps = [r["step"] for r in rows]
+    axes[0].plot(steps, [r["loss"] for r in rows], lw=0.8)
+    axes[0].set(xlabel="step", ylabel="train loss", title="loss")
+    axes[1].plot(steps, [r.get("lr", float("nan")) for r in rows])
+    axes[1].set(xlabel="step", ylabel="lr", title="learning rate")
+    if evals:
+        for key in ("accuracy", "mAP", "top5"):
+            pts = [(e["step"], e[key]) for e in evals if key in e]
+            if pts:
+                axes[2].plot(*zip(*pts), marker="o", label=key)
+        axes[2].set(xlabel="step", title="held-out")
+        axes[2].legend()
+    fig.tight_layout()
+    path = out_dir / "curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM -> finish the current step, checkpoint, return (installed in the main thread only)."""
+
+    def __init__(self):
+        self.set = False
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C really stops
+        self.set = True
+        log.warning("got %s: checkpointing after the current step", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: bool = False,
+          model: torch.nn.Module | None = None, on_step=None) -> dict:
+    """Train ``mbt_fast.MBT(model_cfg)`` (or ``model``) for ``tc.steps`` steps; returns a summary dict.
+
+    ``train_dataset``/``val_dataset`` yield the item dicts of :mod:`mbt_fast.data` and have a
+    ``multi_label`` attribute. ``resume`` continues from ``out_dir/checkpoint.safetensors`` when it
+    exists. ``on_step(step, record)`` is called after every step (tests use it).
+    """
+    import mbt_fast
+
+    rank, world, local_rank = dist_info()
+    if tc.batch_size % world:
+        raise ValueError(f"batch_size ({tc.batch_size}) must be divisible by the number of processes ({world})")
+    out = Path(tc.out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if tc.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(tc.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    multi_label = bool(getattr(train_dataset, "multi_label", False))
+
+    resume_from = ckpt_path if resume and ckpt_path.exists() else None
+    tensors = meta = None
+    if resume_from is not None:
+        tensors, meta = ckpt.read_checkpoint(resume_from)
+        model_cfg = mbt_fast.MBTConfig.from_scenic(meta["trainer"]["model_config"])
+    seed_everything(tc.seed + rank)
+    if model is None:
+        model = mbt_fast.MBT(model_cfg, backend=tc.backend)
+    model_cfg = model.cfg
+    model.to(device).train()
+    optimizer = build_optimizer(model.parameters(), tc)
+    mixup_gen = torch.Generator().manual_seed(tc.seed * 1000003 + 17)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "num_skipped": 0, "num_audio_missing": 0,
+             "train_seconds": 0.0}
+    if resume_from is not None:
+        model.load_state_dict(ckpt.model_state(tensors), strict=True)
+        ckpt.optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+        state.update({k: meta["trainer"][k] for k in state})
+        saved_world = meta["trainer"].get("world_size", 1)
+        rng_t = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+        if saved_world == world:
+            # per-rank torch states were gathered into rng.torch.rank<r>
+            rng_t["rng.torch"] = rng_t.get(f"rng.torch.rank{rank}", rng_t["rng.torch"])
+            ckpt.restore_rng(rng_t, meta["rng"], {"mixup": mixup_gen})
+        else:
+            log.warning("resuming a %d-process run with %d processes: data order continues, RNG streams differ",
+                        saved_world, world)
+            seed_everything(tc.seed + rank + 7919 * state["step"])
+        if rank == 0:
+            _truncate_jsonl(out / "metrics.jsonl", state["step"])
+            _truncate_jsonl(out / "eval.jsonl", state["step"])
+            log.info("resumed from %s at step %d", resume_from, state["step"])
+        del tensors
+
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        mods = model_cfg.modality_fusion
+        # late fusion never uses the bottleneck parameter
+        unused = model_cfg.use_bottleneck and (len(mods) < 2 or model_cfg.fusion_layer >= model_cfg.num_layers)
+        net = DDP(_PerModality(model), device_ids=[device.index] if device.type == "cuda" else None,
+                  find_unused_parameters=unused)
+    forward = net if world > 1 else model.forward_per_modality
+
+    per_rank = tc.batch_size // world
+    sampler = ResumableSampler(train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
+    drop_last = sampler.num_samples >= per_rank
+    loader = DataLoader(train_dataset, batch_size=per_rank, sampler=sampler, num_workers=tc.num_workers,
+                        collate_fn=collate_skip_bad, drop_last=drop_last,
+                        # a dedicated generator: creating an iterator must not draw from the global RNG
+                        generator=torch.Generator().manual_seed(tc.seed),
+                        persistent_workers=False, pin_memory=device.type == "cuda")
+    warmup, base_lr = tc.warmup(), tc.scaled_lr()
+
+    def trainer_state():
+        return {**state, "world_size": world, "model_config": model_cfg.to_dict(),
+                "train_config": dataclasses.asdict(tc), "multi_label": multi_label}
+
+    def save():
+        rng_t, rng_m = ckpt.capture_rng({"mixup": mixup_gen})
+        if world > 1:  # every rank's torch RNG (dropout, stochastic depth) goes into the checkpoint
+            mine = rng_t["rng.torch"]
+            allr = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(allr, mine)
+            rng_t.update({f"rng.torch.rank{r}": s for r, s in enumerate(allr)})
+        if rank == 0:
+            ckpt.save_checkpoint(ckpt_path, model, optimizer, trainer_state(), rng_t, rng_m)
+
+    def run_eval():
+        if val_dataset is None:
+            return None
+        res = evaluate(model, val_dataset, multi_label, batch_size=max(per_rank, 1), device=device,
+                       num_workers=tc.num_workers, rank=rank, world=world)
+        res["step"] = state["step"]
+        if rank == 0:
+            with open(out / "eval.jsonl", "a") as f:
+                f.write(json.dumps(res) + "\n")
+            log.info("eval at step %d: %s", state["step"], res)
+        return res
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.steps, initial=state["step"], disable=not (tc.progress and rank == 0),
+               desc="train", dynamic_ncols=True)
+    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    start_step, interrupted, last_eval = state["step"], False, None
+    t_start = time.perf_counter()
+    try:
+        with _StopFlag() as stop:
+            while state["step"] < tc.steps and not interrupted:
+                sampler.set_position(state["epoch"], state["batch_in_epoch"] * per_rank)
+                for batch in loader:
+                    flags = torch.tensor([float("label" not in batch), float(stop.set)])
+                    if world > 1:  # every rank skips together and stops together
+                        _all_reduce(flags, dist.ReduceOp.MAX)
+                    if flags[1] > 0:  # a signal: this batch is not consumed, the resumed run reads it
+                        save()
+                        interrupted = True
+                        break
+                    state["batch_in_epoch"] += 1
+                    state["num_skipped"] += batch["num_skipped"]
+                    state["num_audio_missing"] += batch["num_audio_missing"]
+                    if flags[0] > 0:
+                        log.warning("a whole batch was unreadable (%s); skipping it", batch.get("skipped"))
+                        continue
+                    t0 = time.perf_counter()
+                    step = state["step"]
+                    lr = compound_lr(step, base_lr, warmup, tc.steps)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    targets = batch["label"]
+                    lam = 1.0
+                    if tc.mixup_alpha > 0:
+                        lam = sample_mixup_lambda(tc.mixup_alpha, mixup_gen)
+                        batch = mixup(batch, lam, keys=(*model_cfg.modality_fusion, "label"))
+                        targets = batch["label"]
+                    inputs = model_inputs(batch, model_cfg.modality_fusion, device)
+                    targets = targets.to(device)
+                    with _autocast(device):
+                        logits = forward(**inputs)
+                    logits = {k: v.float() for k, v in logits.items()}
+                    loss = classification_loss(logits, targets, multi_label, tc.label_smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                    optimizer.step()
+                    state["step"] += 1
+                    dt = time.perf_counter() - t0
+                    state["train_seconds"] += dt
+                    loss_v = loss.detach()
+                    if world > 1:
+                        loss_v = _all_reduce(loss_v.clone()) / world
+                    first = next(iter(logits.values())).detach().float().cpu().numpy()
+                    y = targets.detach().cpu().numpy()
+                    rec = {"step": state["step"], "loss": float(loss_v), "lr": lr, "grad_norm": float(gnorm),
+                           "epoch": state["epoch"], "mixup_lambda": lam,
+                           ("prec@1" if multi_label else "accuracy"):
+                               precision_at_1(y, first) if multi_label else topk_accuracy(y, first, 1),
+                           "examples_per_s": len(y) * world / max(dt, 1e-9),
+                           "num_skipped": state["num_skipped"], "num_audio_missing": state["num_audio_missing"]}
+                    if metrics_f is not None and (state["step"] % tc.log_every == 0 or state["step"] == tc.steps):
+                        metrics_f.write(json.dumps(rec) + "\n")
+                        metrics_f.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.3g}")
+                    if on_step is not None:
+                        on_step(state["step"], rec)
+                    done = state["step"] >= tc.steps
+                    paused = tc.stop_after is not None and state["step"] - start_step >= tc.stop_after
+                    if tc.eval_every and state["step"] % tc.eval_every == 0 and not done:
+                        last_eval = run_eval()
+                    if done or paused or (tc.ckpt_every and state["step"] % tc.ckpt_every == 0):
+                        save()
+                    if done or paused:
+                        interrupted = paused and not done
+                        break
+                else:
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+                    if len(loader) == 0:
+                        raise ValueError(f"the training set ({len(train_dataset)} examples) gives no batch of {per_rank}")
+    finally:
+        bar.close()
+        if metrics_f is not None:
+            metrics_f.close()
+    if state["step"] >= tc.steps:
+        last_eval = run_eval()
+        if rank == 0:
+            model.save_pretrained(out / "model.safetensors")
+    if rank == 0 and tc.plot:
+        plot_curves(out)
+    if state["num_skipped"] and rank == 0:
+        log.warning("%d unreadable examples were skipped during training", state["num_skipped"])
+    return {"step": state["step"], "interrupted": interrupted, "eval": last_eval,
+            "train_seconds": state["train_seconds"], "wall_seconds": time.perf_counter() - t_start,
+            "num_skipped": state["num_skipped"], "num_audio_missing": state["num_audio_missing"],
+            "checkpoint": str(ckpt_path), "model": model}
