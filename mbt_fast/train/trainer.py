@@ -368,11 +368,11 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
     bar = tqdm(total=tc.steps, initial=state["step"], disable=not (tc.progress and rank == 0),
                desc="train", dynamic_ncols=True)
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    start_step, interrupted, last_eval = state["step"], False, None
+    start_step, interrupted, paused, last_eval = state["step"], False, False, None
     t_start = time.perf_counter()
     try:
         with _StopFlag() as stop:
-            while state["step"] < tc.steps and not interrupted:
+            while state["step"] < tc.steps and not interrupted and not paused:
                 sampler.set_position(state["epoch"], state["batch_in_epoch"] * per_rank)
                 for batch in loader:
                     flags = torch.tensor([float("label" not in batch), float(stop.set)])
@@ -437,7 +437,6 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
                     if done or paused or (tc.ckpt_every and state["step"] % tc.ckpt_every == 0):
                         save()
                     if done or paused:
-                        interrupted = paused and not done
                         break
                 else:
                     state["epoch"] += 1
@@ -456,7 +455,7 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
         plot_curves(out)
     if state["num_skipped"] and rank == 0:
         log.warning("%d unreadable examples were skipped during training", state["num_skipped"])
-    return {"step": state["step"], "interrupted": interrupted, "eval": last_eval,
+    return {"step": state["step"], "interrupted": interrupted, "paused": paused, "eval": last_eval,
             "train_seconds": state["train_seconds"], "wall_seconds": time.perf_counter() - t_start,
             "num_skipped": state["num_skipped"], "num_audio_missing": state["num_audio_missing"],
             "checkpoint": str(ckpt_path), "model": model}

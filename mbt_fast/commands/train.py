@@ -1,0 +1,140 @@
+"""``mbt-fast train``: train MBT on the synthetic task or on video files (Scenic's recipe by default).
+
+Examples::
+
+    mbt-fast train --preset tiny --data synthetic --steps 200 --ckpt-every 50 --out runs/tiny
+    mbt-fast train --preset tiny --data synthetic --steps 200 --out runs/tiny --resume
+    mbt-fast train --preset mbt_base_16x2 --csv train.csv --val-csv eval.csv --num-classes 527 --out runs/as
+    torchrun --nproc_per_node 8 -m mbt_fast.cli train --preset mbt_base_16x2 --data-dir vggsound/ ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+
+def build_datasets(args, cfg):
+    """(model config with num_classes set, train dataset, validation dataset or None)."""
+    from mbt_fast.data import SyntheticAVDataset, VideoDataset
+
+    mods = cfg.modality_fusion
+    rgb_shape = cfg.rgb_shape if "rgb" in cfg.input_shapes else (32, 224, 224)
+    spec_shape = cfg.spectrogram_shape if "spectrogram" in cfg.input_shapes else (800, 128)
+    kind = args.data or ("csv" if args.csv else "folder" if args.data_dir else "synthetic")
+    if kind == "synthetic":
+        train_ds = SyntheticAVDataset(args.train_size, rgb_shape, spec_shape, seed=args.seed, split="train",
+                                      modalities=mods)
+        val_ds = SyntheticAVDataset(args.val_size, rgb_shape, spec_shape, seed=args.seed, split="val",
+                                    modalities=mods) if args.val_size > 0 else None
+        return dataclasses.replace(cfg, num_classes=train_ds.num_classes), train_ds, val_ds
+    common = dict(rgb_shape=rgb_shape, spectrogram_shape=spec_shape, modalities=mods, spec_mean=args.spec_mean,
+                  spec_std=args.spec_std, spec_augment=not args.no_spec_augment)
+    eval_mode = "test" if args.num_test_clips > 1 else "eval"
+    eval_kw = dict(common, num_clips=args.num_test_clips)
+    if kind == "folder":
+        if not args.data_dir:
+            raise ValueError("--data folder needs --data-dir DIR (DIR/<class>/<clip>.mp4)")
+        train_ds = VideoDataset.from_folder(args.data_dir, mode="train", **common)
+        val_ds = VideoDataset.from_folder(args.val_dir, mode=eval_mode, **eval_kw) if args.val_dir else None
+        if val_ds is not None and val_ds.class_names != train_ds.class_names:
+            raise ValueError(f"--val-dir classes {val_ds.class_names} differ from --data-dir classes {train_ds.class_names}")
+        return dataclasses.replace(cfg, num_classes=train_ds.num_classes), train_ds, val_ds
+    if kind == "csv":
+        if not args.csv:
+            raise ValueError("--data csv needs --csv FILE (rows: path,labels)")
+        multi = not args.single_label
+        kw = dict(num_classes=args.num_classes, multi_label=multi, root=args.data_dir)
+        train_ds = VideoDataset.from_csv(args.csv, mode="train", **kw, **common)
+        val_ds = VideoDataset.from_csv(args.val_csv, mode=eval_mode, **kw, **eval_kw) if args.val_csv else None
+        return dataclasses.replace(cfg, num_classes=args.num_classes), train_ds, val_ds
+    raise ValueError(f"--data must be synthetic, folder or csv, got {kind!r}")
+
+
+def run(args) -> int:
+    import torch
+
+    import mbt_fast
+    from mbt_fast.train.trainer import TrainConfig, dist_info, train
+
+    rank, _, _ = dist_info()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = mbt_fast.MBTConfig.preset(args.preset)
+        overrides = {"stochastic_droplayer_rate": args.droplayer}
+        if args.fusion_layer is not None:
+            overrides["fusion_layer"] = args.fusion_layer
+        cfg = dataclasses.replace(cfg, **overrides)
+        cfg, train_ds, val_ds = build_datasets(args, cfg)
+        tc = TrainConfig(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer,
+                         lr=args.lr if args.lr is not None else (0.5 if args.optimizer == "sgd" else 1e-3),
+                         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
+                         label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, seed=args.seed,
+                         backend=args.backend, device=args.device, num_workers=args.num_workers,
+                         ckpt_every=args.ckpt_every, eval_every=args.eval_every, progress=not args.no_progress,
+                         stop_after=args.stop_after)
+        res = train(tc, cfg, train_ds, val_ds, resume=args.resume)
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f"mbt-fast train: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        if res["interrupted"]:
+            print(f"interrupted at step {res['step']}; checkpoint {res['checkpoint']} (continue with --resume)")
+        elif res["paused"]:
+            print(f"stopped at step {res['step']} (--stop-after); checkpoint {res['checkpoint']}")
+        else:
+            print(f"done: {res['step']} steps, checkpoint {res['checkpoint']}, model {args.out}/model.safetensors")
+        if res["eval"]:
+            print("eval:", {k: v for k, v in res["eval"].items()})
+        if res["num_skipped"]:
+            print(f"{res['num_skipped']} unreadable examples were skipped")
+    return 130 if res["interrupted"] else 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train MBT (synthetic data or video files; Scenic's recipe by default)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", help="model preset (tiny, mbt_base_16x2, mbt_base_16x2_spec, mbt_base_16x2_rgb)")
+    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, eval.jsonl, checkpoint, curves.png")
+    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (the schedule spans them)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
+    p.add_argument("--backend", default="torch", help="reference | torch | triton | cuda | cuda-emu | auto")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", choices=("synthetic", "folder", "csv"), default=None,
+                   help="default: csv with --csv, folder with --data-dir, else synthetic")
+    d.add_argument("--data-dir", help="folder DIR/<class>/<clip> (single label); with --csv: root of relative paths")
+    d.add_argument("--csv", help="CSV of path,labels (labels: class indices separated by ';')")
+    d.add_argument("--val-dir", help="validation folder (same classes as --data-dir)")
+    d.add_argument("--val-csv", help="validation CSV")
+    d.add_argument("--num-classes", type=int, default=527, help="classes of a CSV dataset (AudioSet: 527)")
+    d.add_argument("--single-label", action="store_true", help="CSV labels are single (softmax, top-1/top-5)")
+    d.add_argument("--num-test-clips", type=int, default=1, help="clips per validation video (Scenic test: 4)")
+    d.add_argument("--train-size", type=int, default=8192, help="synthetic: examples per epoch")
+    d.add_argument("--val-size", type=int, default=512, help="synthetic: validation examples (0: none)")
+    d.add_argument("--spec-mean", type=float, default=1.102, help="log-mel normalisation mean (Scenic's)")
+    d.add_argument("--spec-std", type=float, default=2.762, help="log-mel normalisation std (Scenic's)")
+    d.add_argument("--no-spec-augment", action="store_true", help="disable SpecAugment frequency masking")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    o = p.add_argument_group("optimisation (defaults: Scenic's balanced AudioSet recipe)")
+    o.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    o.add_argument("--lr", type=float, default=None, help="sgd: base lr at batch 64, scaled linearly (default 0.5); adamw: 1e-3")
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--warmup-steps", type=int, default=None, help="default 5%% of --steps")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0: off)")
+    o.add_argument("--label-smoothing", type=float, default=0.3)
+    o.add_argument("--mixup-alpha", type=float, default=0.5, help="0: off")
+    o.add_argument("--droplayer", type=float, default=0.3, help="stochastic depth rate at the last layer")
+    o.add_argument("--fusion-layer", type=int, default=None, help="override the preset's fusion layer")
+    o.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every K steps (and at the end / on SIGINT, SIGTERM)")
+    r.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (0: at the end)")
+    r.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of this run (checkpointed)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.set_defaults(func=run)

@@ -1,0 +1,88 @@
+"""Tiny synthetic video files for tests and pipeline smoke checks (written with PyAV, no ffmpeg binary).
+
+Frame ``i`` is a flat grey of level ``frame_level(i)`` so tests can tell which source frames a clip
+used; the audio is a sine tone.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+# container -> (video codec, audio codec)
+CODECS = {".mp4": ("libx264", "aac"), ".mkv": ("mpeg4", "pcm_s16le"), ".webm": ("libvpx", "libopus")}
+
+
+def frame_level(i: int) -> int:
+    return (20 + 9 * i) % 256
+
+
+def write_clip(path, seconds: float = 1.5, fps: int = 10, size=(64, 48), audio: bool = True,
+               sample_rate: int = 44100, tone_hz: float = 1000.0, channels: int = 2) -> Path:
+    """Write a small clip; the codecs follow the extension (``.mp4``, ``.mkv``, ``.webm``)."""
+    import av
+
+    path = Path(path)
+    vcodec, acodec = CODECS[path.suffix.lower()]
+    w, h = size
+    n_frames = int(round(seconds * fps))
+    with av.open(str(path), mode="w") as out:
+        vs = out.add_stream(vcodec, rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        if vcodec == "libx264":
+            vs.options = {"preset": "ultrafast", "crf": "10"}
+        else:
+            vs.bit_rate = 2_000_000
+        if audio:
+            if acodec == "libopus":
+                sample_rate = 48000
+            a_s = out.add_stream(acodec, rate=sample_rate)
+            a_s.layout = "stereo" if channels == 2 else "mono"
+        for i in range(n_frames):
+            img = np.full((h, w, 3), frame_level(i), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            for packet in vs.encode(frame):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+        if audio:
+            n = int(seconds * sample_rate)
+            t = np.arange(n) / sample_rate
+            wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
+            fmt = a_s.codec_context.codec.audio_formats[0].name if a_s.codec_context.codec.audio_formats else "fltp"
+            chunk = a_s.codec_context.frame_size or 1024
+            for start in range(0, n, chunk):
+                block = np.repeat(wave[None, start:start + chunk], channels, axis=0)
+                frame = av.AudioFrame.from_ndarray(_to_format(block, fmt), format=fmt,
+                                                   layout="stereo" if channels == 2 else "mono")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                frame.time_base = Fraction(1, sample_rate)
+                for packet in a_s.encode(frame):
+                    out.mux(packet)
+            for packet in a_s.encode():
+                out.mux(packet)
+    return path
+
+
+def _to_format(block: np.ndarray, fmt: str) -> np.ndarray:
+    """[channels, n] float -> the array layout PyAV expects for sample format ``fmt``."""
+    planar = fmt.endswith("p")
+    base = fmt.rstrip("p")
+    if base == "s16":
+        block = np.clip(block * 32767, -32768, 32767).astype(np.int16)
+    elif base == "flt":
+        block = block.astype(np.float32)
+    else:
+        raise ValueError(f"unsupported sample format {fmt!r}")
+    return block if planar else block.T.reshape(1, -1)
+
+
+def write_corrupt(path) -> Path:
+    """A file with a video extension that no demuxer can read."""
+    path = Path(path)
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    return path
