@@ -293,12 +293,10 @@ def _configs(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
                 "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
                 "dkdv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
                 "dq": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)}
-    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: smaller tiles keep registers in check
-        small = 32 if head_dim == 128 else 64
-        return {"fwd": dict(BLOCK_M=small, BLOCK_N=32, num_warps=4, num_stages=2),
-                "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
-                "dkdv": dict(BLOCK_M=32, BLOCK_N=small, num_warps=4, num_stages=2),
-                "dq": dict(BLOCK_M=small, BLOCK_N=32, num_warps=4, num_stages=2)}
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles keep all of it in registers
+        tile = dict(BLOCK_M=32, BLOCK_N=16 if head_dim == 128 else 32, num_warps=4, num_stages=2)
+        fwd = dict(tile, BLOCK_N=32, num_warps=8) if head_dim == 128 else tile
+        return {"fwd": fwd, "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1), "dkdv": tile, "dq": tile}
     if head_dim == 128:
         return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
                 "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
@@ -496,6 +494,9 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64) -> list[di
     """
     if dtype not in DTYPES:
         raise TypeError(f"dtype: expected one of float16, bfloat16, float32, got {dtype}")
+    if not isinstance(_mbt_attention_fwd_kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError("aot_specs: the kernels were defined under TRITON_INTERPRET=1 and cannot be compiled; "
+                           "import mbt_fast.kernels.attention in a process without TRITON_INTERPRET")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
     D = head_dim

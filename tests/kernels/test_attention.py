@@ -1,0 +1,229 @@
+"""Triton multimodal bottleneck attention (kernels/attention.py) under the interpreter, on the CPU.
+
+Every case compares the kernel's output and dq/dk/dv with the fp32 reference by the DESIGN.md rule
+``max|out - ref32| <= 2 * max|eager_lowp - ref32| + floor[dtype]``.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined; harmless under conftest
+
+import pytest
+import torch
+
+from mbt_fast import ops
+from mbt_fast.kernels import attention as attn
+from mbt_fast.kernels.attention import MBTAttentionFunction, mbt_attention, mbt_attention_ref
+from mbt_fast.layout import PackedLayout
+
+FLOORS = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 5e-2), torch.bfloat16: (5e-2, 1e-1)}
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _inputs(nq, nk, B, H, D, dtype, memory, seed=0):
+    """q, k, v ``[N, B, H, D]`` views in the requested memory layout (all differentiable)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype).requires_grad_()  # noqa: E731
+    if memory == "packed":  # views of one [N, B, 3, H, D] qkv buffer: strides (B*3*H*D, 3*H*D, D, 1)
+        assert nq == nk
+        return rand(nq, B, 3, H, D).unbind(2)
+    if memory == "permuted":  # batch-major storage seen token-major: N is not the outer dimension
+        return tuple(rand(B, H, n, D).permute(2, 0, 1, 3) for n in (nq, nk, nk))
+    if memory == "d_strided":  # D stride != 1: the launcher must copy
+        assert H > 1
+        return tuple(rand(n, B, D, H).transpose(2, 3) for n in (nq, nk, nk))
+    return tuple(rand(n, B, H, D) for n in (nq, nk, nk))
+
+
+def _assert_close(name, got, ref32, eager, floor):
+    err = (got.float() - ref32).abs().max().item()
+    eager_err = (eager.float() - ref32).abs().max().item()
+    bound = 2 * eager_err + floor
+    assert err <= bound, f"{name}: max|triton - ref32| = {err:.3e} > 2 * max|eager - ref32| ({eager_err:.3e}) + {floor}"
+
+
+def _run_and_check(q, k, v, segments, scale=None, grad=True, fn=None):
+    """Kernel vs fp32 reference (and vs the same reference run in q's dtype for the tolerance)."""
+    dtype = q.dtype
+    fwd_floor, bwd_floor = FLOORS[dtype]
+    out = mbt_attention(q, k, v, segments, scale) if fn is None else fn(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype
+    leaves32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    leaves_lo = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = mbt_attention_ref(*leaves32, segments, scale)
+    eager = mbt_attention_ref(*leaves_lo, segments, scale, dtype=dtype)
+    _assert_close("out", out, ref, eager, fwd_floor)
+    if not grad:
+        return out
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    grads32 = torch.autograd.grad(ref, leaves32, g.float())
+    grads_lo = torch.autograd.grad(eager, leaves_lo, g)
+    for name, got, r, e in zip(("dq", "dk", "dv"), grads, grads32, grads_lo):
+        assert got.shape == r.shape and got.dtype == dtype
+        _assert_close(name, got, r, e, bwd_floor)
+    return out, grads
+
+
+def _single(nq, nk):
+    return [(0, nq, 0, nk)]
+
+
+# (segments, nq, nk, B, H, D, dtype, memory): each dtype meets each head dim once; ragged lengths
+# 1, 7, 97, 197, 406; packed layouts with 1-8 bottlenecks, fused and unfused; batch 1 and 3.
+CASES = {
+    "q1_k7": (_single(1, 7), 1, 7, 1, 1, 32, F32, "contiguous"),
+    "q7_k1_batch3": (_single(7, 1), 7, 1, 3, 2, 64, F16, "permuted"),
+    "q97_k197": (_single(97, 197), 97, 197, 1, 1, 128, BF16, "contiguous"),
+    "q197_k97_d_strided": (_single(197, 97), 197, 97, 1, 2, 64, F32, "d_strided"),
+    "q406_k406": (_single(406, 406), 406, 406, 1, 1, 64, F16, "packed"),
+    "offset_segments": ([(3, 40, 5, 50), (45, 60, 0, 2)], 64, 50, 2, 1, 32, F16, "contiguous"),
+    "overlapping_keys": ([(0, 20, 0, 30), (25, 60, 10, 64), (60, 64, 0, 5)], 64, 64, 2, 1, 32, F16, "packed"),
+}
+# packed qkv buffers of PackedLayouts: (modality tokens, n_bottleneck, fused, B, H, D, dtype)
+_LAYOUTS = {
+    "spec7_rgb97_nb1_fused": ((7, 97), 1, True, 3, 2, 32, BF16),
+    "spec97_rgb40_nb4_unfused": ((97, 40), 4, False, 1, 1, 64, F32),
+    "three_mod_nb8_fused": ((1, 7, 33), 8, True, 2, 1, 128, F16),
+    "spec23_rgb50_nb2_unfused": ((23, 50), 2, False, 1, 1, 128, F32),
+    "spec401_rgb97_nb5_fused": ((401, 97), 5, True, 1, 1, 64, BF16),  # MBT-B spectrogram side, small rgb
+}
+for _name, (_tokens, _nb, _fused, _B, _H, _D, _dtype) in _LAYOUTS.items():
+    _layout = PackedLayout(tuple(f"m{i}" for i in range(len(_tokens))), _tokens, _nb)
+    _n = _layout.total_rows
+    CASES[_name] = (_layout.attn_segments(_fused), _n, _n, _B, _H, _D, _dtype, "packed")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case):
+    segments, nq, nk, B, H, D, dtype, memory = CASES[case]
+    q, k, v = _inputs(nq, nk, B, H, D, dtype, memory)
+    _run_and_check(q, k, v, segments)
+
+
+@pytest.mark.parametrize("case", ["q97_k197", "spec7_rgb97_nb1_fused"])
+def test_no_grad(case):
+    segments, nq, nk, B, H, D, dtype, memory = CASES[case]
+    q, k, v = (t.detach() for t in _inputs(nq, nk, B, H, D, dtype, memory))
+    out = _run_and_check(q, k, v, segments, grad=False)
+    assert not out.requires_grad
+    with torch.no_grad():
+        q.requires_grad_()
+        assert not mbt_attention(q, k, v, segments).requires_grad
+
+
+def test_only_q_requires_grad():
+    q, k, v = _inputs(33, 20, 1, 1, 32, F32, "contiguous")
+    k, v = k.detach(), v.detach()
+    out = mbt_attention(q, k, v, _single(33, 20))
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    q32 = q.detach().requires_grad_()
+    (ref,) = torch.autograd.grad(mbt_attention_ref(q32, k, v, _single(33, 20)).sum(), q32)
+    assert (dq - ref).abs().max() <= FLOORS[F32][1]
+
+
+def test_rows_outside_segments_are_zero():
+    layout = PackedLayout(("spectrogram", "rgb"), (20, 30), 3)
+    segments = layout.attn_segments(fused=False)  # bottleneck rows are in no segment
+    n = layout.total_rows
+    q, k, v = _inputs(n, n, 2, 2, 32, F16, "packed")
+    out, (dq, dk, dv) = _run_and_check(q, k, v, segments, scale=0.3)
+    for m in range(layout.num_modalities):
+        rows = layout.bottleneck_rows(m)
+        for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+            assert torch.count_nonzero(t[rows]) == 0, f"{name}: bottleneck rows {rows} must be exactly 0"
+
+
+@pytest.mark.parametrize("D,dtype", [(64, F16), (128, BF16), (32, F32)])
+def test_gpu_block_sizes(D, dtype):
+    """The block sizes a GPU runs (128-row tiles), under the interpreter, across several blocks."""
+    layout = PackedLayout(("spectrogram", "rgb"), (150, 9), 3)
+    cfg = attn._configs(D, dtype, interpreting=False)
+    segments = tuple(layout.attn_segments(fused=True))
+    q, k, v = _inputs(layout.total_rows, layout.total_rows, 1, 2, D, dtype, "packed")
+    _run_and_check(q, k, v, segments, fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, segments, 0.125, cfg),
+                   scale=0.125)
+
+
+def test_lse_and_determinism():
+    q, k, v = _inputs(45, 45, 2, 2, 32, F32, "packed")
+    seg = ((0, 30, 0, 45), (30, 45, 30, 45))
+    out1, lse = attn._mbt_attention_fwd(q.detach(), k.detach(), v.detach(), seg, 0.2)
+    scores = torch.einsum("nbhd,mbhd->bhnm", q.detach(), k.detach()) * 0.2
+    ref = torch.cat([scores[:, :, :30, :].logsumexp(-1), scores[:, :, 30:, 30:].logsumexp(-1)], dim=2)
+    assert lse.shape == (2, 2, 45) and lse.dtype == F32
+    assert (lse - ref).abs().max() < 1e-5
+    g = torch.randn_like(out1)
+    first = torch.autograd.grad(mbt_attention(q, k, v, seg, 0.2), (q, k, v), g)
+    second = torch.autograd.grad(mbt_attention(q, k, v, seg, 0.2), (q, k, v), g)
+    assert all(torch.equal(a, b) for a, b in zip(first, second)), "repeated backward must be bitwise equal"
+
+
+def test_dispatch_through_ops():
+    layout = PackedLayout(("spectrogram", "rgb"), (9, 17), 2)
+    segments = layout.segments_tensor(layout.attn_segments(fused=True))
+    q, k, v = _inputs(layout.total_rows, layout.total_rows, 2, 3, 64, F32, "packed")
+    out = ops.mbt_attention(q, k, v, segments, backend="triton")
+    ref = ops.mbt_attention(q, k, v, segments, backend="torch")
+    assert (out - ref).abs().max() <= FLOORS[F32][0]
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= FLOORS[F32][1]
+
+
+def test_block_tables():
+    seg = ((0, 20, 0, 30), (25, 60, 10, 64), (60, 64, 0, 5))
+    assert attn._query_block_table(seg, 16) == [
+        (0, 20, 0, 30, 0), (0, 20, 0, 30, 16), (25, 60, 10, 64, 25), (25, 60, 10, 64, 41),
+        (25, 60, 10, 64, 57), (60, 64, 0, 5, 60)]
+    blocks, seg_q = attn._key_block_table(seg, 16)
+    # key pieces [0,5) seen by segments 0 and 2; [5,10) by 0; [10,30) by 0 and 1; [30,64) by 1
+    assert seg_q == [(0, 20), (60, 64), (0, 20), (0, 20), (25, 60), (25, 60)]
+    assert blocks == [(0, 5, 0, 2), (5, 10, 2, 3), (10, 30, 3, 5), (26, 30, 3, 5), (30, 64, 5, 6),
+                      (46, 64, 5, 6), (62, 64, 5, 6)]
+
+
+@pytest.mark.slow
+def test_mbt_b_token_counts():
+    """The real MBT-B fusion layer: spectrogram 401 + rgb 3137 tokens, 5 bottlenecks, fused."""
+    layout = PackedLayout(("spectrogram", "rgb"), (401, 3137), 5)
+    segments = tuple(layout.attn_segments(fused=True))
+    n = layout.total_rows
+    cfg = attn._configs(64, F16, interpreting=False)  # big GPU tiles: fewer interpreted programs
+    q, k, v = _inputs(n, n, 1, 1, 64, F16, "packed")
+    _run_and_check(q, k, v, segments, scale=0.125,
+                   fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, segments, 0.125, cfg))
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _qkv(D=32, dtype=F32, n=8):
+    return (torch.randn(n, 1, 1, D, dtype=dtype) for _ in range(3))
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: (*_qkv(D=48), _single(8, 8)), ValueError, r"head dim .* got 48"),
+    (lambda: (*_qkv(dtype=torch.float64), _single(8, 8)), TypeError, r"q: expected one of float16.*float64"),
+    (lambda: (*_qkv(), []), ValueError, r"segments: expected at least one"),
+    (lambda: (*_qkv(), [(0, 9, 0, 8)]), ValueError, r"segments: row \(0, 9, 0, 8\)"),
+    (lambda: (*_qkv(), [(0, 5, 0, 8), (4, 8, 0, 8)]), ValueError, r"query ranges must not overlap"),
+    (lambda: (torch.randn(8, 1, 1, 32), torch.randn(8, 1, 1, 32), torch.randn(7, 1, 1, 32), _single(8, 7)),
+     ValueError, r"q, k, v: expected"),
+    (lambda: (torch.randn(8, 1, 32), *list(_qkv())[:2], _single(8, 8)), ValueError, r"q: expected 4 dimensions"),
+    (lambda: (torch.randn(8, 1, 1, 32), torch.randn(8, 1, 1, 32, dtype=F16), torch.randn(8, 1, 1, 32, dtype=F16),
+              _single(8, 8)), TypeError, r"q, k, v: expected one dtype"),
+])
+def test_bad_input(make, exc, match):
+    q, k, v, seg = make()
+    with pytest.raises(exc, match=match):
+        mbt_attention(q, k, v, seg)
+
+
+def test_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"needs CUDA tensors .* got device cpu"):
+        mbt_attention(*_qkv(), _single(8, 8))
+
+
+def test_aot_specs_bad_dtype():
+    with pytest.raises(TypeError, match=r"dtype: expected"):
+        attn.aot_specs(torch.float64)
