@@ -106,3 +106,11 @@ def test_bad_input():
         bias_gelu(x, bias[:, :3], rw)
     with pytest.raises(ValueError, match=r"row_weight: expected int32 \[9\]"):
         bias_gelu(x, bias, rw[:4])
+
+
+@pytest.mark.slow
+def test_mbt_b_full_width():
+    """MBT-B exactly: tokens (401, 3137) + 5 bottleneck rows each, MLP width 3072, fp16."""
+    layout = PackedLayout(("spectrogram", "rgb"), (401, 3137), 5)
+    x, bias, _, grad = _inputs(layout.total_rows, 1, 3072, 2, torch.float16)
+    _compare(x, bias, layout.row_weight(), grad)

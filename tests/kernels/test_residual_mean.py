@@ -144,3 +144,11 @@ def test_bad_input():
         residual_mean(x, y, k[:, :1], layout, "add")
     with pytest.raises(ValueError, match="x: expected 24 rows .* got 23"):
         residual_mean(x[:-1], y[:-1], k, layout, "add")
+
+
+@pytest.mark.slow
+def test_mbt_b_full_width():
+    """MBT-B exactly: tokens (401, 3137), 5 bottleneck rows, C=768, batch 2, fp16, fusion-layer mean."""
+    layout = PackedLayout(("spectrogram", "rgb"), (401, 3137), 5)
+    x, y, k, grad = _inputs(layout, 2, 768, torch.float16)
+    _compare(x, y, k, layout, "mean", grad)

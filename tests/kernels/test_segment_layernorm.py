@@ -138,3 +138,11 @@ def test_bad_input():
         segment_layernorm(x, w[:, :5], b, rw, EPS)
     with pytest.raises(ValueError, match=r"residual: expected the shape of x"):
         segment_layernorm(x, w, b, rw, EPS, residual=x[:1])
+
+
+@pytest.mark.slow
+def test_mbt_b_full_width():
+    """MBT-B exactly: tokens (401, 3137) + 5 bottleneck rows each, C=768, bf16."""
+    layout = PackedLayout(("spectrogram", "rgb"), (401, 3137), 5)
+    x, w, b, _, grad = _inputs(layout.total_rows, 1, 768, 2, torch.bfloat16)
+    _compare(x, w, b, layout.row_weight(), grad)
