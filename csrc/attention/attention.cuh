@@ -1,0 +1,172 @@
+// Shared pieces of the multimodal bottleneck attention kernels (forward and backward).
+//
+// Layout: q [Nq,B,H,D], k/v [Nk,B,H,D] token-major with element strides (sn, sb, sh) and a contiguous
+// last dim; LSE fp32 [B,H,Nq]. A host-built block table lists one entry per tile of every segment, so
+// one launch covers every segment, and blockIdx.y covers batch x heads.
+//
+// Warp tiling: a block has 4 warps; in the forward and dQ kernels each warp owns 16 query rows, in the
+// dK/dV kernel 16 key rows. Tiles sit in shared memory with rows padded by 8 elements, so the 8 row
+// addresses of an ldmatrix fall in distinct banks (row stride (D+8)*2 bytes = 4 banks mod 32).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../common/arch.cuh"
+
+namespace mbt {
+namespace attn {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kPad = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Strides are in elements. Size-1 dimensions may carry any stride; their index is always 0.
+struct TensorRef {
+    void* ptr;
+    int64_t sn, sb, sh;
+};
+
+struct Params {
+    TensorRef q, k, v, o, dout, dq, dk, dv;
+    float* lse;     // [B, H, Nq]
+    float* delta;   // [B, H, Nq] rowsum(dO * O), backward only
+    float* dk_acc;  // fp32 [Nk, B, H, D] accumulators when segments share keys, else nullptr
+    float* dv_acc;
+    const int4* blocks;  // per block: (row_start, row_end, other_start, other_end)
+    int B, H, Nq, Nk;
+    float scale, scale_log2;  // softmax scale, and scale * log2(e) for exp2
+};
+
+template <int D>
+struct Shape {
+    static_assert(D == 32 || D == 64 || D == 128, "head dim must be 32, 64 or 128");
+    static constexpr int kStride = D + kPad;           // smem row stride (elements)
+    static constexpr int kBlockM = 64;                 // query rows per block (fwd, dQ)
+    static constexpr int kBlockN = 64;                 // key rows per tile
+    static constexpr int kBlockMBwd = D > 64 ? 32 : 64;  // query rows per inner step of dK/dV (register budget)
+};
+
+template <class T>
+MBT_DEVICE const T* row_ptr(const TensorRef& t, int64_t n, int b, int h) {
+    return static_cast<const T*>(t.ptr) + n * t.sn + b * t.sb + h * t.sh;
+}
+template <class T>
+MBT_DEVICE T* row_ptr_mut(const TensorRef& t, int64_t n, int b, int h) {
+    return static_cast<T*>(t.ptr) + n * t.sn + b * t.sb + h * t.sh;
+}
+
+// Copy rows [r0, r0+ROWS) of t (head b,h) to a padded smem tile in 16-byte chunks; rows >= r_end are zero.
+template <class T, int D, int ROWS>
+MBT_DEVICE void load_tile(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {
+    constexpr int kChunks = D / 8;  // 8 elements = 16 bytes
+    for (int i = thread_x(); i < ROWS * kChunks; i += kThreads) {
+        const int r = i / kChunks, c = i % kChunks;
+        uint4* dst = reinterpret_cast<uint4*>(tile + r * Shape<D>::kStride + c * 8);
+        if (r0 + r < r_end)
+            *dst = *reinterpret_cast<const uint4*>(row_ptr<T>(t, r0 + r, b, h) + c * 8);
+        else
+            *dst = uint4{0, 0, 0, 0};
+    }
+}
+
+// A fragment (16x16) of a row-major smem tile at (row0, col0).
+template <int STRIDE, class T>
+MBT_DEVICE void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0) {
+    const int l = thread_x() % 32;
+    ldmatrix_x4(a, tile + (row0 + l % 16) * STRIDE + col0 + (l / 16) * 8);
+}
+
+// B fragments (k16 x n8, two n-tiles) from a tile stored [n][k] (e.g. K rows for Q K^T).
+template <int STRIDE, class T>
+MBT_DEVICE void load_b(uint32_t (&b)[2][2], const T* tile, int n0, int k0) {
+    const int l = thread_x() % 32;
+    uint32_t r[4];
+    ldmatrix_x4(r, tile + (n0 + (l / 16) * 8 + l % 8) * STRIDE + k0 + ((l / 8) % 2) * 8);
+    b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
+}
+
+// B fragments (k16 x n8, two n-tiles) from a tile stored [k][n] (e.g. V rows for P V), via ldmatrix.trans.
+template <int STRIDE, class T>
+MBT_DEVICE void load_b_trans(uint32_t (&b)[2][2], const T* tile, int k0, int n0) {
+    const int l = thread_x() % 32;
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, tile + (k0 + ((l / 8) % 2) * 8 + l % 8) * STRIDE + n0 + (l / 16) * 8);
+    b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
+}
+
+// Two adjacent 16x8 fp32 accumulator tiles -> one 16x16 A fragment in T (the C and A layouts line up).
+template <class T>
+MBT_DEVICE void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+    a[0] = TypeOps<T>::pack(c0[0], c0[1]);
+    a[1] = TypeOps<T>::pack(c0[2], c0[3]);
+    a[2] = TypeOps<T>::pack(c1[0], c1[1]);
+    a[3] = TypeOps<T>::pack(c1[2], c1[3]);
+}
+
+// acc[16 x 8*NT] += A(smem rows row0.., all D cols) @ B^T where B is stored [n][k] rows n0.. (k = D)
+template <int D, int NT, class T>
+MBT_DEVICE void gemm_smem_nt(float (&acc)[NT][4], const T* a_tile, int row0, const T* b_tile, int n0) {
+    constexpr int S = Shape<D>::kStride;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        load_a<S>(a, a_tile, row0, kk * 16);
+#pragma unroll
+        for (int nn = 0; nn < NT / 2; ++nn) {
+            uint32_t b[2][2];
+            load_b<S>(b, b_tile, n0 + nn * 16, kk * 16);
+            mma_m16n8k16<T>(acc[2 * nn], a, b[0]);
+            mma_m16n8k16<T>(acc[2 * nn + 1], a, b[1]);
+        }
+    }
+}
+
+// acc[16 x D] += P @ B where P (16 x 16*KT) is in registers as A fragments and B is stored [k][n] rows k0..
+template <int D, int KT, class T>
+MBT_DEVICE void gemm_reg_nn(float (&acc)[D / 8][4], const uint32_t (&p)[KT][4], const T* b_tile) {
+    constexpr int S = Shape<D>::kStride;
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+        for (int dn = 0; dn < D / 16; ++dn) {
+            uint32_t b[2][2];
+            load_b_trans<S>(b, b_tile, kk * 16, dn * 16);
+            mma_m16n8k16<T>(acc[2 * dn], p[kk], b[0]);
+            mma_m16n8k16<T>(acc[2 * dn + 1], p[kk], b[1]);
+        }
+    }
+}
+
+// max / sum over the 4 lanes that share an accumulator row
+MBT_DEVICE float quad_max(float x) {
+    x = fmaxf(x, shfl_xor(x, 1));
+    return fmaxf(x, shfl_xor(x, 2));
+}
+MBT_DEVICE float quad_sum(float x) {
+    x += shfl_xor(x, 1);
+    return x + shfl_xor(x, 2);
+}
+
+// Write a 16 x D accumulator tile (rows row0.., scaled) to global rows < r_end, two elements per store.
+template <class T, int D>
+MBT_DEVICE void store_acc(const float (&acc)[D / 8][4], float mul0, float mul1, const TensorRef& t, int row0, int r_end,
+                          int b, int h) {
+    const int l = thread_x() % 32, gid = l / 4, tig = l % 4;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + gid + 8 * half;
+        if (row >= r_end) continue;
+        const float mul = half ? mul1 : mul0;
+        T* dst = row_ptr_mut<T>(t, row, b, h);
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            const int col = 8 * j + 2 * tig;
+            *reinterpret_cast<uint32_t*>(dst + col) = TypeOps<T>::pack(acc[j][2 * half] * mul, acc[j][2 * half + 1] * mul);
+        }
+    }
+}
+
+}  // namespace attn
+}  // namespace mbt

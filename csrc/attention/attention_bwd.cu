@@ -1,0 +1,285 @@
+// Multimodal bottleneck attention, backward: dQ, dK, dV recomputed from the saved LSE; no N x N matrix
+// ever reaches global memory.
+//
+// Three launches, all deterministic (no atomics):
+//   1. _mbt_attention_bwd_preprocess_kernel: delta = rowsum(dO * O) per query row (fp32);
+//   2. _mbt_attention_bwd_dq_kernel: one block per query tile (4 warps x 16 rows), loops over the
+//      segment's key tiles: S = Q K^T, P = exp(S - LSE), dP = dO V^T, dS = P (dP - delta), dQ += dS K;
+//   3. _mbt_attention_bwd_dkv_kernel: one block per key tile (4 warps x 16 keys), loops over the
+//      segment's query tiles with the transposed products: dV += P^T dO, dK += dS^T Q.
+// When segments share keys, the dK/dV launches go in waves of segments with disjoint key ranges,
+// accumulating in fp32 buffers; otherwise (every PackedLayout) dK/dV are written once, directly.
+#include "attention_host.h"
+
+namespace MBT_NS {
+
+using namespace mbt;
+using namespace mbt::attn;
+
+// delta[b, h, n] = sum_d dO[n, b, h, d] * O[n, b, h, d]; one thread per (n, b, h) row
+template <class T, int D>
+MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_preprocess_kernel(Params p) {
+    const int B = p.B;
+    const int64_t idx = static_cast<int64_t>(block_x()) * kThreads + thread_x();
+    if (idx >= static_cast<int64_t>(p.Nq) * B * p.H) return;
+    const int n = static_cast<int>(idx / (B * p.H)), bh = static_cast<int>(idx % (B * p.H)), b = bh / p.H, h = bh % p.H;
+    const T* o = row_ptr<T>(p.o, n, b, h);
+    const T* g = row_ptr<T>(p.dout, n, b, h);
+    float acc = 0.f;
+    for (int d = 0; d < D; ++d) acc += TypeOps<T>::to_float(o[d]) * TypeOps<T>::to_float(g[d]);
+    p.delta[(static_cast<int64_t>(b) * p.H + h) * p.Nq + n] = acc;
+}
+
+template <class T, int D>
+MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params p) {
+    using Sh = Shape<D>;
+    constexpr int S = Sh::kStride, BM = Sh::kBlockM, BN = Sh::kBlockN, NT = BN / 8;
+    MBT_DYNAMIC_SMEM(T, smem);
+    T* q_tile = smem;
+    T* do_tile = q_tile + BM * S;
+    T* k_tile = do_tile + BM * S;
+    T* v_tile = k_tile + BN * S;
+
+    const int4 blk = p.blocks[block_x()];
+    const int q0 = blk.x, q1 = blk.y, k0 = blk.z, k1 = blk.w;
+    const int b = block_y() / p.H, h = block_y() % p.H;
+    const int warp = thread_x() / 32, lane = thread_x() % 32, gid = lane / 4, tig = lane % 4;
+    const int wrow = warp * 16;
+    const bool active = q0 + wrow < q1;
+
+    load_tile<T, D, BM>(q_tile, p.q, q0, q1, b, h);
+    load_tile<T, D, BM>(do_tile, p.dout, q0, q1, b, h);
+    // LSE (log2 units) and delta of rows gid, gid+8; rows past the segment get LSE = +inf, so P = 0
+    float lse[2], delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = q0 + wrow + gid + 8 * r;
+        const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.Nq + row;
+        lse[r] = row < q1 ? p.lse[at] * kLog2e : INFINITY;
+        delta[r] = row < q1 ? p.delta[at] : 0.f;
+    }
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+    for (int kt = k0; kt < k1; kt += BN) {
+        sync_threads();
+        load_tile<T, D, BN>(k_tile, p.k, kt, k1, b, h);
+        load_tile<T, D, BN>(v_tile, p.v, kt, k1, b, h);
+        sync_threads();
+        if (!active) continue;
+
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
+        gemm_smem_nt<D, NT, T>(s, q_tile, wrow, k_tile, 0);
+        gemm_smem_nt<D, NT, T>(dp, do_tile, wrow, v_tile, 0);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int col = kt + 8 * j + 2 * tig + (i % 2);
+                const float pr = col < k1 ? exp2f(s[j][i] * p.scale_log2 - lse[i / 2]) : 0.f;
+                s[j][i] = pr * (dp[j][i] - delta[i / 2]);  // dS (unscaled)
+            }
+        uint32_t dsf[BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dsf[kk], s[2 * kk], s[2 * kk + 1]);
+        gemm_reg_nn<D, BN / 16, T>(acc, dsf, k_tile);
+    }
+    if (!active) return;
+    store_acc<T, D>(acc, p.scale, p.scale, p.dq, q0 + wrow, q1, b, h);
+}
+
+template <class T, int D>
+MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params p) {
+    using Sh = Shape<D>;
+    constexpr int S = Sh::kStride, BN = Sh::kBlockN, BM = Sh::kBlockMBwd, NT = BM / 8;
+    MBT_DYNAMIC_SMEM(T, smem);
+    T* k_tile = smem;
+    T* v_tile = k_tile + BN * S;
+    T* q_tile = v_tile + BN * S;
+    T* do_tile = q_tile + BM * S;
+    float* lse_s = reinterpret_cast<float*>(do_tile + BM * S);
+    float* delta_s = lse_s + BM;
+
+    const int4 blk = p.blocks[block_x()];
+    const int k0 = blk.x, k1 = blk.y, q0 = blk.z, q1 = blk.w;
+    const int b = block_y() / p.H, h = block_y() % p.H;
+    const int warp = thread_x() / 32, lane = thread_x() % 32, gid = lane / 4, tig = lane % 4;
+    const int wrow = warp * 16;
+    const bool active = k0 + wrow < k1;
+
+    load_tile<T, D, BN>(k_tile, p.k, k0, k1, b, h);
+    load_tile<T, D, BN>(v_tile, p.v, k0, k1, b, h);
+
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
+
+    for (int qt = q0; qt < q1; qt += BM) {
+        sync_threads();
+        load_tile<T, D, BM>(q_tile, p.q, qt, q1, b, h);
+        load_tile<T, D, BM>(do_tile, p.dout, qt, q1, b, h);
+        for (int i = thread_x(); i < BM; i += kThreads) {
+            const int row = qt + i;
+            const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.Nq + row;
+            lse_s[i] = row < q1 ? p.lse[at] * kLog2e : INFINITY;  // P^T = 0 for queries past the segment
+            delta_s[i] = row < q1 ? p.delta[at] : 0.f;
+        }
+        sync_threads();
+        if (!active) continue;
+
+        // transposed scores: rows = this warp's 16 keys, columns = the BM queries of the tile
+        float st[NT][4], dpt[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) st[j][i] = dpt[j][i] = 0.f;
+        gemm_smem_nt<D, NT, T>(st, k_tile, wrow, q_tile, 0);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) st[j][i] = exp2f(st[j][i] * p.scale_log2 - lse_s[8 * j + 2 * tig + (i % 2)]);
+        uint32_t pf[BM / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], st[2 * kk], st[2 * kk + 1]);
+        gemm_reg_nn<D, BM / 16, T>(dv, pf, do_tile);
+
+        gemm_smem_nt<D, NT, T>(dpt, v_tile, wrow, do_tile, 0);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - delta_s[8 * j + 2 * tig + (i % 2)]);
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+        gemm_reg_nn<D, BM / 16, T>(dk, pf, q_tile);
+    }
+    if (!active) return;
+    if (p.dk_acc == nullptr) {
+        store_acc<T, D>(dk, p.scale, p.scale, p.dk, k0 + wrow, k1, b, h);
+        store_acc<T, D>(dv, 1.f, 1.f, p.dv, k0 + wrow, k1, b, h);
+        return;
+    }
+    // segments sharing keys: add into contiguous fp32 [Nk, B, H, D] buffers (one wave at a time)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = k0 + wrow + gid + 8 * half;
+        if (row >= k1) continue;
+        const int64_t base = ((static_cast<int64_t>(row) * p.B + b) * p.H + h) * D;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int col = 8 * j + 2 * tig + i;
+                p.dk_acc[base + col] += dk[j][2 * half + i] * p.scale;
+                p.dv_acc[base + col] += dv[j][2 * half + i];
+            }
+    }
+}
+
+template <class T, int D>
+static void launch_bwd(Params p, const std::vector<attn_host::Segment>& segs, const at::Tensor& dk, const at::Tensor& dv,
+                       const at::Device& device) {
+    using namespace attn_host;
+    using Sh = Shape<D>;
+    const int bh = p.B * p.H;
+    {
+        auto kernel = _mbt_attention_bwd_preprocess_kernel<T, D>;  // named: a template-id's comma would split macro args
+        const int64_t rows = static_cast<int64_t>(p.Nq) * bh;
+        MBT_LAUNCH(kernel, dim3(static_cast<unsigned>((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0, MBT_STREAM, p);
+        MBT_CHECK_LAUNCH();
+    }
+    {
+        const std::vector<Segment> table = tile_table(segs, Sh::kBlockM, /*by_keys=*/false);
+        at::Tensor blocks = table_tensor(table, device);
+        p.blocks = reinterpret_cast<const int4*>(blocks.data_ptr<int32_t>());
+        const size_t smem = static_cast<size_t>(2 * Sh::kBlockM + 2 * Sh::kBlockN) * Sh::kStride * sizeof(T);
+        auto kernel = _mbt_attention_bwd_dq_kernel<T, D>;
+        set_max_dynamic_smem(kernel, smem);
+        MBT_LAUNCH(kernel, dim3(static_cast<unsigned>(table.size()), bh), dim3(kThreads), smem, MBT_STREAM, p);
+        MBT_CHECK_LAUNCH();
+    }
+    // waves of segments whose key ranges are pairwise disjoint
+    std::vector<std::vector<Segment>> waves;
+    for (const auto& g : segs) {
+        bool placed = false;
+        for (auto& w : waves) {
+            bool clash = false;
+            for (const auto& o : w) clash = clash || (g[2] < o[3] && o[2] < g[3]);
+            if (!clash) { w.push_back(g); placed = true; break; }
+        }
+        if (!placed) waves.push_back({g});
+    }
+    at::Tensor dk32, dv32;
+    if (waves.size() > 1) {
+        dk32 = at::zeros(dk.sizes(), dk.options().dtype(at::kFloat));
+        dv32 = at::zeros(dv.sizes(), dv.options().dtype(at::kFloat));
+        p.dk_acc = dk32.data_ptr<float>();
+        p.dv_acc = dv32.data_ptr<float>();
+    }
+    const size_t smem = static_cast<size_t>(2 * Sh::kBlockN + 2 * Sh::kBlockMBwd) * Sh::kStride * sizeof(T) +
+                        2 * Sh::kBlockMBwd * sizeof(float);
+    auto kernel = _mbt_attention_bwd_dkv_kernel<T, D>;
+    set_max_dynamic_smem(kernel, smem);
+    for (const auto& w : waves) {
+        const std::vector<Segment> table = tile_table(w, Sh::kBlockN, /*by_keys=*/true);
+        at::Tensor blocks = table_tensor(table, device);
+        p.blocks = reinterpret_cast<const int4*>(blocks.data_ptr<int32_t>());
+        MBT_LAUNCH(kernel, dim3(static_cast<unsigned>(table.size()), bh), dim3(kThreads), smem, MBT_STREAM, p);
+        MBT_CHECK_LAUNCH();
+    }
+    if (waves.size() > 1) {
+        dk.copy_(dk32);
+        dv.copy_(dv32);
+    }
+}
+
+template <class T>
+static void dispatch_bwd(int d, const Params& p, const std::vector<attn_host::Segment>& segs, const at::Tensor& dk,
+                         const at::Tensor& dv, const at::Device& device) {
+    if (d == 32) launch_bwd<T, 32>(p, segs, dk, dv, device);
+    else if (d == 64) launch_bwd<T, 64>(p, segs, dk, dv, device);
+    else launch_bwd<T, 128>(p, segs, dk, dv, device);
+}
+
+std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                      const at::Tensor& seg, double scale) {
+    using namespace attn_host;
+    check_qkv(q, "q", q);
+    check_qkv(k, "k", q);
+    check_qkv(v, "v", q);
+    check_qkv(out, "out", q);
+    check_qkv(dout, "dout", q);
+    TORCH_CHECK(k.sizes() == v.sizes(), "k, v: expected equal shapes, got ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), "out, dout: expected the shape of q ", q.sizes());
+    const int64_t nq = q.size(0), nk = k.size(0), B = q.size(1), H = q.size(2), D = q.size(3);
+    TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == at::IntArrayRef({B, H, nq}),
+                "lse: expected contiguous float32 [B, H, Nq]");
+    MBT_DEVICE_GUARD(q);
+    const auto segs = segments(seg, nq, nk);
+
+    auto dq = at::zeros_like(q, at::MemoryFormat::Contiguous);  // rows in no segment: zero gradient
+    auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
+    auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+    auto delta = at::empty({B, H, nq}, q.options().dtype(at::kFloat));
+    Params p{};
+    p.q = ref(q); p.k = ref(k); p.v = ref(v); p.o = ref(out); p.dout = ref(dout);
+    p.dq = ref(dq); p.dk = ref(dk); p.dv = ref(dv);
+    p.lse = lse.data_ptr<float>();
+    p.delta = delta.data_ptr<float>();
+    p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Nq = static_cast<int>(nq); p.Nk = static_cast<int>(nk);
+    p.scale = static_cast<float>(scale);
+    p.scale_log2 = static_cast<float>(scale) * kLog2e;
+    if (q.scalar_type() == at::kHalf) dispatch_bwd<__half>(static_cast<int>(D), p, segs, dk, dv, q.device());
+    else dispatch_bwd<__nv_bfloat16>(static_cast<int>(D), p, segs, dk, dv, q.device());
+    return {dq, dk, dv};
+}
+
+}  // namespace MBT_NS

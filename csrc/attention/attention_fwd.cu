@@ -1,0 +1,168 @@
+// Multimodal bottleneck attention, forward: flash-style online softmax over each segment's key range.
+//
+// Block = one tile of kBlockM query rows of one segment, for one (batch, head); 4 warps x 16 rows.
+// Q fragments stay in registers; K and V tiles stream through shared memory; S = Q K^T and O += P V
+// run on mma.m16n8k16 with fp32 accumulation; keys past the segment end are masked to -inf.
+#include "attention_host.h"
+
+namespace MBT_NS {
+
+using namespace mbt;
+using namespace mbt::attn;
+
+template <class T, int D>
+MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) {
+    using Sh = Shape<D>;
+    constexpr int S = Sh::kStride, BM = Sh::kBlockM, BN = Sh::kBlockN, NT = BN / 8;
+    MBT_DYNAMIC_SMEM(T, smem);
+    T* q_tile = smem;
+    T* k_tile = q_tile + BM * S;
+    T* v_tile = k_tile + BN * S;
+
+    const int4 blk = p.blocks[block_x()];
+    const int q0 = blk.x, q1 = blk.y, k0 = blk.z, k1 = blk.w;
+    const int b = block_y() / p.H, h = block_y() % p.H;
+    const int warp = thread_x() / 32, lane = thread_x() % 32, gid = lane / 4, tig = lane % 4;
+    const int wrow = warp * 16;                 // this warp's first row in the tile
+    const bool active = q0 + wrow < q1;         // warp-uniform: warps past the segment only help load
+
+    load_tile<T, D, BM>(q_tile, p.q, q0, q1, b, h);
+    sync_threads();
+    uint32_t qf[D / 16][4];
+    if (active) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) load_a<S>(qf[kk], q_tile, wrow, kk * 16);
+    }
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY};  // running max of rows gid, gid+8 (log2 units, scaled)
+    float l[2] = {0.f, 0.f};              // this lane's partial row sums
+
+    for (int kt = k0; kt < k1; kt += BN) {
+        sync_threads();  // previous K/V tiles fully consumed
+        load_tile<T, D, BN>(k_tile, p.k, kt, k1, b, h);
+        load_tile<T, D, BN>(v_tile, p.v, kt, k1, b, h);
+        sync_threads();
+        if (!active) continue;
+
+        float s[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int nn = 0; nn < NT / 2; ++nn) {
+                uint32_t bf[2][2];
+                load_b<S>(bf, k_tile, nn * 16, kk * 16);
+                mma_m16n8k16<T>(s[2 * nn], qf[kk], bf[0]);
+                mma_m16n8k16<T>(s[2 * nn + 1], qf[kk], bf[1]);
+            }
+        }
+
+        // online softmax in log2 units; columns past the segment's keys get -inf
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int col = kt + 8 * j + 2 * tig + (i % 2);
+                s[j][i] = col < k1 ? s[j][i] * p.scale_log2 : -INFINITY;
+                mx[i / 2] = fmaxf(mx[i / 2], s[j][i]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            // every tile has at least one valid key, so the new max is finite
+            const float m_new = fmaxf(m[r], quad_max(mx[r]));
+            alpha[r] = exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                s[j][i] = exp2f(s[j][i] - m[i / 2]);
+                l[i / 2] += s[j][i];
+            }
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            acc[j][0] *= alpha[0];
+            acc[j][1] *= alpha[0];
+            acc[j][2] *= alpha[1];
+            acc[j][3] *= alpha[1];
+        }
+
+        uint32_t pf[BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(pf[kk], s[2 * kk], s[2 * kk + 1]);
+        gemm_reg_nn<D, BN / 16, T>(acc, pf, v_tile);
+    }
+
+    if (!active) return;  // warp-uniform, after the last block-wide barrier
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] = quad_sum(l[r]);
+        inv[r] = 1.f / l[r];
+    }
+    store_acc<T, D>(acc, inv[0], inv[1], p.o, q0 + wrow, q1, b, h);
+    if (tig == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = q0 + wrow + gid + 8 * r;
+            // natural-log LSE of the scaled scores: (m * ln 2) + ln(l)
+            if (row < q1) p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Nq + row] = m[r] / kLog2e + logf(l[r]);
+        }
+    }
+}
+
+template <class T, int D>
+static void launch_fwd(const Params& p, int nblocks, int bh) {
+    using Sh = Shape<D>;
+    const size_t smem = static_cast<size_t>(Sh::kBlockM + 2 * Sh::kBlockN) * Sh::kStride * sizeof(T);
+    auto kernel = _mbt_attention_fwd_kernel<T, D>;  // named: a template-id's comma would split the macro arguments
+    set_max_dynamic_smem(kernel, smem);
+    MBT_LAUNCH(kernel, dim3(nblocks, bh), dim3(kThreads), smem, MBT_STREAM, p);
+    MBT_CHECK_LAUNCH();
+}
+
+template <class T>
+static void dispatch_fwd(int d, const Params& p, int nblocks, int bh) {
+    if (d == 32) launch_fwd<T, 32>(p, nblocks, bh);
+    else if (d == 64) launch_fwd<T, 64>(p, nblocks, bh);
+    else launch_fwd<T, 128>(p, nblocks, bh);
+}
+
+std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& seg, double scale) {
+    using namespace attn_host;
+    check_qkv(q, "q", q);
+    check_qkv(k, "k", q);
+    check_qkv(v, "v", q);
+    TORCH_CHECK(k.sizes() == v.sizes(), "k, v: expected equal shapes, got ", k.sizes(), " and ", v.sizes());
+    MBT_DEVICE_GUARD(q);
+    const int64_t nq = q.size(0), nk = k.size(0), B = q.size(1), H = q.size(2), D = q.size(3);
+    TORCH_CHECK(B * H <= 65535, "q: batch x heads must be at most 65535, got ", B * H);
+    const auto segs = segments(seg, nq, nk);
+    const auto table = tile_table(segs, Shape<64>::kBlockM, /*by_keys=*/false);
+    auto blocks = table_tensor(table, q.device());
+
+    auto out = at::zeros_like(q, at::MemoryFormat::Contiguous);  // rows in no segment stay 0
+    auto lse = at::zeros({B, H, nq}, q.options().dtype(at::kFloat));
+    Params p{};
+    p.q = ref(q); p.k = ref(k); p.v = ref(v); p.o = ref(out);
+    p.lse = lse.data_ptr<float>();
+    p.blocks = reinterpret_cast<const int4*>(blocks.data_ptr<int32_t>());
+    p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Nq = static_cast<int>(nq); p.Nk = static_cast<int>(nk);
+    p.scale = static_cast<float>(scale);
+    p.scale_log2 = static_cast<float>(scale) * kLog2e;
+    const int nblocks = static_cast<int>(table.size()), bh = static_cast<int>(B * H);
+    if (q.scalar_type() == at::kHalf) dispatch_fwd<__half>(static_cast<int>(D), p, nblocks, bh);
+    else dispatch_fwd<__nv_bfloat16>(static_cast<int>(D), p, nblocks, bh);
+    return {out, lse};
+}
+
+}  // namespace MBT_NS

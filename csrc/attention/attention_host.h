@@ -1,0 +1,79 @@
+// Host-side helpers of the attention launchers: input checks, tensor views, block tables.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "../common/torch_glue.h"
+#include "attention.cuh"
+
+namespace MBT_NS {
+namespace attn_host {
+
+using mbt::attn::TensorRef;
+
+inline void check_qkv(const at::Tensor& t, const char* name, const at::Tensor& q) {
+    check_device(t, name);
+    TORCH_CHECK(t.dim() == 4, name, ": expected [N, B, H, D], got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
+                ": the CUDA attention kernel runs on tensor cores in float16 or bfloat16, got ", t.scalar_type(),
+                " (use backend 'torch' or 'triton' for float32)");
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(), ", got ", t.scalar_type());
+    TORCH_CHECK(t.size(1) == q.size(1) && t.size(2) == q.size(2) && t.size(3) == q.size(3), name,
+                ": expected batch, heads, head dim of q ", q.sizes(), ", got ", t.sizes());
+    const int64_t d = t.size(3);
+    TORCH_CHECK(d == 32 || d == 64 || d == 128, name, ": head dim must be 32, 64 or 128, got ", d);
+    TORCH_CHECK(t.stride(3) == 1, name, ": last dim must be contiguous, got strides ", t.strides());
+    // 16-byte row loads: every row start must be 16-byte aligned
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, ": data pointer must be 16-byte aligned");
+    for (int i = 0; i < 3; ++i)
+        TORCH_CHECK(t.size(i) == 1 || t.stride(i) % 8 == 0, name, ": strides of dims 0-2 must be multiples of 8, got ",
+                    t.strides());
+}
+
+inline TensorRef ref(const at::Tensor& t) {
+    // strides of size-1 dims are irrelevant (index 0) and may be anything; zero them
+    return TensorRef{t.data_ptr(), t.size(0) == 1 ? 0 : t.stride(0), t.size(1) == 1 ? 0 : t.stride(1),
+                     t.size(2) == 1 ? 0 : t.stride(2)};
+}
+
+using Segment = std::array<int, 4>;
+
+inline std::vector<Segment> segments(const at::Tensor& seg, int64_t nq, int64_t nk) {
+    TORCH_CHECK(seg.device().is_cpu() && seg.scalar_type() == at::kInt && seg.dim() == 2 && seg.size(1) == 4,
+                "seg: expected a CPU int32 tensor [S, 4], got ", seg.scalar_type(), " ", seg.sizes(), " on ", seg.device());
+    auto s = seg.contiguous();
+    const int32_t* p = s.data_ptr<int32_t>();
+    std::vector<Segment> out;
+    for (int64_t i = 0; i < s.size(0); ++i) {
+        Segment g{p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]};
+        TORCH_CHECK(0 <= g[0] && g[0] < g[1] && g[1] <= nq && 0 <= g[2] && g[2] < g[3] && g[3] <= nk,
+                    "seg: row ", i, " = (", g[0], ", ", g[1], ", ", g[2], ", ", g[3], ") is empty or out of range");
+        out.push_back(g);
+    }
+    return out;
+}
+
+// One entry per tile of `rows` (tile size `tile`), each with the segment's `other` range; the longest
+// `other` ranges (most work) first, so the last wave of blocks is short.
+inline std::vector<Segment> tile_table(const std::vector<Segment>& segs, int tile, bool by_keys) {
+    std::vector<Segment> table;
+    for (const auto& g : segs) {
+        const int r0 = by_keys ? g[2] : g[0], r1 = by_keys ? g[3] : g[1];
+        const int o0 = by_keys ? g[0] : g[2], o1 = by_keys ? g[1] : g[3];
+        for (int r = r0; r < r1; r += tile) table.push_back({r, std::min(r + tile, r1), o0, o1});
+    }
+    std::stable_sort(table.begin(), table.end(), [](const Segment& a, const Segment& b) { return a[3] - a[2] > b[3] - b[2]; });
+    return table;
+}
+
+// The table as an int32 [n, 4] tensor on `device` (read by the kernel as int4).
+inline at::Tensor table_tensor(const std::vector<Segment>& table, const at::Device& device) {
+    auto t = at::empty({static_cast<int64_t>(table.size()), 4}, at::TensorOptions().dtype(at::kInt));
+    std::copy(&table[0][0], &table[0][0] + 4 * table.size(), t.data_ptr<int32_t>());
+    return device.is_cpu() ? t : t.to(device, /*non_blocking=*/false);
+}
+
+}  // namespace attn_host
+}  // namespace MBT_NS

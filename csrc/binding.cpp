@@ -1,0 +1,24 @@
+// Registers the launchers as torch ops: torch.ops.mbt_fast.* (CUDA) or torch.ops.mbt_fast_emu.* (CPU, emulated).
+#include "common/ops.h"
+
+MBT_TORCH_LIBRARY(MBT_NS, m) {
+    m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor seg, float scale) -> Tensor[]");
+    m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seg, float scale) -> Tensor[]");
+    m.def("residual_mean_fwd(Tensor x, Tensor y, Tensor keep, Tensor row_mod, Tensor slot_start, int n_bottleneck, int mode) -> Tensor");
+    m.def("residual_mean_bwd(Tensor grad, Tensor keep, Tensor row_mod, Tensor slot_start, int n_bottleneck, int mode) -> Tensor[]");
+    m.def("arch_test_mma(Tensor a_regs, Tensor b_regs, Tensor c, bool bf16) -> Tensor");
+    m.def("arch_test_ldmatrix(Tensor smem, Tensor row_offsets, int num, bool trans) -> Tensor");
+    m.def("arch_test_shfl_xor(Tensor vals, int lane_mask) -> Tensor");
+}
+
+// seg, row_mod and slot_start are small CPU tables even for the CUDA build; the dispatch key comes
+// from the data tensors, so register for the device kind of this build.
+MBT_TORCH_LIBRARY_IMPL(MBT_NS, MBT_DISPATCH, m) {
+    m.impl("attention_fwd", &MBT_NS::attention_fwd);
+    m.impl("attention_bwd", &MBT_NS::attention_bwd);
+    m.impl("residual_mean_fwd", &MBT_NS::residual_mean_fwd);
+    m.impl("residual_mean_bwd", &MBT_NS::residual_mean_bwd);
+    m.impl("arch_test_mma", &MBT_NS::arch_test_mma);
+    m.impl("arch_test_ldmatrix", &MBT_NS::arch_test_ldmatrix);
+    m.impl("arch_test_shfl_xor", &MBT_NS::arch_test_shfl_xor);
+}

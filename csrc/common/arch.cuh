@@ -1,0 +1,116 @@
+// Every hardware-specific instruction the kernels use, behind one small wrapper each.
+//
+// Two definitions per wrapper: the GPU one (inline PTX / CUDA intrinsics, compiled by nvcc) and the
+// emulated one (csrc/emu/emu_runtime.h, compiled by g++ for the host when MBT_EMULATE is defined).
+// Kernel sources use only these wrappers, so the same kernel text runs on both targets.
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" and
+// "ldmatrix"), with groupID = lane >> 2 and tig = lane % 4:
+//   A 16x16 (4 x b32, 2 halves each, low half first): reg r holds row groupID + 8*(r%2),
+//       cols 2*tig + {0,1} + 8*(r/2)
+//   B 16x8 (k x n, 2 x b32): reg r holds k = 2*tig + {0,1} + 8*r, n = groupID
+//   C/D 16x8 fp32 (4 regs): c_i at row groupID + 8*(i/2), col 2*tig + (i%2)
+//   ldmatrix m8n8 .b16: lanes 8j..8j+7 give the row addresses of matrix j; lane l receives row l/4,
+//       cols 2*(l%4) + {0,1} of every matrix (.trans: rows 2*(l%4) + {0,1}, col l/4).
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#ifdef MBT_EMULATE
+#include "../emu/emu_runtime.h"
+#else
+
+#define MBT_GLOBAL __global__
+#define MBT_DEVICE __device__ __forceinline__
+#define MBT_HOST_DEVICE __host__ __device__ __forceinline__
+#define MBT_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+// dynamic shared memory: one buffer per launch, 16-byte aligned for ldmatrix
+#define MBT_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) unsigned char mbt_dyn_smem_[]; \
+    type* name = reinterpret_cast<type*>(mbt_dyn_smem_)
+#define MBT_STATIC_SMEM __shared__
+// kernel<<<grid, block, smem, stream>>>(args...); pass a plain name (a template-id's comma splits macro args)
+#define MBT_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+
+namespace mbt {
+
+MBT_DEVICE unsigned thread_x() { return threadIdx.x; }
+MBT_DEVICE unsigned block_x() { return blockIdx.x; }
+MBT_DEVICE unsigned block_y() { return blockIdx.y; }
+MBT_DEVICE unsigned block_dim_x() { return blockDim.x; }
+MBT_DEVICE void sync_threads() { __syncthreads(); }
+
+template <class T>
+MBT_DEVICE T shfl_xor(T v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
+
+MBT_DEVICE uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+// ldmatrix: p is this lane's row address in shared memory (16-byte aligned)
+MBT_DEVICE void ldmatrix_x1(uint32_t (&r)[1], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr(p)));
+}
+MBT_DEVICE void ldmatrix_x2(uint32_t (&r)[2], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+}
+MBT_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+MBT_DEVICE void ldmatrix_x1_trans(uint32_t (&r)[1], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr(p)));
+}
+MBT_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+}
+MBT_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// d += a @ b on tensor cores, fp32 accumulation; T is __half or __nv_bfloat16
+template <class T> MBT_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+
+template <> MBT_DEVICE void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> MBT_DEVICE void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+}  // namespace mbt
+#endif  // MBT_EMULATE
+
+namespace mbt {
+
+// Element type helpers shared by both targets (plain conversions, no hardware-specific code).
+template <class T> struct TypeOps;
+template <> struct TypeOps<__half> {
+    static MBT_HOST_DEVICE float to_float(__half x) { return __half2float(x); }
+    static MBT_HOST_DEVICE __half from_float(float x) { return __float2half_rn(x); }
+    // two floats -> one b32 register, lo in the low 16 bits (the fragment's lower-index element)
+    static MBT_HOST_DEVICE uint32_t pack(float lo, float hi) {
+        return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
+               (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
+    }
+};
+template <> struct TypeOps<__nv_bfloat16> {
+    static MBT_HOST_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+    static MBT_HOST_DEVICE __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+    static MBT_HOST_DEVICE uint32_t pack(float lo, float hi) {
+        return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+               (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+    }
+};
+template <> struct TypeOps<float> {
+    static MBT_HOST_DEVICE float to_float(float x) { return x; }
+    static MBT_HOST_DEVICE float from_float(float x) { return x; }
+};
+
+}  // namespace mbt

@@ -1,0 +1,257 @@
+"""The CUDA kernels of ``csrc/`` as PyTorch ops: backends ``cuda`` (real extension, CUDA tensors) and
+``cuda-emu`` (the same kernel sources compiled by g++ against the project's emulation layer, CPU tensors).
+
+Nothing is compiled or loaded at import time. ``build()`` loads the ahead-of-time extension
+(``MBT_FAST_BUILD_CUDA=1 pip install``, module ``mbt_fast._C``) when present, else JIT-compiles with
+ninja into TORCH_EXTENSIONS_DIR (cached; later calls only load). Recipe: ``csrc/build.py``.
+
+The cuda attention runs on tensor cores in float16 / bfloat16 only: float32 inputs are rejected with
+a TypeError (use the ``torch`` or ``triton`` backend). Head dims 32, 64, 128.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+
+import torch
+
+from mbt_fast.layout import PackedLayout
+
+_LOCK = threading.RLock()
+_LOADED: dict[bool, object] = {}
+_BACKEND = {False: "cuda", True: "cuda-emu"}
+_MODES = {"add": 0, "keep": 1, "mean": 2}
+HEAD_DIMS = (32, 64, 128)
+
+
+def _recipe():
+    """csrc/build.py (package ``mbt_fast.csrc``), imported lazily."""
+    from mbt_fast.csrc import build as recipe
+
+    return recipe
+
+
+def _aot_library() -> str | None:
+    """Path of the ahead-of-time built extension (mbt_fast._C), if installed."""
+    try:
+        spec = importlib.util.find_spec("mbt_fast._C")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin and os.path.exists(spec.origin) else None
+
+
+def build_problems(emulated: bool) -> list[str]:
+    """Why the (emulated) extension cannot be built or loaded here; empty when it can. Compiles nothing."""
+    problems: list[str] = []
+    home = _recipe().cuda_home()
+    if home:  # before torch.utils.cpp_extension resolves it (the nvcc on PATH may be a wrapper script)
+        os.environ.setdefault("CUDA_HOME", home)
+    from torch.utils import cpp_extension
+
+    if emulated:
+        if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+            problems.append("no C++ compiler: g++ (or $CXX) is not on PATH")
+        if _recipe().fp16_include_dir() is None:
+            problems.append("cuda_fp16.h / cuda_bf16.h not found (set CUDA_HOME to a CUDA toolkit or install the nvidia-cuda-runtime wheel)")
+        if not cpp_extension.is_ninja_available():
+            problems.append("ninja is not installed (pip install ninja)")
+        return problems
+    if _LOADED.get(False) is not None or _aot_library() is not None:
+        return problems
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build and the extension is not built ahead of time")
+        return problems
+    if _recipe().nvcc_path() is None:
+        problems.append("the extension is not built (MBT_FAST_BUILD_CUDA=1 pip install) and no CUDA toolkit was found to JIT-build it (set CUDA_HOME; nvcc missing)")
+    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+        problems.append("no host C++ compiler (g++) on PATH for nvcc")
+    if not cpp_extension.is_ninja_available():
+        problems.append("ninja is not installed (pip install ninja)")
+    return problems
+
+
+class _CaptureFds:
+    """Tee file descriptors 1 and 2 into a file while ninja/nvcc write to them (subprocess output)."""
+
+    def __enter__(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        self.saved = [os.dup(1), os.dup(2)]
+        os.dup2(self.file.fileno(), 1)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved:
+            os.close(fd)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+        return False
+
+
+def ptxas_report(log: str) -> list[str]:
+    """The ptxas lines of a verbose nvcc log: per kernel and architecture, registers, spills, shared memory."""
+    return [ln.strip() for ln in log.splitlines() if "ptxas info" in ln and
+            ("Compiling entry function" in ln or "Used" in ln or "spill" in ln)]
+
+
+def spills(log: str) -> dict[str, tuple[int, int]]:
+    """{kernel (mangled) @ arch: (spill store bytes, spill load bytes)} parsed from a verbose nvcc log."""
+    out, current = {}, None
+    for ln in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'", ln)
+        if m:
+            current = f"{m.group(1)}@{m.group(2)}"
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ln)
+        if m and current:
+            out[current] = (int(m.group(1)), int(m.group(2)))
+    return out
+
+
+def build(emulated: bool = False, verbose: bool = False, build_directory: str | None = None):
+    """Compile if needed and load the extension; returns its op namespace (``torch.ops.mbt_fast[_emu]``).
+
+    Raises RuntimeError with every missing prerequisite, or with the compiler output when compilation
+    fails. With ``verbose`` the compiler output (ptxas register/spill lines included) is captured and
+    available from ``last_build_log()``. ``build_directory`` forces a JIT build there (tests, CI).
+    """
+    global _LAST_LOG
+    with _LOCK:
+        if emulated in _LOADED and build_directory is None:
+            return _LOADED[emulated]
+        problems = build_problems(emulated)
+        if problems:
+            raise RuntimeError(f"cannot build the {_BACKEND[emulated]} extension: " + "; ".join(problems))
+        recipe = _recipe()
+        aot = None if emulated or build_directory else _aot_library()
+        if aot is not None:
+            torch.ops.load_library(aot)
+        elif verbose:
+            cap = _CaptureFds()
+            try:
+                with cap:
+                    recipe.jit_load(emulated, verbose=True, build_directory=build_directory)
+            finally:
+                _LAST_LOG = getattr(cap, "text", "")
+        else:
+            recipe.jit_load(emulated, verbose=False, build_directory=build_directory)
+        ops = getattr(torch.ops, recipe.OPS_NAMESPACE[emulated])
+        _LOADED[emulated] = ops
+        return ops
+
+
+_LAST_LOG = ""
+
+
+def last_build_log() -> str:
+    """Compiler output of the last ``build(verbose=True)`` (empty when nothing had to be compiled)."""
+    return _LAST_LOG
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention
+
+
+def _check_device(name: str, t: torch.Tensor, emulated: bool):
+    want = "cpu" if emulated else "cuda"
+    if t.device.type != want:
+        raise ValueError(f"{name}: the {_BACKEND[emulated]} backend needs {want} tensors, got {t.device}")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Last dim contiguous and 16-byte aligned rows (the kernels load rows in 16-byte chunks)."""
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        s % 8 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1)
+    return t if ok else t.contiguous()
+
+
+class MBTAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, seg, scale, emulated):
+        ops = build(emulated)
+        out, lse = ops.attention_fwd(q, k, v, seg, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.seg, ctx.scale, ctx.emulated = seg, scale, emulated
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = build(ctx.emulated).attention_bwd(_aligned(grad_out), q, k, v, out, lse, ctx.seg, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def mbt_attention(q, k, v, seg, scale, emulated: bool = False):
+    """Contract of ``mbt_fast.ops.mbt_attention`` (seg: int32 [S, 4] CPU table, already validated)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_device(name, t, emulated)
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"{name}: the {_BACKEND[emulated]} attention kernel runs on tensor cores in float16 or "
+                            f"bfloat16, got {t.dtype}; use backend 'torch' or 'triton' for float32")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"q: the {_BACKEND[emulated]} attention kernel supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
+    seg = torch.as_tensor(seg, dtype=torch.int32).reshape(-1, 4).cpu().contiguous()
+    return MBTAttentionFunction.apply(_aligned(q), _aligned(k), _aligned(v), seg, float(scale), emulated)
+
+
+# ----------------------------------------------------------------------------------------------------
+# residual + bottleneck mean
+
+
+class ResidualMeanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, keep, row_mod, slot_start, n_bottleneck, mode, emulated):
+        ops = build(emulated)
+        keep_t = keep if keep is not None else x.new_empty(0)
+        out = ops.residual_mean_fwd(x, y, keep_t, row_mod, slot_start, n_bottleneck, mode)
+        ctx.save_for_backward(keep_t, row_mod, slot_start)
+        ctx.args = (n_bottleneck, mode, emulated, y.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep_t, row_mod, slot_start = ctx.saved_tensors
+        n_bottleneck, mode, emulated, y_dtype = ctx.args
+        dx, dy = build(emulated).residual_mean_bwd(grad.contiguous(), keep_t, row_mod, slot_start, n_bottleneck, mode)
+        # keep is a stochastic-depth mask, not a learned tensor: no gradient
+        return dx, dy.to(y_dtype), None, None, None, None, None, None
+
+
+def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str, emulated: bool = False):
+    """Contract of ``mbt_fast.ops.residual_mean`` (inputs already validated there). No gradient for ``keep``."""
+    for name, t in (("x", x), ("y", y)) + ((("keep", keep),) if keep is not None else ()):
+        _check_device(name, t, emulated)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x: the {_BACKEND[emulated]} residual_mean kernel supports float32, float16, bfloat16, got {x.dtype}")
+    row_mod = layout.row_weight(x.device)
+    slot_start = torch.tensor([layout.bottleneck_rows(m).start for m in range(layout.num_modalities)],
+                              dtype=torch.int32, device=x.device)
+    keep = keep.to(device=x.device, dtype=torch.float32).contiguous() if keep is not None else None
+    return ResidualMeanFunction.apply(x.contiguous(), y.to(x.dtype).contiguous(), keep, row_mod, slot_start,
+                                      layout.n_bottleneck, _MODES[bottleneck], emulated)
+
+
+# ----------------------------------------------------------------------------------------------------
+# not written in CUDA: the lead's dispatch falls back per op
+
+
+def segment_layernorm(x, weight, bias, row_weight, eps, emulated: bool = False):
+    raise NotImplementedError(f"segment_layernorm has no CUDA kernel in csrc/ (backend {_BACKEND[emulated]!r}); "
+                              "use the 'torch' or 'triton' implementation")
+
+
+def bias_gelu(x, bias, row_weight, emulated: bool = False):
+    raise NotImplementedError(f"bias_gelu has no CUDA kernel in csrc/ (backend {_BACKEND[emulated]!r}); "
+                              "use the 'torch' or 'triton' implementation")
