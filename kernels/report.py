@@ -70,8 +70,9 @@ def load_specs(dtype: str, ops=OPS) -> tuple[list[dict], list[str]]:
 
 
 def _source(spec: dict):
-    """``ASTSource`` for a spec: the signature in argument order with constexprs marked, and the 16-byte
-    alignment the JIT would assume for torch allocations (every pointer) and for the listed ints."""
+    """``ASTSource`` for a spec: the signature in argument order with constexprs marked, and the spec's
+    ``attrs`` or else the 16-byte alignment the JIT would assume for torch allocations (every pointer)
+    and for the ints listed in ``divisible_by_16``."""
     from triton.compiler import ASTSource
 
     fn = spec["fn"]
@@ -81,9 +82,11 @@ def _source(spec: dict):
     if missing:
         raise ValueError(f"{spec['kernel']}: aot_specs signature lacks arguments {missing}")
     sig = {a: sig[a] for a in fn.arg_names}
-    aligned = set(spec.get("divisible_by_16", ()))
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*") or a in aligned}
+    attrs = spec.get("attrs")  # a spec may give ASTSource attrs itself
+    if attrs is None:
+        aligned = set(spec.get("divisible_by_16", ()))
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if sig[a].startswith("*") or a in aligned}
     return ASTSource(fn=fn, signature=sig, constexprs=dict(spec["constexprs"]), attrs=attrs)
 
 
