@@ -1,0 +1,236 @@
+"""One fusion layer of MBT: LN, QKV, attention, out-proj, LN, MLP, residual + bottleneck mean.
+
+Providers: ``reference`` (Scenic's path: per modality ``EncoderBlock`` over ``concat(tokens, bottleneck)``,
+split, then ``stack(...).mean``), ``torch`` (``mbt_fast.layers.packed_block`` on the packed buffer, SDPA
+attention), ``flex`` / ``flash_attn`` (the torch packed block with its attention swapped for the
+providers of ``bench_attention``), ``triton`` and ``cuda`` (``packed_block`` on those backends).
+TFLOP/s count the GEMMs (``2 * rows * B * (4C^2 + 2 C mlp)``) and attention (``4*B*H*nq*nk*D`` per
+segment), x2 / x2.5 backward; GB/s use the bytes the performance model counts for the fused (triton)
+design of this layer, the same for every provider.
+
+    python bench/bench_block.py            # GPU: MBT-B (C=768, 12 heads, mlp 3072, 401+5 / 3137+5 tokens)
+    python bench/bench_block.py --quick    # small shapes (the CPU default), CPU measurement
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from unittest import mock
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench import bench_attention as ba
+from bench import common
+
+PROVIDERS = ("reference", "torch", "flex", "flash_attn", "triton", "cuda")
+MODES = ("fwd", "bwd", "fwd+bwd")
+COLUMNS = ["op", "provider", "mode", "tokens", "n_bottleneck", "batch", "hidden", "heads", "mlp_dim", "rows",
+           "median_ms", "p20_ms", "p80_ms", "reps", "tflops", "gbps", "peak_mem_mb", "mem_method", "status", "note",
+           *common.ENV_COLUMNS]
+
+
+def make_blocks(M: int, C: int, heads: int, mlp: int, device, dtype, seed: int = 0):
+    from mbt_fast.layers import EncoderBlock
+
+    torch.manual_seed(seed)
+    blocks = [EncoderBlock(C, heads, mlp).to(device=device, dtype=dtype) for _ in range(M)]
+    for b in blocks:  # non-trivial LayerNorm affine parameters
+        for ln in (b.norm1, b.norm2):
+            torch.nn.init.normal_(ln.weight, 1.0, 0.1)
+            torch.nn.init.normal_(ln.bias, 0.0, 0.1)
+    return blocks
+
+
+def reference_layer(blocks, xs, bottleneck):
+    """Scenic's fusion layer: concat, block, split per modality; the new bottleneck is the mean."""
+    outs, bottle = [], []
+    for blk, x in zip(blocks, xs):
+        t = x.shape[1]
+        out = blk(torch.cat([x, bottleneck], dim=1))
+        outs.append(out[:, :t])
+        bottle.append(out[:, t:])
+    return outs, torch.stack(bottle, dim=-1).mean(dim=-1)
+
+
+@contextlib.contextmanager
+def swapped_attention(provider: str, segments, n: int, device, dtype, mode: str, args):
+    """The torch packed block with ``ops.mbt_attention`` replaced by a bench_attention provider."""
+    from mbt_fast import ops
+
+    maker = ba.MAKERS[provider]
+    fn, note = maker(segments, n, device, dtype, mode, args.flex_compile) if provider == "flex" else \
+        maker(segments, n, device, dtype, mode)
+    with mock.patch.object(ops, "mbt_attention", lambda q, k, v, seg, **kw: fn(q, k, v)):
+        yield note
+
+
+def layer_flops(layout, segments, batch, C, heads, mlp) -> float:
+    from mbt_fast.perf_model import attention_flops
+
+    gemm = 2.0 * layout.total_rows * batch * (4 * C * C + 2 * C * mlp)
+    return gemm, attention_flops(segments, batch, heads, C // heads)
+
+
+def design_bytes(tokens, nb, batch, C, heads, mlp, dtype) -> tuple[float, float]:
+    """HBM bytes of the fused (triton) layer, forward and backward, from the performance model (meta)."""
+    from mbt_fast import perf_model
+    from mbt_fast.layers import LayerPlan, packed_block
+
+    layout, seg = ba.layout_segments(tokens, nb)
+    blocks = make_blocks(len(tokens), C, heads, mlp, "meta", dtype)
+    x = torch.empty(layout.total_rows, batch, C, device="meta", dtype=dtype, requires_grad=True)
+    fwd, bwd = perf_model.Counter(), perf_model.Counter()
+    with perf_model.counting(fwd, "triton"):
+        y = packed_block(blocks, x, layout, LayerPlan(seg, "mean"), layout.row_weight("meta"), "triton")
+    with perf_model.counting(bwd, "triton"):
+        y.backward(torch.empty_like(y))
+    return fwd.totals()["hbm_bytes"], bwd.totals()["hbm_bytes"]
+
+
+def bench_case(provider, tokens, nb, batch, C, heads, mlp, mode, device, dtype, args, nbytes) -> dict:
+    from mbt_fast.layers import LayerPlan, packed_block
+
+    layout, seg = ba.layout_segments(tokens, nb)
+    N = layout.total_rows
+    row = {"op": "fusion_layer", "provider": provider, "mode": mode, "tokens": "+".join(map(str, tokens)),
+           "n_bottleneck": nb, "batch": batch, "hidden": C, "heads": heads, "mlp_dim": mlp, "rows": N, "note": ""}
+    try:
+        blocks = make_blocks(len(tokens), C, heads, mlp, device, dtype)
+        params = [p for b in blocks for p in b.parameters()]
+        gen = torch.Generator().manual_seed(1)
+        xs = [torch.randn(batch, t, C, generator=gen).to(device=device, dtype=dtype) for t in tokens]
+        bottleneck = torch.randn(batch, nb, C, generator=gen).to(device=device, dtype=dtype)
+        with contextlib.ExitStack() as stack:
+            if provider == "reference":
+                inputs = xs + [bottleneck]
+                fwd = lambda *a: reference_layer(blocks, a[:-1], a[-1])  # noqa: E731
+                row["note"] = "Scenic path: concat/block/split per modality, stack + mean"
+            else:
+                parts = []
+                for x in xs:
+                    parts += [x.transpose(0, 1), bottleneck.transpose(0, 1)]
+                inputs = [torch.cat(parts).contiguous()]
+                backend = provider if provider in ("triton", "cuda") else "torch"
+                if provider in ("triton", "cuda"):
+                    from mbt_fast.backends import unavailable_reasons
+                    reasons = unavailable_reasons(provider, device)
+                    if reasons:
+                        raise ba.Unavailable("; ".join(reasons))
+                    row["note"] = f"packed_block, {provider} backend"
+                elif provider != "torch":
+                    row["note"] = "packed_block (torch) + " + stack.enter_context(
+                        swapped_attention(provider, seg, N, device, dtype, mode, args))
+                else:
+                    row["note"] = "packed_block, torch backend (SDPA per segment)"
+                plan, rw = LayerPlan(seg, "mean"), layout.row_weight(device)
+                fwd = lambda x: packed_block(blocks, x, layout, plan, rw, backend)  # noqa: E731
+            t, mem, how = _measure(fwd, inputs, params, mode, device, args)
+    except ba.Unavailable as e:
+        return {**row, **common.unavailable_row(f"unavailable: {e}")}
+    except Exception as e:  # noqa: BLE001
+        return {**row, **common.unavailable_row(f"error: {common.short_error(e)}")}
+    gemm, attn = layer_flops(layout, seg, batch, C, heads, mlp)
+    flops = {"fwd": gemm + attn, "bwd": 2 * gemm + 2.5 * attn, "fwd+bwd": 3 * gemm + 3.5 * attn}[mode]
+    b = {"fwd": nbytes[0], "bwd": nbytes[1], "fwd+bwd": sum(nbytes)}[mode]
+    s = t["median_ms"] * 1e-3
+    return {**row, **t, "tflops": flops / s / 1e12, "gbps": b / s / 1e9, "peak_mem_mb": mem, "mem_method": how,
+            "status": "ok"}
+
+
+def _flat(out):
+    return list(out[0]) + [out[1]] if isinstance(out, tuple) else [out]
+
+
+def _measure(fwd, inputs, params, mode, device, args):
+    if mode == "fwd":
+        with torch.no_grad():
+            run = lambda: fwd(*inputs)  # noqa: E731
+            run()
+            return common.time_fn(run, device, args.warmup, args.reps), *common.peak_memory(run, device)
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    wrt = leaves + params
+    outs = _flat(fwd(*leaves))
+    grads = [torch.randn_like(o) for o in outs]
+    if mode == "bwd":
+        run = lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True)  # noqa: E731
+    else:
+        run = lambda: torch.autograd.grad(_flat(fwd(*leaves)), wrt, grads)  # noqa: E731
+    return common.time_fn(run, device, args.warmup, args.reps), *common.peak_memory(run, device)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", choices=sorted(common.DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--tokens", type=ba._tokens, nargs="+", default=None)
+    ap.add_argument("--batch", type=int, nargs="+", default=None)
+    ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--mlp-dim", type=int, default=None)
+    ap.add_argument("--n-bottleneck", type=int, default=5)
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--quick", action="store_true", help="small shapes (the default on a CPU)")
+    ap.add_argument("--interpreter", action="store_true", help="CPU: triton under TRITON_INTERPRET=1 (labelled)")
+    ap.add_argument("--flex-compile", action="store_true")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-plot", action="store_true")
+
+
+def run(args) -> list[dict]:
+    common.set_interpreter(args.interpreter)
+    device = common.pick_device(args.device)
+    quick = args.quick or device.type == "cpu"
+    dtype = common.DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    if quick:
+        tokens, batches = args.tokens or [(17, 33), (33, 97)], args.batch or [1, 2]
+        C, heads, mlp = args.hidden or 64, args.heads or 2, args.mlp_dim or 256
+        args.warmup = 1 if args.warmup is None else args.warmup
+        args.reps = args.reps or 5
+    else:
+        tokens, batches = args.tokens or [(401, 3137), (101, 401), (401, 1569)], args.batch or [1, 2, 4, 8]
+        C, heads, mlp = args.hidden or 768, args.heads or 12, args.mlp_dim or 3072
+        args.warmup = 5 if args.warmup is None else args.warmup
+        args.reps = args.reps or 20
+    env = common.env_row(device, dtype)
+    rows = []
+    for tok in tokens:
+        for b in batches:
+            nbytes = design_bytes(tok, args.n_bottleneck, b, C, heads, mlp, dtype)
+            for mode in args.modes:
+                for p in args.providers:
+                    r = bench_case(p, tok, args.n_bottleneck, b, C, heads, mlp, mode, device, dtype, args, nbytes)
+                    e = common.env_row(device, dtype, interpreter=True) if p == "triton" and device.type == "cpu" else env
+                    rows.append({**e, **r})
+                    ba._echo(rows[-1])
+    out = common.out_dir(device, args.out)
+    path = common.write_csv(rows, out / "block.csv", COLUMNS)
+    label = rows[0]["measurement"] if rows else ""
+    common.print_table(rows, ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
+                              "peak_mem_mb", "status"],
+                       title=f"\nfusion layer on {env['device']} ({label}; {env['dtype']}, C={C}, H={heads}, mlp={mlp}, "
+                             f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
+    print(f"wrote {path}")
+    if not args.no_plot:
+        png = common.plot(rows, out / "block.png", x="batch", y="median_ms", series=["provider", "mode"],
+                          panels="tokens", title=f"fusion layer time (ms), {env['device']} ({label}), {env['dtype']}")
+        if png:
+            print(f"wrote {png}")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    run(ap.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

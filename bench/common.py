@@ -1,0 +1,196 @@
+"""Shared helpers of the benchmark scripts: environment rows, timing, peak memory, CSV, table, plot.
+
+Every CSV row carries the device, torch/triton versions, git commit, dtype and a ``measurement`` label
+("GPU measurement", "CPU measurement" or "interpreter"), so a number never travels without its context.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import importlib.metadata
+import os
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+ENV_COLUMNS = ["device", "measurement", "torch", "triton", "commit", "dtype"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "mbt_fast", "kernels", "csrc"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def device_slug(device: torch.device) -> str:
+    """Folder name under bench/results/: the GPU name as a slug, or ``cpu``."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", device_name(device).lower()).strip("_")
+
+
+def env_row(device: torch.device, dtype: torch.dtype, interpreter: bool = False) -> dict:
+    label = "interpreter" if interpreter else ("GPU measurement" if device.type == "cuda" else "CPU measurement")
+    return {"device": device_name(device), "measurement": label, "torch": torch.__version__,
+            "triton": version("triton"), "commit": git_commit(), "dtype": str(dtype).replace("torch.", "")}
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_fn(fn, device: torch.device, warmup: int = 3, reps: int = 10, max_seconds: float = 5.0) -> dict:
+    """Median, p20 and p80 of ``fn()`` in ms: CUDA events on a GPU, ``time.perf_counter`` on a CPU.
+
+    Warmup runs are discarded; at least 3 timed runs, fewer than ``reps`` if ``max_seconds`` runs out.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    start_all = time.perf_counter()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    for i in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize(device)
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        if i >= 2 and time.perf_counter() - start_all > max_seconds:
+            break
+    return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8),
+            "reps": len(times)}
+
+
+def peak_memory(fn, device: torch.device) -> tuple[float | None, str]:
+    """Peak allocated MB during one ``fn()`` and how it was measured (CPU: not measured, said so)."""
+    if device.type != "cuda":
+        return None, "n/a (CPU: torch's allocator is invisible to tracemalloc)"
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "torch.cuda.max_memory_allocated - before"
+
+
+def unavailable_row(status: str) -> dict:
+    return {"median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0, "status": status}
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:limit]}"
+
+
+# ---- output -----------------------------------------------------------------------------------------
+def write_csv(rows: list[dict], path: Path, columns: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _cell(r.get(c)) for c in columns})
+    return path
+
+
+def _cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
+    if title:
+        print(title)
+    cells = [[str(_cell(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(x.ljust(w) for x, w in zip(row, widths)))
+
+
+def plot(rows: list[dict], path: Path, x: str, y: str, series: list[str], title: str, panels: str | None = None) -> Path | None:
+    """One line per ``series`` key tuple, one panel per value of ``panels``; rows without ``y`` skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in rows if r.get(y) is not None]
+    if not ok:
+        return None
+    panel_keys = sorted({r[panels] for r in ok}, key=str) if panels else [None]
+    fig, axes = plt.subplots(1, len(panel_keys), figsize=(5 * len(panel_keys), 4), squeeze=False)
+    for ax, pk in zip(axes[0], panel_keys):
+        sub = [r for r in ok if panels is None or r[panels] == pk]
+        for key in sorted({tuple(r[s] for s in series) for r in sub}, key=str):
+            pts = sorted(((r[x], r[y]) for r in sub if tuple(r[s] for s in series) == key), key=lambda p: p[0])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="/".join(map(str, key)))
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(f"{panels}={pk}" if panels else "")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def out_dir(device: torch.device, override: str | None = None) -> Path:
+    return Path(override) if override else RESULTS / device_slug(device)
+
+
+def set_interpreter(enabled: bool) -> None:
+    """TRITON_INTERPRET must be set before any Triton kernel module is imported (decoration time)."""
+    if enabled:
+        os.environ["TRITON_INTERPRET"] = "1"
