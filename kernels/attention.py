@@ -491,10 +491,11 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64) -> list[di
     """The four kernels at the MBT-B configuration (head dim 64, 12 heads), GPU block sizes.
 
     Each dict feeds ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target, options)``.
-    ``attrs`` marks every pointer and stride 16-divisible, which is what ``@triton.jit`` specialises on
-    a GPU for MBT-B tensors (16-byte aligned storage, strides multiples of D); without it the compiler
-    must assume unaligned rows, cannot vectorise loads and spills. The head count (12) is a runtime
-    argument and does not change the code.
+    ``attrs`` marks every pointer and every stride (``divisible_by_16`` lists the strides) 16-divisible,
+    which is what ``@triton.jit`` specialises on a GPU for MBT-B tensors (16-byte aligned storage,
+    strides multiples of D); without it the compiler must assume unaligned rows, cannot vectorise
+    loads and spills. The head count (12) is a runtime argument and does not change the code.
+    Needs a process without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
     """
     if dtype not in DTYPES:
         raise TypeError(f"dtype: expected one of float16, bfloat16, float32, got {dtype}")
@@ -511,10 +512,12 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64) -> list[di
 
     def spec(fn, direction, sig, cfg, consts):
         names = list(fn.arg_names)
-        attrs = {(names.index(a),): [["tt.divisibility", 16]]
-                 for a, t in sig.items() if t.startswith("*") or a.startswith("stride_")}
+        divisible = [a for a in sig if a.startswith("stride_")]  # pointers are 16-byte aligned as well
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
+                 if t.startswith("*") or a in divisible}
         return {"kernel": fn.__name__, "direction": direction, "fn": fn,
-                "signature": {**sig, **{c: "constexpr" for c in consts}}, "constexprs": consts, "attrs": attrs,
+                "signature": {**sig, **{c: "constexpr" for c in consts}}, "constexprs": consts,
+                "divisible_by_16": divisible, "attrs": attrs,
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
     def blocks(cfg):
