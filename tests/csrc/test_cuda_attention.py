@@ -1,0 +1,167 @@
+"""The CUDA attention kernels (csrc/attention) vs an fp32 reference with the DESIGN.md section 6 rule
+``max|out - ref32| <= 2 * max|eager_lowp - ref32| + floor[dtype]``, forward output and dQ/dK/dV.
+
+Backend ``cuda-emu`` runs the kernel sources on the CPU through csrc/emu (default suite); the same tests
+run on the real extension with a GPU (marked gpu, skipped without one)."""
+import math
+
+import pytest
+import torch
+
+from mbt_fast import cuda_ext, ops, torch_ops
+from mbt_fast.layout import PackedLayout
+
+FLOORS = {torch.float16: (1e-2, 5e-2), torch.bfloat16: (5e-2, 1e-1)}
+RAGGED = (1, 7, 97, 197)  # one self-attention segment per length, all in one launch
+
+
+def _emu_problems():
+    return cuda_ext.build_problems(emulated=True)
+
+
+BACKENDS = [
+    pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_emu_problems()), reason="; ".join(_emu_problems()) or "ok")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def _device(backend):
+    return "cpu" if backend == "cuda-emu" else "cuda"
+
+
+def _check(name, out, ref, eager, dtype, backward):
+    floor = FLOORS[dtype][int(backward)]
+    err = (out.double() - ref.double()).abs().max().item()
+    base = (eager.double() - ref.double()).abs().max().item()
+    assert err <= 2 * base + floor, f"{name}: max|cuda - ref32| = {err:.3e} > 2 * {base:.3e} (max|eager - ref32|) + {floor:g}"
+
+
+def _run(fn, tensors, dout):
+    """Output and input gradients of fn(*tensors), all as fp32 CPU tensors."""
+    leaves = [t.detach().clone().requires_grad_(dout is not None) for t in tensors]
+    out = fn(*leaves)
+    if dout is None:
+        return [out.detach().float().cpu()]
+    out.backward(dout.to(out.dtype))
+    return [out.detach().float().cpu()] + [t.grad.float().cpu() for t in leaves]
+
+
+def _compare(backend, q, k, v, segs, dtype, backward=True, dout=None):
+    """q, k, v fp32 CPU masters; runs reference (fp32), eager (dtype) and the kernel (dtype)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    seg_t = torch.as_tensor(segs, dtype=torch.int32)
+    if backward and dout is None:
+        dout = torch.randn(q.shape)
+    ref = _run(lambda a, b, c: torch_ops.mbt_attention(a, b, c, seg_t, scale), (q, k, v), dout if backward else None)
+    low = [t.to(dtype) for t in (q, k, v)]
+    eager = _run(lambda a, b, c: torch_ops.mbt_attention(a, b, c, seg_t, scale), low, dout if backward else None)
+    dev = _device(backend)
+    got = _run(lambda a, b, c: ops.mbt_attention(a, b, c, seg_t, backend=backend),
+               [t.to(dev) for t in low], dout.to(dev) if backward else None)
+    for name, g, r, e, bwd in zip(("out", "dq", "dk", "dv"), got, ref, eager, (False, True, True, True)):
+        _check(name, g, r, e, dtype, bwd)
+    return got
+
+
+def _ragged_segments(lengths):
+    segs, start = [], 0
+    for n in lengths:
+        segs.append((start, start + n, start, start + n))
+        start += n
+    return segs, start
+
+
+@pytest.mark.parametrize("head_dim,dtype,batch", [
+    (32, torch.float16, 3), (32, torch.bfloat16, 1),
+    (64, torch.float16, 1), (64, torch.bfloat16, 3),
+    (128, torch.float16, 1), (128, torch.bfloat16, 1),
+])
+def test_ragged_lengths_fwd_bwd(backend, head_dim, dtype, batch):
+    torch.manual_seed(head_dim + batch)
+    segs, n = _ragged_segments(RAGGED)
+    q, k, v = (torch.randn(n, batch, 3 - batch // 2 if batch < 3 else 1, head_dim) for _ in range(3))
+    _compare(backend, q, k, v, segs, dtype)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_layout_segments(backend, fused):
+    torch.manual_seed(1)
+    layout = PackedLayout(("spectrogram", "rgb"), (17, 40), 4)
+    segs = layout.attn_segments(fused)
+    n = layout.total_rows
+    q, k, v = (torch.randn(n, 2, 3, 64) for _ in range(3))
+    out, dq, dk, dv = _compare(backend, q, k, v, segs, torch.float16)
+    if not fused:  # bottleneck rows are in no segment: zero output, zero gradients
+        for m in range(layout.num_modalities):
+            rows = layout.bottleneck_rows(m)
+            for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+                assert t[rows].abs().max() == 0, f"{name}: rows {rows} in no segment must be 0"
+
+
+def test_cross_lengths_and_shared_keys(backend):
+    # queries and keys of different lengths; the last two segments share keys (dK/dV accumulate in waves)
+    torch.manual_seed(2)
+    q = torch.randn(150, 2, 2, 64)
+    k, v = torch.randn(120, 2, 2, 64), torch.randn(120, 2, 2, 64)
+    segs = [(0, 7, 0, 97), (7, 90, 50, 120), (100, 150, 60, 61)]
+    _compare(backend, q, k, v, segs, torch.bfloat16)
+
+
+def test_non_contiguous_inputs(backend):
+    torch.manual_seed(3)
+    dev = _device(backend)
+    qkv = torch.randn(70, 2, 3, 2, 32)  # [N, B, 3, H, D]: q, k, v are strided views
+    segs = [(0, 30, 0, 30), (30, 70, 30, 70)]
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    _compare(backend, q, k, v, segs, torch.float16)
+    # head-dim stride != 1 and odd token stride: the op copies, the answer is unchanged
+    qt = torch.randn(2, 32, 70, 2).permute(2, 3, 0, 1)  # [70, 2, 2, 32] with stride(-1) != 1
+    seg_t = torch.tensor(segs, dtype=torch.int32)
+    a = ops.mbt_attention(qt.half().to(dev), qt.half().to(dev), qt.half().to(dev), seg_t, backend=backend)
+    b = ops.mbt_attention(qt.contiguous().half().to(dev), qt.contiguous().half().to(dev), qt.contiguous().half().to(dev),
+                          seg_t, backend=backend)
+    assert torch.equal(a, b)
+
+
+def test_no_grad_and_determinism(backend):
+    torch.manual_seed(4)
+    dev = _device(backend)
+    q, k, v = (torch.randn(40, 1, 2, 64, dtype=torch.float16, device=dev) for _ in range(3))
+    segs = torch.tensor([(0, 40, 0, 40)], dtype=torch.int32)
+    with torch.no_grad():
+        a = ops.mbt_attention(q, k, v, segs, backend=backend)
+    assert not a.requires_grad
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ops.mbt_attention(*leaves, segs, backend=backend).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for g0, g1 in zip(*grads):
+        assert torch.equal(g0, g1), "repeated backward runs must be bitwise identical"
+
+
+def test_rejects_fp32_and_bad_head_dim(backend):
+    dev = _device(backend)
+    segs = torch.tensor([(0, 4, 0, 4)], dtype=torch.int32)
+    x = torch.randn(4, 1, 1, 64, device=dev)
+    with pytest.raises(TypeError, match="float16 or bfloat16, got torch.float32"):
+        ops.mbt_attention(x, x, x, segs, backend=backend)
+    y = torch.randn(4, 1, 1, 80, device=dev, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dims .* got 80"):
+        ops.mbt_attention(y, y, y, segs, backend=backend)
+
+
+@pytest.mark.slow
+def test_mbt_b_token_counts(backend):
+    # the real packed fusion layer: spectrogram 401 + 4 bottlenecks, rgb 3137 + 4 (H=1, B=1 to keep the emulation bearable)
+    torch.manual_seed(5)
+    layout = PackedLayout(("spectrogram", "rgb"), (401, 3137), 4)
+    n = layout.total_rows
+    q, k, v = (torch.randn(n, 1, 1, 64) for _ in range(3))
+    _compare(backend, q, k, v, layout.attn_segments(True), torch.float16)
