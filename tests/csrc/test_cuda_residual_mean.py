@@ -1,0 +1,76 @@
+"""The CUDA residual + bottleneck mean kernels (csrc/residual_mean) vs mbt_fast.torch_ops.residual_mean
+(fp32 reference, eager in the low precision), forward and backward, every bottleneck mode."""
+import pytest
+import torch
+
+from mbt_fast import cuda_ext, ops, torch_ops
+from mbt_fast.layout import PackedLayout
+
+FLOORS = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 5e-2), torch.bfloat16: (5e-2, 1e-1)}
+_EMU = cuda_ext.build_problems(emulated=True)
+BACKENDS = [
+    pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def _check(name, out, ref, eager, dtype, backward):
+    floor = FLOORS[dtype][int(backward)]
+    err = (out.double() - ref.double()).abs().max().item()
+    base = (eager.double() - ref.double()).abs().max().item()
+    assert err <= 2 * base + floor, f"{name}: max|cuda - ref32| = {err:.3e} > 2 * {base:.3e} (max|eager - ref32|) + {floor:g}"
+
+
+def _run(fn, x, y, keep, g, device):
+    x, y = (t.to(device).detach().requires_grad_() for t in (x, y))
+    out = fn(x, y, None if keep is None else keep.to(device))
+    out.backward(g.to(device=device, dtype=out.dtype))
+    return [t.detach().float().cpu() for t in (out, x.grad, y.grad)]
+
+
+@pytest.mark.parametrize("mode", ["add", "keep", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_keep", [True, False])
+def test_residual_mean_modes(backend, mode, dtype, with_keep):
+    torch.manual_seed(0)
+    layout = PackedLayout(("spectrogram", "rgb", "text"), (5, 9, 3), 2)
+    n, batch, c = layout.total_rows, 3, 40
+    x, y, g = (torch.randn(n, batch, c) for _ in range(3))
+    keep = (torch.rand(batch, layout.num_modalities) > 0.4).float() if with_keep else None
+    dev = "cpu" if backend == "cuda-emu" else "cuda"
+
+    def torch_fn(a, b, k):
+        return torch_ops.residual_mean(a, b, k, layout, mode)
+
+    ref = _run(torch_fn, x, y, keep, g, "cpu")
+    eager = _run(torch_fn, x.to(dtype), y.to(dtype), keep, g, "cpu")
+    got = _run(lambda a, b, k: ops.residual_mean(a.to(dtype), b.to(dtype), k, layout, mode, backend=backend),
+               x, y, keep, g, dev)
+    for name, o, r, e, bwd in zip(("out", "dx", "dy"), got, ref, eager, (False, True, True)):
+        _check(name, o, r, e, dtype, bwd)
+    if mode == "mean":  # every modality's slot holds the same mean
+        slots = [got[0][layout.bottleneck_rows(m)] for m in range(layout.num_modalities)]
+        assert all(torch.equal(slots[0], s) for s in slots[1:])
+
+
+def test_residual_mean_no_bottleneck_and_single_modality(backend):
+    dev = "cpu" if backend == "cuda-emu" else "cuda"
+    for layout in (PackedLayout(("rgb",), (6,), 3), PackedLayout(("a", "b"), (4, 5), 0)):
+        x, y = torch.randn(layout.total_rows, 2, 8), torch.randn(layout.total_rows, 2, 8)
+        ref = torch_ops.residual_mean(x, y, None, layout, "mean")
+        got = ops.residual_mean(x.to(dev), y.to(dev), None, layout, "mean", backend=backend).cpu()
+        torch.testing.assert_close(got, ref)
+
+
+def test_layernorm_and_gelu_not_in_cuda(backend):
+    x = torch.randn(3, 1, 4)
+    rw = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match=f"segment_layernorm has no CUDA kernel.*{backend}"):
+        cuda_ext.segment_layernorm(x, torch.ones(1, 4), torch.zeros(1, 4), rw, 1e-6, emulated=backend == "cuda-emu")
+    with pytest.raises(NotImplementedError, match=f"bias_gelu has no CUDA kernel.*{backend}"):
+        cuda_ext.bias_gelu(x, torch.zeros(1, 4), rw, emulated=backend == "cuda-emu")
