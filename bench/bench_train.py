@@ -1,0 +1,172 @@
+"""One MBT training step per backend: forward, per-modality cross-entropy, backward, SGD(momentum) step.
+
+Backends ``reference``, ``torch``, ``triton``, ``cuda``, each eager and under ``torch.compile`` (compile
+failures are caught and reported). On a GPU the step runs under bf16 autocast; on a CPU in fp32, with
+the ``tiny`` preset and a mid-size config (``torch.compile`` on a CPU only with ``--compile``: its C++
+build takes minutes). Reports step time (median, p20, p80), samples/s, peak memory and the speedup of
+each row over the eager ``reference`` and eager ``torch`` steps.
+
+    python bench/bench_train.py                            # GPU: mbt_base_16x2, batch 8; CPU: tiny + mid
+    python bench/bench_train.py --preset tiny --batch 4    # any preset
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from bench import common
+
+BACKENDS = ("reference", "torch", "triton", "cuda")
+COLUMNS = ["op", "preset", "backend", "compile", "batch", "amp", "median_ms", "p20_ms", "p80_ms", "reps",
+           "samples_per_s", "peak_mem_mb", "mem_method", "speedup_vs_reference", "speedup_vs_torch", "status",
+           *common.ENV_COLUMNS]
+
+
+def config(name: str):
+    """A preset, or ``mid``: a CPU-sized model with head dim 64 (65 + 65 tokens, 4 layers, C=192)."""
+    from mbt_fast.config import MBTConfig
+
+    if name == "mid":
+        return MBTConfig(hidden_size=192, num_heads=3, mlp_dim=768, num_layers=4, fusion_layer=2, n_bottlenecks=4,
+                         num_classes=32, input_shapes={"rgb": (-1, 8, 64, 64, 3), "spectrogram": (-1, 256, 64, 3)})
+    return MBTConfig.preset(name)
+
+
+def make_batch(cfg, batch: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {}
+    if "rgb" in cfg.modality_fusion:
+        inputs["rgb"] = (torch.rand(batch, 3, *cfg.rgb_shape, generator=g) * 2 - 1).to(device)
+    if "spectrogram" in cfg.modality_fusion:
+        inputs["spectrogram"] = torch.randn(batch, *cfg.spectrogram_shape, generator=g).to(device)
+    labels = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
+    return inputs, labels
+
+
+def make_step(cfg, backend: str, batch: int, device, amp: bool, compile_: bool):
+    from mbt_fast.model import MBT
+
+    torch.manual_seed(0)
+    model = MBT(cfg, backend=backend).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    inputs, labels = make_batch(cfg, batch, device)
+
+    def loss_fn(inputs, labels):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model.forward_per_modality(**inputs)
+            return sum(F.cross_entropy(v.float(), labels) for v in logits.values()) / len(logits)
+
+    fn = torch.compile(loss_fn) if compile_ else loss_fn
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = fn(inputs, labels)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def bench_one(preset, cfg, backend, compile_, batch, device, args) -> dict:
+    amp = device.type == "cuda"
+    row = {"op": "train_step", "preset": preset, "backend": backend, "compile": compile_, "batch": batch,
+           "amp": "bf16 autocast" if amp else "none (fp32)"}
+    from mbt_fast.backends import unavailable_reasons
+
+    reasons = unavailable_reasons(backend, device)
+    if reasons:
+        return {**row, **common.unavailable_row("unavailable: " + "; ".join(reasons))}
+    if compile_ and device.type == "cpu" and not args.compile:
+        return {**row, **common.unavailable_row("skipped: torch.compile on a CPU builds C++ for minutes (pass --compile)")}
+    try:
+        step = make_step(cfg, backend, batch, device, amp, compile_)
+        step()  # first call: compilation, lazy init
+        t = common.time_fn(step, device, args.warmup, args.reps, max_seconds=args.max_seconds)
+        mem, how = common.peak_memory(step, device)
+    except Exception as e:  # noqa: BLE001  (report, e.g., a torch.compile failure, and go on)
+        return {**row, **common.unavailable_row(f"error: {common.short_error(e, 240)}")}
+    return {**row, **t, "samples_per_s": batch / (t["median_ms"] * 1e-3), "peak_mem_mb": mem, "mem_method": how,
+            "status": "ok"}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speedup of each row over the eager reference and eager torch steps of the same preset and batch."""
+    for r in rows:
+        for base in ("reference", "torch"):
+            b = next((x for x in rows if x["preset"] == r["preset"] and x["batch"] == r["batch"]
+                      and x["backend"] == base and not x["compile"] and x.get("median_ms")), None)
+            if b and r.get("median_ms"):
+                r[f"speedup_vs_{base}"] = b["median_ms"] / r["median_ms"]
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--preset", nargs="+", default=None, help="presets (or 'mid'); GPU default mbt_base_16x2, CPU tiny mid")
+    ap.add_argument("--batch", type=int, default=None, help="GPU default 8, CPU default 4")
+    ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--compile", action="store_true", help="CPU: also run the torch.compile rows")
+    ap.add_argument("--interpreter", action="store_true", help="CPU: triton under TRITON_INTERPRET=1 (labelled)")
+    ap.add_argument("--quick", action="store_true", help="CPU-sized defaults (the default on a CPU)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--max-seconds", type=float, default=20.0, help="stop timing a row after this long (>= 3 reps)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-plot", action="store_true")
+
+
+def run(args) -> list[dict]:
+    common.set_interpreter(args.interpreter)
+    device = common.pick_device(args.device)
+    cpu = device.type == "cpu" or args.quick
+    presets = args.preset or (["tiny", "mid"] if cpu else ["mbt_base_16x2"])
+    batch = args.batch or (4 if cpu else 8)
+    args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
+    args.reps = args.reps or (10 if cpu else 20)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for preset in presets:
+        cfg = config(preset)
+        for backend in args.backends:
+            for compile_ in ((False,) if args.no_compile else (False, True)):
+                r = bench_one(preset, cfg, backend, compile_, batch, device, args)
+                interp = backend == "triton" and device.type == "cpu"
+                rows.append({**common.env_row(device, dtype, interpreter=interp), **r})
+                t = f"{r['median_ms']:.2f} ms" if r.get("median_ms") else r["status"]
+                print(f"  {preset:14s} {backend:10s} compile={str(compile_):5s} B={batch}: {t}", flush=True)
+    add_speedups(rows)
+    out = common.out_dir(device, args.out)
+    path = common.write_csv(rows, out / "train.csv", COLUMNS)
+    env = rows[0] if rows else common.env_row(device, dtype)
+    common.print_table(rows, ["preset", "backend", "compile", "batch", "median_ms", "p20_ms", "p80_ms", "samples_per_s",
+                              "peak_mem_mb", "speedup_vs_reference", "speedup_vs_torch", "status"],
+                       title=f"\ntraining step on {env['device']} ({env['measurement']}; {env['dtype']}, "
+                             f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
+    print(f"wrote {path}")
+    if not args.no_plot:
+        for r in rows:
+            r["label"] = f"{r['backend']}{'+compile' if r['compile'] else ''}"
+        png = common.plot(rows, out / "train.png", x="batch", y="samples_per_s", series=["label"], panels="preset",
+                          title=f"training step samples/s, {env['device']} ({env['measurement']})")
+        if png:
+            print(f"wrote {png}")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    run(ap.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

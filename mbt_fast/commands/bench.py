@@ -1,0 +1,69 @@
+"""``mbt-fast bench {attention,block,train,model}``: the benchmark scripts of ``bench/`` and the
+performance model (``mbt_fast.perf_model``, a model estimate that runs anywhere in seconds)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+_SCRIPTS = {
+    "attention": ("bench_attention", "multimodal bottleneck attention: every provider, fwd/bwd/fwd+bwd"),
+    "block": ("bench_block", "one fusion layer: reference path vs packed_block per backend"),
+    "train": ("bench_train", "one training step per backend, eager and torch.compile"),
+}
+
+
+def _bench_module(name: str):
+    """``bench/<name>.py`` of the source checkout (the scripts are not part of the installed package)."""
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / "bench" / f"{name}.py").is_file():
+        raise SystemExit(f"mbt-fast bench: bench/{name}.py not found next to the package ({repo}); "
+                         "the benchmarks run from a source checkout")
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    return importlib.import_module(f"bench.{name}")
+
+
+class _LazyScript:
+    """Runs a bench script's ``run(args)`` (its arguments were added by ``add_arguments``)."""
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def __call__(self, args) -> int:
+        _bench_module(self.module).run(args)
+        return 0
+
+
+def _run_model(args) -> int:
+    from mbt_fast import perf_model
+
+    return perf_model.run(args)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (measurements) and the performance model (model estimate)")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    for cmd, (module, help_) in _SCRIPTS.items():
+        sp = bsub.add_parser(cmd, help=help_, description=help_)
+        try:
+            _bench_module(module).add_arguments(sp)
+        except SystemExit as e:  # no source checkout: the sub-command says so when run
+            msg = str(e)
+            sp.set_defaults(func=lambda args, msg=msg: (print(msg, file=sys.stderr), 2)[1])
+            continue
+        sp.set_defaults(func=_LazyScript(module))
+    mp = bsub.add_parser("model", help="FLOPs, HBM bytes, launches and roofline ms per backend (model estimate)",
+                         description="Performance model of one training step per backend (model estimate).")
+    from mbt_fast import perf_model
+
+    perf_model.add_arguments(mp)
+    mp.set_defaults(func=_run_model)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mbt-fast")
+    register(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(argv)
+    return int(args.func(args) or 0)

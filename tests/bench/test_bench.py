@@ -1,0 +1,245 @@
+"""Benchmarks (smoke runs at tiny sizes on the CPU, CSV columns) and the performance model (hand-computed
+counts, the ``mbt-fast bench model --json`` structure)."""
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench import bench_attention, bench_block, bench_train, common  # noqa: E402
+from mbt_fast import perf_model  # noqa: E402
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def _by(rows, **kw):
+    return [r for r in rows if all(r[k] == v for k, v in kw.items())]
+
+
+# ---- benchmark scripts ----------------------------------------------------------------------------------
+def test_bench_attention_smoke(tmp_path):
+    bench_attention.main(["--device", "cpu", "--tokens", "5,9", "--batch", "2", "--n-bottleneck", "2",
+                          "--providers", "eager", "sdpa", "flex", "flash_attn", "triton", "cuda",
+                          "--modes", "fwd", "fwd+bwd", "--warmup", "0", "--reps", "3", "--out", str(tmp_path)])
+    cols, rows = _read(tmp_path / "attention.csv")
+    assert cols == bench_attention.COLUMNS
+    assert len(rows) == 12
+    for p in ("eager", "sdpa"):
+        for r in _by(rows, provider=p):
+            assert r["status"] == "ok", r
+            assert r["measurement"] == "CPU measurement" and r["device"] == "cpu" and r["dtype"] == "float32"
+            assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+            assert float(r["tflops"]) > 0 and float(r["gbps"]) > 0
+            assert r["peak_mem_mb"] == "" and r["mem_method"].startswith("n/a")
+            assert r["torch"] == torch.__version__ and r["commit"]
+    assert _by(rows, provider="flash_attn")[0]["status"].startswith("unavailable:")
+    assert _by(rows, provider="cuda")[0]["status"].startswith("unavailable:")
+    assert _by(rows, provider="flex", mode="fwd+bwd")[0]["status"].startswith("unavailable:")
+    triton = _by(rows, provider="triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":  # tests/conftest.py sets it: the interpreter runs, labelled
+        assert all(r["status"] == "ok" and r["measurement"] == "interpreter" for r in triton), triton
+    else:
+        assert all(r["status"].startswith("unavailable:") for r in triton), triton
+    assert (tmp_path / "attention.png").is_file()
+
+
+def test_bench_attention_providers_agree():
+    """The providers compute the same attention (a benchmark of a wrong kernel is worthless)."""
+    layout, seg = bench_attention.layout_segments((5, 9), 2)
+    n = layout.total_rows
+    q, k, v = (torch.randn(n, 2, 2, 32, dtype=torch.float64) for _ in range(3))
+    ref = bench_attention.make_eager(seg, n, torch.device("cpu"), torch.float64, "fwd")[0](q, k, v)
+    for p in ("sdpa", "flex"):
+        try:
+            fn = bench_attention.MAKERS[p](seg, n, torch.device("cpu"), torch.float64, "fwd")[0]
+            out = fn(q, k, v)
+        except bench_attention.Unavailable as e:
+            pytest.skip(f"{p}: {e}")
+        err = (out - ref).abs().max().item()
+        assert err < 1e-6, f"{p}: max|out - eager| = {err:.3e}"
+
+
+def test_bench_block_smoke(tmp_path):
+    bench_block.main(["--device", "cpu", "--tokens", "5,9", "--batch", "1", "--hidden", "32", "--heads", "1",
+                      "--mlp-dim", "64", "--n-bottleneck", "2", "--providers", "reference", "torch", "cuda",
+                      "--modes", "fwd", "fwd+bwd", "--warmup", "0", "--reps", "3", "--no-plot", "--out", str(tmp_path)])
+    cols, rows = _read(tmp_path / "block.csv")
+    assert cols == bench_block.COLUMNS
+    assert len(rows) == 6
+    for r in rows:
+        if r["provider"] == "cuda":
+            assert r["status"].startswith("unavailable:")
+        else:
+            assert r["status"] == "ok", r
+            assert float(r["tflops"]) > 0 and float(r["gbps"]) > 0 and r["measurement"] == "CPU measurement"
+
+
+def test_block_reference_equals_packed():
+    """The two paths the block benchmark times are the same fusion layer."""
+    from mbt_fast.layers import LayerPlan, packed_block
+
+    layout, seg = bench_attention.layout_segments((5, 9), 2)
+    blocks = bench_block.make_blocks(2, 32, 2, 64, "cpu", torch.float64)
+    xs = [torch.randn(2, t, 32, dtype=torch.float64) for t in (5, 9)]
+    bot = torch.randn(2, 2, 32, dtype=torch.float64)
+    outs, new_bot = bench_block.reference_layer(blocks, xs, bot)
+    x = torch.cat([xs[0].transpose(0, 1), bot.transpose(0, 1), xs[1].transpose(0, 1), bot.transpose(0, 1)])
+    y = packed_block(blocks, x, layout, LayerPlan(seg, "mean"), layout.row_weight(), "torch")
+    for m in range(2):
+        assert torch.allclose(y[layout.modality_rows(m)].transpose(0, 1), outs[m], atol=1e-10)
+        assert torch.allclose(y[layout.bottleneck_rows(m)].transpose(0, 1), new_bot, atol=1e-10)
+
+
+def test_bench_train_smoke(tmp_path):
+    bench_train.main(["--device", "cpu", "--preset", "tiny", "--batch", "2", "--backends", "reference", "torch", "cuda",
+                      "--warmup", "0", "--reps", "3", "--no-plot", "--out", str(tmp_path)])
+    cols, rows = _read(tmp_path / "train.csv")
+    assert cols == bench_train.COLUMNS
+    assert len(rows) == 6  # 3 backends x (eager, compile)
+    eager = {r["backend"]: r for r in rows if r["compile"] == "False"}
+    assert eager["reference"]["status"] == "ok" and eager["torch"]["status"] == "ok"
+    assert float(eager["reference"]["speedup_vs_reference"]) == 1.0
+    ratio = float(eager["reference"]["median_ms"]) / float(eager["torch"]["median_ms"])
+    assert math.isclose(float(eager["torch"]["speedup_vs_reference"]), ratio, rel_tol=1e-4)
+    assert eager["cuda"]["status"].startswith("unavailable:")
+    assert all(r["status"].startswith("skipped:") for r in rows if r["compile"] == "True" and r["backend"] != "cuda")
+
+
+def test_quantiles():
+    t = common.time_fn(lambda: None, torch.device("cpu"), warmup=0, reps=5)
+    assert t["reps"] == 5 and t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+    assert common._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+
+
+# ---- performance model: hand-computed counts ------------------------------------------------------------
+def test_attention_cost_by_hand():
+    # two segments of a packed layout: (0, 406) and (406, 3548), B=8, H=12, D=64, bf16
+    seg = [(0, 406, 0, 406), (406, 3548, 406, 3548)]
+    B, H, D = 8, 12, 64
+    fl = 4 * B * H * D * (406 ** 2 + 3142 ** 2)
+    assert perf_model.attention_flops(seg, B, H, D) == fl
+    fwd = perf_model.attention_cost(seg, B, H, D, 2, "fwd")
+    qkvo = 4 * 3548 * B * H * D * 2  # q, k, v read once, out written once
+    lse = 4 * B * H * 3548
+    assert (fwd.tc_flops, fwd.bytes, fwd.launches) == (fl, qkvo + lse, 1)
+    bwd = perf_model.attention_cost(seg, B, H, D, 2, "bwd")
+    t = 3548 * B * H * D * 2  # one [N, B, H, D] bf16 tensor
+    # preprocess: o, dO, delta; dK/dV: q, dO, k, v, lse, delta -> dk, dv; dQ: q, dO, k, v, lse, delta -> dq
+    assert bwd.bytes == (2 * t + lse) + (6 * t + 2 * lse) + (5 * t + 2 * lse)
+    assert bwd.tc_flops == 2.5 * fl and bwd.launches == 3
+    # H100: compute-bound; time = flops / 989e12 + 4 us
+    s, dom = fwd.time_s("h100")
+    assert dom == "compute" and s == pytest.approx(fl / 989e12 + 4e-6)
+
+
+def test_layernorm_counts_by_hand():
+    # aten: F.layer_norm of bf16 [N*B, C] with affine weights on meta -> one native_layer_norm
+    rows, C = 3548 * 8, 768
+    counter = perf_model.Counter()
+    x = torch.empty(rows, C, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(C, dtype=torch.bfloat16, device="meta")
+    with perf_model.AtenCounter(counter):
+        F.layer_norm(x, (C,), w, w, 1e-6)
+    assert len(counter.ops) == 1, [o.name for o in counter.ops]
+    op = counter.ops[0]
+    # read x + weight + bias (bf16), write y (bf16) + mean and rstd (fp32)
+    assert op.name == "native_layer_norm" and op.launches == 1
+    assert op.bytes == 2 * rows * C + 2 * 2 * C + 2 * rows * C + 2 * 4 * rows
+    t, dom = op.time_s("h100")
+    assert dom == "memory" and t == pytest.approx(op.bytes / 3.35e12 + 4e-6)
+    # fused segment LayerNorm forward: x + out once, M=2 weight/bias sets, int32 row table, fp32 stats
+    fused = perf_model.layernorm_cost(rows, C, 2, 2, 2, "fwd")
+    assert fused.bytes == 2 * rows * C * 2 + 2 * 2 * C * 2 + 4 * rows + 2 * 4 * rows and fused.launches == 1
+
+
+def test_gemm_and_free_ops_by_hand():
+    counter = perf_model.Counter()
+    a = torch.empty(64, 32, device="meta")
+    b = torch.empty(32, 16, device="meta")
+    with perf_model.AtenCounter(counter):
+        c = a @ b
+        c.t().reshape(-1)[:10]  # transpose is a view; reshape of a transposed tensor copies once
+        torch.empty(5, device="meta")
+    names = [o.name for o in counter.ops]
+    assert names == ["mm", "clone"], names
+    mm = counter.ops[0]
+    assert mm.tc_flops == 2 * 64 * 32 * 16 and mm.bytes == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+
+
+def test_torch_backend_sdpa_is_flash():
+    """On the torch backend the per-segment SDPA is costed as flash (no N x N) and counted per segment."""
+    from mbt_fast import ops
+
+    seg = [(0, 7, 0, 7), (7, 20, 7, 20)]
+    q = torch.empty(20, 2, 3, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    counter = perf_model.Counter()
+    with perf_model.counting(counter, "torch"):
+        ops.mbt_attention(q, q, q, seg, backend="torch").sum().backward()
+    att = [o for o in counter.ops if o.cls == "attention"]
+    assert [o.name for o in att] == ["sdpa_flash:mbt_attention_fwd"] * 2 + ["sdpa_flash:mbt_attention_bwd"] * 2
+    assert sum(o.tc_flops for o in att) == 3.5 * perf_model.attention_flops(seg, 2, 3, 32)
+    assert not any(o.cls == "softmax" for o in counter.ops)
+
+
+# ---- mbt-fast bench model --json ------------------------------------------------------------------------
+def _cli_json(argv):
+    from mbt_fast.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    return json.loads(buf.getvalue())  # exactly one JSON object, nothing else on stdout
+
+
+REQUIRED = ("triton_over_reference", "triton_over_torch", "torch_over_reference", "cuda_over_reference", "cuda_over_torch")
+
+
+def test_bench_model_json_structure():
+    d = _cli_json(["bench", "model", "--preset", "tiny", "--batch", "2", "--json"])
+    assert d["preset"] == "tiny" and d["batch"] == 2 and d["label"] == "model estimate"
+    assert set(d["backends"]) == {"reference", "torch", "triton", "cuda"}
+    for r in d["backends"].values():
+        assert r["flops"] > 0 and r["hbm_bytes"] > 0 and r["launches"] > 0
+        assert set(r["est_ms"]) == {"a100", "h100"} and all(v > 0 for v in r["est_ms"].values())
+    for k in REQUIRED:
+        assert set(d["speedup"][k]) == {"a100", "h100"}
+    s = d["speedup"]["triton_over_torch"]["h100"]
+    assert s == pytest.approx(d["backends"]["torch"]["est_ms"]["h100"] / d["backends"]["triton"]["est_ms"]["h100"])
+
+
+def test_bench_model_mbt_base():
+    """MBT-B at batch 8 on the meta device: fast, and the counts match the analytic totals."""
+    d = _cli_json(["bench", "model", "--preset", "mbt_base_16x2", "--batch", "8", "--json"])
+    b = d["backends"]
+    # analytic: GEMMs 24*C^2 FLOPs per row per layer x3 (fwd+bwd), attention 4*B*H*n^2*D x3.5 (flash) per layer
+    rows = 406 + 3142
+    gemm = 3 * 24 * 768 ** 2 * rows * 8 * 12
+    attn = 3.5 * 12 * 4 * 8 * 12 * 64 * (406 ** 2 + 3142 ** 2)
+    assert b["triton"]["flops"] == pytest.approx(gemm + attn, rel=0.03)
+    # the reference materialises N x N scores; the fused backend moves the fewest bytes in the fewest launches
+    assert b["reference"]["hbm_bytes"] > b["torch"]["hbm_bytes"] > b["triton"]["hbm_bytes"]
+    assert b["torch"]["launches"] > b["triton"]["launches"]
+    assert d["speedup"]["triton_over_torch"]["h100"] > 1 and d["speedup"]["triton_over_reference"]["h100"] > 1
+
+
+def test_bench_model_text_is_labelled(capsys):
+    from mbt_fast.cli import main
+
+    assert main(["bench", "model", "--preset", "tiny", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "model estimate" in out.splitlines()[0]
+    assert "triton_over_torch" in out and "fraction" in out
