@@ -80,6 +80,11 @@ def run(args) -> int:
     except (ValueError, TypeError, RuntimeError) as e:
         print(f"mbt-fast train: {e}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if rank == 0:
         if res["interrupted"]:
             print(f"interrupted at step {res['step']}; checkpoint {res['checkpoint']} (continue with --resume)")

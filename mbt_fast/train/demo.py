@@ -38,7 +38,7 @@ def variant_config(name: str, base=None):
 
 def run_demo(out_dir="runs/demo", steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
              val_size: int = 512, threads: int | None = 1, variants=VARIANTS, backend: str = "torch",
-             progress: bool = True, plot: bool = True) -> dict:
+             progress: bool = True, plot: bool = True, noise: float = 1.0) -> dict:
     """Train every variant for ``steps`` steps on the same data; write ``summary.json`` and ``demo.png``."""
     from mbt_fast.data.synthetic import SyntheticAVDataset
     from mbt_fast.train.trainer import TrainConfig, train
@@ -60,9 +60,9 @@ def run_demo(out_dir="runs/demo", steps: int = 300, batch_size: int = 32, lr: fl
                              ckpt_every=0, progress=progress, plot=False)
             # every variant sees the same examples (the generator draws both modalities either way)
             train_ds = SyntheticAVDataset(max(steps * batch_size, batch_size), cfg_shape(cfg, "rgb"),
-                                          cfg_shape(cfg, "spectrogram"), seed=seed, split="train")
+                                          cfg_shape(cfg, "spectrogram"), seed=seed, split="train", noise=noise)
             val_ds = SyntheticAVDataset(val_size, cfg_shape(cfg, "rgb"), cfg_shape(cfg, "spectrogram"),
-                                        seed=seed, split="val")
+                                        seed=seed, split="val", noise=noise)
             t0 = time.perf_counter()
             res = train(tc, cfg, train_ds, val_ds)
             seconds = time.perf_counter() - t0
