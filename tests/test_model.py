@@ -231,3 +231,20 @@ def test_save_and_from_pretrained_roundtrip(tmp_path):
     inputs = make_inputs(TINY, 2)
     with torch.no_grad():
         assert torch.equal(model.set_backend("torch")(**inputs), loaded(**inputs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["triton", "cuda-emu"])
+def test_backend_at_mbt_b_token_counts(backend):
+    """One fusion layer at the real token counts: 401 + 3137 tokens, 5 bottleneck rows per modality."""
+    skip_unavailable(backend)
+    cfg = MBTConfig(hidden_size=64, num_heads=2, mlp_dim=64, num_layers=1, fusion_layer=0, num_classes=3)
+    model = make_model(cfg)
+    inputs = make_inputs(cfg, batch=1)
+    ref_logits, ref_eval, ref_grads = run(model, inputs, "reference")
+    logits, eval_logits, grads = run(model, inputs, backend)
+    fwd_tol, bwd_tol = TOLS[backend]
+    assert (eval_logits - ref_eval).abs().max().item() <= fwd_tol
+    for n, g in ref_grads.items():
+        err = (grads[n] - g).abs().max().item() / max(1.0, g.abs().max().item())
+        assert err <= bwd_tol, f"{backend} grad {n}: relative error {err:.3e} > {bwd_tol}"
