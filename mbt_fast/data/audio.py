@@ -30,9 +30,9 @@ SCENIC_SPEC_MEAN = 1.102
 SCENIC_SPEC_STD = 2.762
 
 
-def hz_to_mel(f):
+def hz_to_mel(f: float) -> float:
     """HTK mel scale."""
-    return 2595.0 * math.log10(1.0 + f / 700.0) if isinstance(f, (int, float)) else 2595.0 * torch.log10(1.0 + f / 700.0)
+    return 2595.0 * math.log10(1.0 + f / 700.0)
 
 
 def mel_to_hz(m):

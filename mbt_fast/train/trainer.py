@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -307,7 +306,7 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
             rng_t["rng.torch"] = rng_t.get(f"rng.torch.rank{rank}", rng_t["rng.torch"])
             ckpt.restore_rng(rng_t, meta["rng"], {"mixup": mixup_gen})
         else:
-            log.warning("resuming a %d-process run with %d processes: data order continues, RNG streams differ",
+            log.warning("resuming a %d-process run with %d processes: the run continues, but its data order and RNG streams differ from an uninterrupted one",
                         saved_world, world)
             seed_everything(tc.seed + rank + 7919 * state["step"])
         if rank == 0:
