@@ -103,6 +103,26 @@ def time_fn(fn, device: torch.device, warmup: int = 3, reps: int = 10, max_secon
             "reps": len(times)}
 
 
+def time_interleaved(fns: dict, device: torch.device, warmup: int = 1, reps: int = 10) -> dict:
+    """``time_fn`` for several functions run round-robin, one call each per round, so that a busy
+    machine slows them alike (their ratio is what a CPU run can tell)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: {"median_ms": statistics.median(v), "p20_ms": _quantile(v, 0.2), "p80_ms": _quantile(v, 0.8),
+                "reps": len(v)} for k, v in times.items()}
+
+
 def peak_memory(fn, device: torch.device) -> tuple[float | None, str]:
     """Peak allocated MB during one ``fn()`` and how it was measured (CPU: not measured, said so)."""
     if device.type != "cuda":
