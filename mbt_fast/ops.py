@@ -20,6 +20,7 @@ Modules call these functions and never a kernel. Every op has one contract, impl
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -185,10 +186,12 @@ def segment_linear(x, weights, biases, segments):
     """
     _check_tensor("x", x, 3)
     weights, biases = list(weights), list(biases) if biases is not None else []
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)  # meta: never
+    if autocast:
+        dtype = torch.get_autocast_dtype(device_type)
         x, weights, biases = x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases]
     elif x.dtype != weights[0].dtype:
         raise TypeError(f"x: expected dtype {weights[0].dtype} (the weights'), got {x.dtype}")
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         return SegmentLinearFunction.apply(x, tuple(segments), len(weights), *weights, *biases)

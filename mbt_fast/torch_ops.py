@@ -11,20 +11,19 @@ from mbt_fast.layout import PackedLayout
 
 
 def mbt_attention(q, k, v, segments, scale: float, dropout_p: float = 0.0):
-    out = q.new_zeros(q.shape)
-    pieces = []
-    for qs, qe, ks, ke in segments.tolist():
+    pieces, row = [], 0
+    for qs, qe, ks, ke in sorted(segments.tolist()):
+        if qs > row:  # rows in no segment output zeros
+            pieces.append(q.new_zeros(qs - row, *q.shape[1:]))
         # [n, B, H, D] -> [B, H, n, D] views; SDPA picks flash/efficient/math by device
         o = F.scaled_dot_product_attention(
             q[qs:qe].permute(1, 2, 0, 3), k[ks:ke].permute(1, 2, 0, 3), v[ks:ke].permute(1, 2, 0, 3),
             dropout_p=dropout_p, scale=scale)
-        pieces.append((qs, qe, o.permute(2, 0, 1, 3)))
-    if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1] == q.shape[0]:
-        return pieces[0][2]
-    # rows in no segment stay zero; slice_scatter is out of place, so autograd sees ordinary ops
-    for qs, qe, o in pieces:
-        out = out.slice_scatter(o.to(out.dtype), dim=0, start=qs, end=qe)
-    return out
+        pieces.append(o.permute(2, 0, 1, 3))
+        row = qe
+    if row < q.shape[0]:
+        pieces.append(q.new_zeros(q.shape[0] - row, *q.shape[1:]))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str):
