@@ -143,6 +143,8 @@ def build(emulated: bool = False, verbose: bool = False, build_directory: str | 
             try:
                 with cap:
                     recipe.jit_load(emulated, verbose=True, build_directory=build_directory)
+            except RuntimeError as e:  # the compiler output went to the captured descriptors: put it in the error
+                raise RuntimeError(f"{e}\n{getattr(cap, 'text', '')}") from e
             finally:
                 _LAST_LOG = getattr(cap, "text", "")
         else:

@@ -18,8 +18,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#ifdef MBT_EMULATE
+#if defined(MBT_EMULATE)
 #include "../emu/emu_runtime.h"
+#elif !defined(__CUDACC__)
+// a host-only translation unit of the real build (binding.cpp, compiled by the host compiler): it
+// declares launchers but never sees a kernel body
+#define MBT_HOST_DEVICE inline
 #else
 
 #define MBT_GLOBAL __global__
@@ -85,7 +89,7 @@ template <> MBT_DEVICE void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uin
 }
 
 }  // namespace mbt
-#endif  // MBT_EMULATE
+#endif  // MBT_EMULATE / __CUDACC__
 
 namespace mbt {
 

@@ -1,0 +1,83 @@
+"""Building the extensions: the recipe (csrc/build.py), build_problems, the ``mbt-fast build`` command, and
+(slow) a real nvcc build for sm_80 + sm_90: compile, link, load, ops registered, no register spills in
+the attention kernels per ``ptxas -v``."""
+import os
+
+import pytest
+import torch
+
+from mbt_fast import cli, cuda_ext
+from mbt_fast.csrc import build as recipe
+
+
+def test_recipe_sources_and_environment(monkeypatch):
+    for emulated in (False, True):
+        for path in recipe.sources(emulated):
+            assert os.path.exists(path), path
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    if not torch.cuda.is_available():
+        assert recipe.arch_list() == "8.0;9.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert recipe.arch_list() == "9.0"
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        assert recipe.cuda_home() == "/usr/local/cuda"
+    monkeypatch.setenv("CUDA_HOME", "/opt/elsewhere")
+    assert recipe.cuda_home() == "/opt/elsewhere"
+
+
+def test_setup_kwargs_describe_the_real_extension():
+    from torch.utils.cpp_extension import BuildExtension
+
+    kw = recipe.setup_kwargs()
+    (ext,) = kw["ext_modules"]
+    assert ext.name == "mbt_fast._C" and kw["cmdclass"]["build_ext"] is BuildExtension
+    assert {os.path.basename(s) for s in ext.sources} >= {"binding.cpp", "attention_fwd.cu", "attention_bwd.cu", "residual_mean.cu"}
+    assert "-Xptxas" in ext.extra_compile_args["nvcc"]
+
+
+def test_build_problems_name_what_is_missing(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
+    problems = cuda_ext.build_problems(emulated=True)
+    assert any("g++" in p for p in problems), problems
+    monkeypatch.setattr(recipe, "fp16_include_dir", lambda: None)
+    assert any("cuda_fp16.h" in p for p in cuda_ext.build_problems(emulated=True))
+    if cuda_ext._LOADED.get(False) is None and cuda_ext._aot_library() is None and torch.version.cuda:
+        monkeypatch.setattr(recipe, "nvcc_path", lambda: None)
+        assert any("nvcc" in p for p in cuda_ext.build_problems(emulated=False))
+
+
+@pytest.mark.skipif(bool(cuda_ext.build_problems(emulated=True)), reason="; ".join(cuda_ext.build_problems(emulated=True)) or "ok")
+def test_build_command_emu(capsys):
+    assert cli.main(["build", "cuda", "--emu"]) == 0
+    assert "torch.ops.mbt_fast_emu" in capsys.readouterr().out
+
+
+def test_spill_parser():
+    log = """ptxas info    : Compiling entry function '_ZN8mbt_fast25_mbt_attention_fwd_kernelI6__halfLi64EEEvN3mbt4attn6ParamsE' for 'sm_90'
+ptxas info    : Function properties for _ZN8mbt_fast25_mbt_attention_fwd_kernelI6__halfLi64EEEvN3mbt4attn6ParamsE
+    0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 168 registers, used 0 barriers, 544 bytes cmem[0]"""
+    spills = cuda_ext.spills(log)
+    assert spills == {"_ZN8mbt_fast25_mbt_attention_fwd_kernelI6__halfLi64EEEvN3mbt4attn6ParamsE@sm_90": (8, 12)}
+    assert len(cuda_ext.ptxas_report(log)) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(cuda_ext.build_problems(emulated=False)), reason="; ".join(cuda_ext.build_problems(emulated=False)) or "ok")
+def test_nvcc_build_sm80_sm90_no_spills(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ops = cuda_ext.build(emulated=False, verbose=True, build_directory=str(tmp_path / "build"))
+    log = cuda_ext.last_build_log()
+    for op in ("attention_fwd", "attention_bwd", "residual_mean_fwd", "residual_mean_bwd"):
+        assert hasattr(ops, op), op
+    spills = cuda_ext.spills(log)
+    attention = {k: v for k, v in spills.items() if "mbt_attention" in k}
+    # fwd, dq, dkv, preprocess x {half, bf16} x {32, 64, 128} on each architecture
+    for arch in ("sm_80", "sm_90"):
+        assert sum(k.endswith("@" + arch) for k in attention) == 24, sorted(attention)
+    spilled = {k: v for k, v in attention.items() if v != (0, 0)}
+    assert not spilled, f"attention kernels spill: {spilled}"
