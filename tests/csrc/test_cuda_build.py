@@ -2,6 +2,7 @@
 (slow) a real nvcc build for sm_80 + sm_90: compile, link, load, ops registered, no register spills in
 the attention kernels per ``ptxas -v``."""
 import os
+import subprocess
 
 import pytest
 import torch
@@ -81,3 +82,25 @@ def test_nvcc_build_sm80_sm90_no_spills(tmp_path, monkeypatch):
         assert sum(k.endswith("@" + arch) for k in attention) == 24, sorted(attention)
     spilled = {k: v for k, v in attention.items() if v != (0, 0)}
     assert not spilled, f"attention kernels spill: {spilled}"
+    # tensor cores: HMMA.16816 and LDSM (ldmatrix) in the SASS of both architectures (triton's bundled cuobjdump)
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        return
+    for obj in ("attention_fwd.cuda.o", "attention_bwd.cuda.o"):
+        sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "build" / obj)], capture_output=True, text=True).stdout
+        for arch in ("sm_80", "sm_90"):
+            part = sass.split(f"arch = {arch}")[1].split("arch = ")[0] if f"arch = {arch}" in sass else ""
+            for dtype_op in ("HMMA.16816.F32 ", "HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDSM.16.MT88.4"):
+                assert dtype_op in part, f"{obj} {arch}: no {dtype_op.strip()} in the SASS"
+
+
+def _cuobjdump():
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(spec.submodule_search_locations[0], "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(path):
+            return path
+    return shutil.which("cuobjdump")
