@@ -36,7 +36,7 @@ def _recipe():
     return recipe
 
 
-def _aot_library() -> str | None:
+def aot_library() -> str | None:
     """Path of the ahead-of-time built extension (mbt_fast._C), if installed."""
     try:
         spec = importlib.util.find_spec("mbt_fast._C")
@@ -61,7 +61,7 @@ def build_problems(emulated: bool) -> list[str]:
         if not cpp_extension.is_ninja_available():
             problems.append("ninja is not installed (pip install ninja)")
         return problems
-    if _LOADED.get(False) is not None or _aot_library() is not None:
+    if _LOADED.get(False) is not None or aot_library() is not None:
         return problems
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is a CPU-only build and the extension is not built ahead of time")
@@ -135,7 +135,7 @@ def build(emulated: bool = False, verbose: bool = False, build_directory: str | 
         if problems:
             raise RuntimeError(f"cannot build the {_BACKEND[emulated]} extension: " + "; ".join(problems))
         recipe = _recipe()
-        aot = None if emulated or build_directory else _aot_library()
+        aot = None if emulated or build_directory else aot_library()
         if aot is not None:
             torch.ops.load_library(aot)
         elif verbose:
@@ -244,16 +244,3 @@ def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str, emulated: b
     return ResidualMeanFunction.apply(x.contiguous(), y.to(x.dtype).contiguous(), keep, row_mod, slot_start,
                                       layout.n_bottleneck, _MODES[bottleneck], emulated)
 
-
-# ----------------------------------------------------------------------------------------------------
-# not written in CUDA: the lead's dispatch falls back per op
-
-
-def segment_layernorm(x, weight, bias, row_weight, eps, emulated: bool = False):
-    raise NotImplementedError(f"segment_layernorm has no CUDA kernel in csrc/ (backend {_BACKEND[emulated]!r}); "
-                              "use the 'torch' or 'triton' implementation")
-
-
-def bias_gelu(x, bias, row_weight, emulated: bool = False):
-    raise NotImplementedError(f"bias_gelu has no CUDA kernel in csrc/ (backend {_BACKEND[emulated]!r}); "
-                              "use the 'torch' or 'triton' implementation")

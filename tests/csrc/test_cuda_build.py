@@ -46,7 +46,7 @@ def test_build_problems_name_what_is_missing(monkeypatch):
     assert any("g++" in p for p in problems), problems
     monkeypatch.setattr(recipe, "fp16_include_dir", lambda: None)
     assert any("cuda_fp16.h" in p for p in cuda_ext.build_problems(emulated=True))
-    if cuda_ext._LOADED.get(False) is None and cuda_ext._aot_library() is None and torch.version.cuda:
+    if cuda_ext._LOADED.get(False) is None and cuda_ext.aot_library() is None and torch.version.cuda:
         monkeypatch.setattr(recipe, "nvcc_path", lambda: None)
         assert any("nvcc" in p for p in cuda_ext.build_problems(emulated=False))
 
