@@ -56,21 +56,3 @@ def test_residual_mean_modes(backend, mode, dtype, with_keep):
     if mode == "mean":  # every modality's slot holds the same mean
         slots = [got[0][layout.bottleneck_rows(m)] for m in range(layout.num_modalities)]
         assert all(torch.equal(slots[0], s) for s in slots[1:])
-
-
-def test_residual_mean_no_bottleneck_and_single_modality(backend):
-    dev = "cpu" if backend == "cuda-emu" else "cuda"
-    for layout in (PackedLayout(("rgb",), (6,), 3), PackedLayout(("a", "b"), (4, 5), 0)):
-        x, y = torch.randn(layout.total_rows, 2, 8), torch.randn(layout.total_rows, 2, 8)
-        ref = torch_ops.residual_mean(x, y, None, layout, "mean")
-        got = ops.residual_mean(x.to(dev), y.to(dev), None, layout, "mean", backend=backend).cpu()
-        torch.testing.assert_close(got, ref)
-
-
-def test_layernorm_and_gelu_not_in_cuda(backend):
-    x = torch.randn(3, 1, 4)
-    rw = torch.zeros(3, dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match=f"segment_layernorm has no CUDA kernel.*{backend}"):
-        cuda_ext.segment_layernorm(x, torch.ones(1, 4), torch.zeros(1, 4), rw, 1e-6, emulated=backend == "cuda-emu")
-    with pytest.raises(NotImplementedError, match=f"bias_gelu has no CUDA kernel.*{backend}"):
-        cuda_ext.bias_gelu(x, torch.zeros(1, 4), rw, emulated=backend == "cuda-emu")
