@@ -6,6 +6,10 @@ MBT_TORCH_LIBRARY(MBT_NS, m) {
     m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seg, float scale) -> Tensor[]");
     m.def("residual_mean_fwd(Tensor x, Tensor y, Tensor keep, Tensor row_mod, Tensor slot_start, int n_bottleneck, int mode) -> Tensor");
     m.def("residual_mean_bwd(Tensor grad, Tensor keep, Tensor row_mod, Tensor slot_start, int n_bottleneck, int mode) -> Tensor[]");
+    m.def("segment_layernorm_fwd(Tensor x, Tensor weight, Tensor bias, Tensor row_weight, float eps) -> Tensor[]");
+    m.def("segment_layernorm_bwd(Tensor grad, Tensor x, Tensor weight, Tensor row_weight, Tensor mean, Tensor rstd) -> Tensor[]");
+    m.def("bias_gelu_fwd(Tensor x, Tensor bias, Tensor row_weight) -> Tensor");
+    m.def("bias_gelu_bwd(Tensor grad, Tensor x, Tensor bias, Tensor row_weight) -> Tensor[]");
     m.def("arch_test_mma(Tensor a_regs, Tensor b_regs, Tensor c, bool bf16) -> Tensor");
     m.def("arch_test_ldmatrix(Tensor smem, Tensor row_offsets, int num, bool trans) -> Tensor");
     m.def("arch_test_shfl_xor(Tensor vals, int lane_mask) -> Tensor");
@@ -18,6 +22,10 @@ MBT_TORCH_LIBRARY_IMPL(MBT_NS, MBT_DISPATCH, m) {
     m.impl("attention_bwd", &MBT_NS::attention_bwd);
     m.impl("residual_mean_fwd", &MBT_NS::residual_mean_fwd);
     m.impl("residual_mean_bwd", &MBT_NS::residual_mean_bwd);
+    m.impl("segment_layernorm_fwd", &MBT_NS::segment_layernorm_fwd);
+    m.impl("segment_layernorm_bwd", &MBT_NS::segment_layernorm_bwd);
+    m.impl("bias_gelu_fwd", &MBT_NS::bias_gelu_fwd);
+    m.impl("bias_gelu_bwd", &MBT_NS::bias_gelu_bwd);
     m.impl("arch_test_mma", &MBT_NS::arch_test_mma);
     m.impl("arch_test_ldmatrix", &MBT_NS::arch_test_ldmatrix);
     m.impl("arch_test_shfl_xor", &MBT_NS::arch_test_shfl_xor);

@@ -22,7 +22,8 @@ import shutil
 
 CSRC = os.path.dirname(os.path.abspath(__file__))
 # one .cu per op (plus the arch wrapper tests); the emulated build includes each from emu/<name>_emu.cpp
-OP_SOURCES = ("common/arch_tests", "attention/attention_fwd", "attention/attention_bwd", "residual_mean/residual_mean")
+OP_SOURCES = ("common/arch_tests", "attention/attention_fwd", "attention/attention_bwd", "residual_mean/residual_mean",
+              "segment_layernorm/segment_layernorm", "bias_gelu/bias_gelu")
 NAMES = {False: "mbt_fast_cuda", True: "mbt_fast_emu"}
 OPS_NAMESPACE = {False: "mbt_fast", True: "mbt_fast_emu"}
 DEFAULT_ARCH_LIST = "8.0;9.0"

@@ -25,6 +25,20 @@ at::Tensor residual_mean_fwd(const at::Tensor& x, const at::Tensor& y, const at:
 std::vector<at::Tensor> residual_mean_bwd(const at::Tensor& grad, const at::Tensor& keep, const at::Tensor& row_mod,
                                           const at::Tensor& slot_start, int64_t n_bottleneck, int64_t mode);
 
+// segment_layernorm: x [N,B,C] contiguous, weight/bias fp32 [M,C], row_weight int32 [N] (modality of each row).
+// Returns (out [N,B,C], mean fp32 [N*B], rstd fp32 [N*B]).
+std::vector<at::Tensor> segment_layernorm_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                              const at::Tensor& row_weight, double eps);
+// Returns (grad_x, grad_weight fp32 [M,C], grad_bias fp32 [M,C]).
+std::vector<at::Tensor> segment_layernorm_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& row_weight, const at::Tensor& mean, const at::Tensor& rstd);
+
+// bias_gelu: x [N,B,F] contiguous, bias fp32 [M,F], row_weight int32 [N]; tanh-GELU of x + bias[row_weight[n]].
+at::Tensor bias_gelu_fwd(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& row_weight);
+// Returns (grad_x, grad_bias fp32 [M,F]).
+std::vector<at::Tensor> bias_gelu_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias,
+                                      const at::Tensor& row_weight);
+
 // Tests of the arch.cuh wrappers themselves (one warp per block).
 at::Tensor arch_test_mma(const at::Tensor& a_regs, const at::Tensor& b_regs, const at::Tensor& c, bool bf16);
 at::Tensor arch_test_ldmatrix(const at::Tensor& smem, const at::Tensor& row_offsets, int64_t num, bool trans);

@@ -52,4 +52,16 @@ inline void check_device(const at::Tensor& t, const char* name) {
 #endif
 }
 
+// Streaming multiprocessors of t's device: deterministic backward kernels split their rows into a few
+// chunks per SM (one partial sum per chunk, added on the host). The emulation runs blocks one after
+// another; two "SMs" still exercise the chunking.
+inline int multiprocessor_count(const at::Tensor& t) {
+#ifdef MBT_EMULATE
+    (void)t;
+    return 2;
+#else
+    return at::cuda::getDeviceProperties(t.device().index())->multiProcessorCount;
+#endif
+}
+
 }  // namespace MBT_NS

@@ -34,7 +34,7 @@
 #define MBT_HOST_DEVICE inline
 #define MBT_LAUNCH_BOUNDS(n)
 #define MBT_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(mbt_emu::dynamic_smem())
-#define MBT_STATIC_SMEM static alignas(16)
+#define MBT_STATIC_SMEM alignas(16) static  // attribute first: g++ rejects it between decl-specifiers
 #define MBT_LAUNCH(kernel, grid, block, smem, stream, ...) mbt_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
 
 namespace mbt_emu {
