@@ -6,7 +6,8 @@ Nothing is compiled or loaded at import time. ``build()`` loads the ahead-of-tim
 ninja into TORCH_EXTENSIONS_DIR (cached; later calls only load). Recipe: ``csrc/build.py``.
 
 The cuda attention runs on tensor cores in float16 / bfloat16 only: float32 inputs are rejected with
-a TypeError (use the ``torch`` or ``triton`` backend). Head dims 32, 64, 128.
+a TypeError (use the ``torch`` or ``triton`` backend). Head dims 32, 64, 128. ``residual_mean``,
+``segment_layernorm`` (C <= 4096) and ``bias_gelu`` run in float32, float16 and bfloat16.
 """
 from __future__ import annotations
 
@@ -244,3 +245,74 @@ def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str, emulated: b
     return ResidualMeanFunction.apply(x.contiguous(), y.to(x.dtype).contiguous(), keep, row_mod, slot_start,
                                       layout.n_bottleneck, _MODES[bottleneck], emulated)
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# segment LayerNorm and bias + tanh-GELU: per-modality weights picked by row_weight; the kernels read
+# the (tiny) weight tables in fp32, whatever their dtype, and return fp32 gradients for them
+
+
+_ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYERNORM_MAX_C = 4096  # a row lives in registers: 8 values x at most 512 threads
+
+
+def _check_rows(op: str, x, emulated: bool, tables):
+    _check_device("x", x, emulated)
+    for name, t in tables:
+        _check_device(name, t, emulated)
+    if x.dtype not in _ROW_DTYPES:
+        raise TypeError(f"x: the {_BACKEND[emulated]} {op} kernel supports float32, float16, bfloat16, got {x.dtype}")
+
+
+class SegmentLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, row_weight, eps, emulated):
+        w32, b32 = weight.float().contiguous(), bias.float().contiguous()
+        out, mean, rstd = build(emulated).segment_layernorm_fwd(x, w32, b32, row_weight, eps)
+        ctx.save_for_backward(x, w32, row_weight, mean, rstd)
+        ctx.args = (emulated, weight.dtype, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w32, row_weight, mean, rstd = ctx.saved_tensors
+        emulated, w_dtype, b_dtype = ctx.args
+        gx, dw, db = build(emulated).segment_layernorm_bwd(grad.to(x.dtype).contiguous(), x, w32, row_weight, mean, rstd)
+        return gx, dw.to(w_dtype), db.to(b_dtype), None, None, None
+
+
+def segment_layernorm(x, weight, bias, row_weight, eps, emulated: bool = False):
+    """Contract of ``mbt_fast.ops.segment_layernorm`` (shapes already validated there); output in x's dtype."""
+    _check_rows("segment_layernorm", x, emulated, (("weight", weight), ("bias", bias)))
+    if x.shape[-1] > LAYERNORM_MAX_C:
+        raise ValueError(f"x: the {_BACKEND[emulated]} segment_layernorm kernel supports at most {LAYERNORM_MAX_C} "
+                         f"channels, got {x.shape[-1]}; use backend 'torch' or 'triton'")
+    if bias.shape != weight.shape:
+        raise ValueError(f"bias: expected the shape of weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    rw = row_weight.to(device=x.device, dtype=torch.int32).contiguous()
+    return SegmentLayerNormFunction.apply(x.contiguous(), weight, bias, rw, float(eps), emulated)
+
+
+class BiasGeluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, row_weight, emulated):
+        b32 = bias.float().contiguous()
+        out = build(emulated).bias_gelu_fwd(x, b32, row_weight)
+        # nothing but the inputs is saved: the backward recomputes the GELU
+        ctx.save_for_backward(x, b32, row_weight)
+        ctx.args = (emulated, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, b32, row_weight = ctx.saved_tensors
+        emulated, b_dtype = ctx.args
+        gx, db = build(emulated).bias_gelu_bwd(grad.to(x.dtype).contiguous(), x, b32, row_weight)
+        return gx, db.to(b_dtype), None, None
+
+
+def bias_gelu(x, bias, row_weight, emulated: bool = False):
+    """Contract of ``mbt_fast.ops.bias_gelu`` (shapes already validated there); output in x's dtype."""
+    _check_rows("bias_gelu", x, emulated, (("bias", bias),))
+    rw = row_weight.to(device=x.device, dtype=torch.int32).contiguous()
+    return BiasGeluFunction.apply(x.contiguous(), bias, rw, emulated)

@@ -30,11 +30,6 @@ from mbt_fast.layout import PackedLayout
 
 _FAST = ("torch", "triton", "cuda", "cuda-emu")
 _BOTTLENECK_MODES = ("add", "keep", "mean")
-# Ops with no kernel in csrc/ yet run, under the CUDA backends, on the implementation named here: the
-# Triton kernel next to the CUDA ones on a GPU, plain PyTorch on the CPU. Stated by the README and
-# `mbt-fast info`; results stay within the tested tolerances of every implementation.
-CUDA_BORROWED = {"segment_layernorm": {"cuda": "triton", "cuda-emu": "torch"},
-                 "bias_gelu": {"cuda": "triton", "cuda-emu": "torch"}}
 
 
 def _check_backend(backend: str):
@@ -125,13 +120,13 @@ def segment_layernorm(x, weight, bias, row_weight, eps: float = 1e-6, *, backend
     _check_tensor("weight", weight, 2, x)
     _check_tensor("bias", bias, 2, x)
     _check_row_weight(row_weight, x, weight)
-    backend = CUDA_BORROWED["segment_layernorm"].get(backend, backend)
     if backend == "torch":
         return torch_ops.segment_layernorm(x, weight, bias, row_weight, eps)
     if backend == "triton":
         from mbt_fast.kernels.segment_layernorm import segment_layernorm as kernel
         return kernel(x, weight, bias, row_weight.to(x.device), eps)
-    raise AssertionError(f"unhandled backend {backend!r}")
+    from mbt_fast import cuda_ext
+    return cuda_ext.segment_layernorm(x, weight, bias, row_weight, eps, emulated=backend == "cuda-emu")
 
 
 def bias_gelu(x, bias, row_weight, *, backend: str = "torch"):
@@ -139,13 +134,13 @@ def bias_gelu(x, bias, row_weight, *, backend: str = "torch"):
     _check_tensor("x", x, 3)
     _check_tensor("bias", bias, 2, x)
     _check_row_weight(row_weight, x, bias)
-    backend = CUDA_BORROWED["bias_gelu"].get(backend, backend)
     if backend == "torch":
         return torch_ops.bias_gelu(x, bias, row_weight)
     if backend == "triton":
         from mbt_fast.kernels.bias_gelu import bias_gelu as kernel
         return kernel(x, bias, row_weight.to(x.device))
-    raise AssertionError(f"unhandled backend {backend!r}")
+    from mbt_fast import cuda_ext
+    return cuda_ext.bias_gelu(x, bias, row_weight, emulated=backend == "cuda-emu")
 
 
 class SegmentLinearFunction(torch.autograd.Function):

@@ -9,7 +9,6 @@ import mbt_fast
 from conftest import assert_close_2x
 from mbt_fast.backends import unavailable_reasons
 from mbt_fast.config import MBTConfig
-from mbt_fast.ops import CUDA_BORROWED
 
 TINY = MBTConfig(hidden_size=32, num_heads=1, mlp_dim=48, num_layers=3, fusion_layer=1, n_bottlenecks=3, num_classes=4,
                  input_shapes={"rgb": (-1, 4, 32, 32, 3), "spectrogram": (-1, 48, 16, 3)})
@@ -115,11 +114,6 @@ def test_backend_matches_reference_bf16_autocast(mode, backend):
         scale = max(1.0, g.abs().max().item())
         assert_close_2x(grads[n] / scale, g / scale, low_grads[n] / scale, torch.bfloat16, backward=True,
                         name=f"{mode}/{backend} grad {n} (relative)")
-
-
-def test_cuda_backends_borrow_only_the_ops_they_lack():
-    assert set(CUDA_BORROWED) == {"segment_layernorm", "bias_gelu"}
-    assert all(set(v) == {"cuda", "cuda-emu"} for v in CUDA_BORROWED.values())
 
 
 def test_cuda_backend_rejects_fp32_attention():

@@ -26,10 +26,6 @@ def run(args) -> int:
     for name in BACKENDS:
         reasons = unavailable_reasons(name)
         print(f"  {name:10s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
-    from mbt_fast.ops import CUDA_BORROWED
-
-    for op, by_backend in CUDA_BORROWED.items():
-        print(f"  note: {op} has no CUDA kernel yet; " + ", ".join(f"{b} runs the {impl} one" for b, impl in by_backend.items()))
     from mbt_fast import cuda_ext
 
     aot = cuda_ext.aot_library()
