@@ -25,6 +25,18 @@ def assert_close_2x(out, ref_fp32, eager_lowp, dtype, backward=False, name="outp
     assert err <= bound, f"{name}: max|out - ref| = {err:.3e} > bound {bound:.3e} (max|eager_lowp - ref| = {base:.3e}, floor {floor:g})"
 
 
+def check(name, out, ref_fp32, eager_lowp, dtype, backward=False):
+    """``assert_close_2x`` with the name first (the kernel tests' order)."""
+    assert_close_2x(out, ref_fp32, eager_lowp, dtype, backward=backward, name=name)
+
+
+def agree(name, out, other, rtol=1e-5):
+    """Two fp32 implementations agree to rounding: catches small formula slips the floors would hide."""
+    scale = max(1.0, other.abs().max().item())
+    err = (out.double() - other.double()).abs().max().item()
+    assert err <= rtol * scale, f"{name}: max|out - other| = {err:.3e} > {rtol:g} * {scale:.3g}"
+
+
 def fixtures_dir() -> Path | None:
     env = os.environ.get("MBT_FAST_SCENIC_FIXTURES")
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scenic_mbt"

@@ -10,8 +10,8 @@ import torch
 
 from mbt_fast import cuda_ext, ops, torch_ops
 from mbt_fast.layout import PackedLayout
+from conftest import FLOORS, check  # noqa: E402
 
-FLOORS = {torch.float16: (1e-2, 5e-2), torch.bfloat16: (5e-2, 1e-1)}
 RAGGED = (1, 7, 97, 197)  # one self-attention segment per length, all in one launch
 
 
@@ -32,13 +32,6 @@ def backend(request):
 
 def _device(backend):
     return "cpu" if backend == "cuda-emu" else "cuda"
-
-
-def _check(name, out, ref, eager, dtype, backward):
-    floor = FLOORS[dtype][int(backward)]
-    err = (out.double() - ref.double()).abs().max().item()
-    base = (eager.double() - ref.double()).abs().max().item()
-    assert err <= 2 * base + floor, f"{name}: max|cuda - ref32| = {err:.3e} > 2 * {base:.3e} (max|eager - ref32|) + {floor:g}"
 
 
 def _run(fn, tensors, dout):
@@ -64,7 +57,7 @@ def _compare(backend, q, k, v, segs, dtype, backward=True, dout=None):
     got = _run(lambda a, b, c: ops.mbt_attention(a, b, c, seg_t, backend=backend),
                [t.to(dev) for t in low], dout.to(dev) if backward else None)
     for name, g, r, e, bwd in zip(("out", "dq", "dk", "dv"), got, ref, eager, (False, True, True, True)):
-        _check(name, g, r, e, dtype, bwd)
+        check(name, g, r, e, dtype, bwd)
     return got
 
 

@@ -5,8 +5,8 @@ import torch
 
 from mbt_fast import cuda_ext, ops, torch_ops
 from mbt_fast.layout import PackedLayout
+from conftest import check
 
-FLOORS = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 5e-2), torch.bfloat16: (5e-2, 1e-1)}
 _EMU = cuda_ext.build_problems(emulated=True)
 BACKENDS = [
     pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok")),
@@ -17,13 +17,6 @@ BACKENDS = [
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
-
-
-def _check(name, out, ref, eager, dtype, backward):
-    floor = FLOORS[dtype][int(backward)]
-    err = (out.double() - ref.double()).abs().max().item()
-    base = (eager.double() - ref.double()).abs().max().item()
-    assert err <= 2 * base + floor, f"{name}: max|cuda - ref32| = {err:.3e} > 2 * {base:.3e} (max|eager - ref32|) + {floor:g}"
 
 
 def _run(fn, x, y, keep, g, device):
@@ -52,7 +45,7 @@ def test_residual_mean_modes(backend, mode, dtype, with_keep):
     got = _run(lambda a, b, k: ops.residual_mean(a.to(dtype), b.to(dtype), k, layout, mode, backend=backend),
                x, y, keep, g, dev)
     for name, o, r, e, bwd in zip(("out", "dx", "dy"), got, ref, eager, (False, True, True)):
-        _check(name, o, r, e, dtype, bwd)
+        check(name, o, r, e, dtype, bwd)
     if mode == "mean":  # every modality's slot holds the same mean
         slots = [got[0][layout.bottleneck_rows(m)] for m in range(layout.num_modalities)]
         assert all(torch.equal(slots[0], s) for s in slots[1:])

@@ -14,8 +14,8 @@ from mbt_fast import ops
 from mbt_fast.kernels import attention as attn
 from mbt_fast.kernels.attention import MBTAttentionFunction, mbt_attention, mbt_attention_ref
 from mbt_fast.layout import PackedLayout
+from conftest import FLOORS  # noqa: E402
 
-FLOORS = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 5e-2), torch.bfloat16: (5e-2, 1e-1)}
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 

@@ -10,23 +10,7 @@ import torch  # noqa: E402
 from mbt_fast import ops, torch_ops  # noqa: E402
 from mbt_fast.kernels.bias_gelu import bias_gelu, bias_gelu_ref  # noqa: E402
 from mbt_fast.layout import PackedLayout  # noqa: E402
-
-FLOORS = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 5e-2), torch.bfloat16: (5e-2, 1e-1)}
-
-
-def check(name, out, ref, eager, dtype, backward=False):
-    """``max|out - ref| <= 2 * max|eager - ref| + floor[dtype]``, both errors in the message."""
-    floor = FLOORS[dtype][int(backward)]
-    err = (out.double() - ref.double()).abs().max().item()
-    base = (eager.double() - ref.double()).abs().max().item()
-    assert err <= 2 * base + floor, f"{name}: max|out - ref| = {err:.3e} > 2 * {base:.3e} (max|eager - ref|) + {floor:g}"
-
-
-def agree(name, out, other, rtol=1e-5):
-    """fp32 kernel and fp32 torch backend agree to rounding: catches small slips the floors would hide."""
-    scale = max(1.0, other.abs().max().item())
-    err = (out.double() - other.double()).abs().max().item()
-    assert err <= rtol * scale, f"{name}: max|triton - torch| = {err:.3e} > {rtol:g} * {scale:.3g}"
+from conftest import agree, check  # noqa: E402
 
 
 def _inputs(N, B, F, M, dtype, noncontig=False, seed=0):

@@ -10,23 +10,7 @@ import torch  # noqa: E402
 from mbt_fast import ops, torch_ops  # noqa: E402
 from mbt_fast.kernels.residual_mean import residual_mean, residual_mean_ref  # noqa: E402
 from mbt_fast.layout import PackedLayout  # noqa: E402
-
-FLOORS = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 5e-2), torch.bfloat16: (5e-2, 1e-1)}
-
-
-def check(name, out, ref, eager, dtype, backward=False):
-    """``max|out - ref| <= 2 * max|eager - ref| + floor[dtype]``, both errors in the message."""
-    floor = FLOORS[dtype][int(backward)]
-    err = (out.double() - ref.double()).abs().max().item()
-    base = (eager.double() - ref.double()).abs().max().item()
-    assert err <= 2 * base + floor, f"{name}: max|out - ref| = {err:.3e} > 2 * {base:.3e} (max|eager - ref|) + {floor:g}"
-
-
-def agree(name, out, other, rtol=1e-6):
-    """fp32 kernel and fp32 torch backend agree to rounding: catches small slips the floors would hide."""
-    scale = max(1.0, other.abs().max().item())
-    err = (out.double() - other.double()).abs().max().item()
-    assert err <= rtol * scale, f"{name}: max|triton - torch| = {err:.3e} > {rtol:g} * {scale:.3g}"
+from conftest import agree, check  # noqa: E402
 
 
 LAYOUTS = [
@@ -67,7 +51,7 @@ def _compare(x, y, k, layout, mode, grad):
     for i, name in enumerate(("out", "grad_x", "grad_y")):
         check(name, out[i], ref[i], eager[i], out[i].dtype, backward=i > 0)  # grad_y: y's dtype
         if out[i].dtype == torch.float32 and eager[i].dtype == torch.float32:
-            agree(name, out[i], eager[i])
+            agree(name, out[i], eager[i], rtol=1e-6)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"M{l.num_modalities}nb{l.n_bottleneck}")
