@@ -260,18 +260,14 @@ def run(args) -> list[dict]:
                     rows.append({**env, **r} if "measurement" not in r else {**env, **r})
                     _echo(rows[-1])
     out = common.out_dir(device, args.out)
-    path = common.write_csv(rows, out / "attention.csv", COLUMNS)
     label = rows[0]["measurement"] if rows else ""
-    common.print_table(rows, ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-                              "peak_mem_mb", "status"],
-                       title=f"\nmbt_attention on {env['device']} ({label}; {env['dtype']}, H={heads}, D={head_dim}, "
-                             f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
-    print(f"wrote {path}")
-    if not args.no_plot:
-        png = common.plot(rows, out / "attention.png", x="batch", y="tflops", series=["provider", "mode"],
-                          panels="tokens", title=f"mbt_attention TFLOP/s, {env['device']} ({label}), {env['dtype']}")
-        if png:
-            print(f"wrote {png}")
+    common.publish(rows, out, "attention", COLUMNS,
+                   ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb", "status"],
+                   title=f"\nmbt_attention on {env['device']} ({label}; {env['dtype']}, H={heads}, D={head_dim}, "
+                         f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})",
+                   plot_args=None if args.no_plot else dict(
+                       x="batch", y="tflops", series=["provider", "mode"], panels="tokens",
+                       title=f"mbt_attention TFLOP/s, {env['device']} ({label}), {env['dtype']}"))
     return rows
 
 
@@ -280,11 +276,7 @@ def _echo(r: dict) -> None:
     print(f"  {r['provider']:10s} {r['mode']:7s} tokens {r['tokens']:>10s} B={r['batch']:<3d} {t}", flush=True)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    run(ap.parse_args(argv))
-    return 0
+main = common.main_for(add_arguments, run, __doc__)
 
 
 if __name__ == "__main__":

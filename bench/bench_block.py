@@ -210,26 +210,18 @@ def run(args) -> list[dict]:
                     rows.append({**e, **r})
                     ba._echo(rows[-1])
     out = common.out_dir(device, args.out)
-    path = common.write_csv(rows, out / "block.csv", COLUMNS)
     label = rows[0]["measurement"] if rows else ""
-    common.print_table(rows, ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-                              "peak_mem_mb", "status"],
-                       title=f"\nfusion layer on {env['device']} ({label}; {env['dtype']}, C={C}, H={heads}, mlp={mlp}, "
-                             f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
-    print(f"wrote {path}")
-    if not args.no_plot:
-        png = common.plot(rows, out / "block.png", x="batch", y="median_ms", series=["provider", "mode"],
-                          panels="tokens", title=f"fusion layer time (ms), {env['device']} ({label}), {env['dtype']}")
-        if png:
-            print(f"wrote {png}")
+    common.publish(rows, out, "block", COLUMNS,
+                   ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb", "status"],
+                   title=f"\nfusion layer on {env['device']} ({label}; {env['dtype']}, C={C}, H={heads}, mlp={mlp}, "
+                         f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})",
+                   plot_args=None if args.no_plot else dict(
+                       x="batch", y="median_ms", series=["provider", "mode"], panels="tokens",
+                       title=f"fusion layer time (ms), {env['device']} ({label}), {env['dtype']}"))
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    run(ap.parse_args(argv))
-    return 0
+main = common.main_for(add_arguments, run, __doc__)
 
 
 if __name__ == "__main__":

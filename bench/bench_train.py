@@ -154,28 +154,21 @@ def run(args) -> list[dict]:
                       f"{t['median_ms']:.2f} ms (interleaved)", flush=True)
     add_speedups(rows)
     out = common.out_dir(device, args.out)
-    path = common.write_csv(rows, out / "train.csv", COLUMNS)
     env = rows[0] if rows else common.env_row(device, dtype)
-    common.print_table(rows, ["preset", "backend", "compile", "batch", "median_ms", "p20_ms", "p80_ms", "samples_per_s",
-                              "peak_mem_mb", "speedup_vs_reference", "speedup_vs_torch", "status"],
-                       title=f"\ntraining step on {env['device']} ({env['measurement']}; {env['dtype']}, "
-                             f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
-    print(f"wrote {path}")
-    if not args.no_plot:
-        for r in rows:
-            r["label"] = f"{r['backend']}{'+compile' if r['compile'] else ''}"
-        png = common.plot(rows, out / "train.png", x="batch", y="samples_per_s", series=["label"], panels="preset",
-                          title=f"training step samples/s, {env['device']} ({env['measurement']})")
-        if png:
-            print(f"wrote {png}")
+    for r in rows:
+        r["label"] = f"{r['backend']}{'+compile' if r['compile'] else ''}"
+    common.publish(rows, out, "train", COLUMNS,
+                   ["preset", "backend", "compile", "batch", "median_ms", "p20_ms", "p80_ms", "samples_per_s",
+                    "peak_mem_mb", "speedup_vs_reference", "speedup_vs_torch", "status"],
+                   title=f"\ntraining step on {env['device']} ({env['measurement']}; {env['dtype']}, "
+                         f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})",
+                   plot_args=None if args.no_plot else dict(
+                       x="batch", y="samples_per_s", series=["label"], panels="preset",
+                       title=f"training step samples/s, {env['device']} ({env['measurement']})"))
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    run(ap.parse_args(argv))
-    return 0
+main = common.main_for(add_arguments, run, __doc__)
 
 
 if __name__ == "__main__":

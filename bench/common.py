@@ -5,6 +5,8 @@ Every CSV row carries the device, torch/triton versions, git commit, dtype and a
 """
 from __future__ import annotations
 
+import argparse
+
 import csv
 import gc
 import importlib.metadata
@@ -214,3 +216,26 @@ def set_interpreter(enabled: bool) -> None:
     """TRITON_INTERPRET must be set before any Triton kernel module is imported (decoration time)."""
     if enabled:
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+def publish(rows: list[dict], out: Path, stem: str, columns: list[str], table_columns: list[str], title: str,
+            plot_args: dict | None) -> Path:
+    """Write ``out/<stem>.csv``, print the table, and (``plot_args`` given) save ``out/<stem>.png``."""
+    path = write_csv(rows, out / f"{stem}.csv", columns)
+    print_table(rows, table_columns, title=title)
+    print(f"wrote {path}")
+    if plot_args is not None:
+        png = plot(rows, out / f"{stem}.png", **plot_args)
+        if png:
+            print(f"wrote {png}")
+    return path
+
+
+def main_for(add_arguments, run, doc: str):
+    """The ``main(argv)`` of a benchmark script: parse its arguments and run it."""
+    def main(argv=None) -> int:
+        ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+        add_arguments(ap)
+        run(ap.parse_args(argv))
+        return 0
+    return main
