@@ -13,7 +13,6 @@ each row over the eager ``reference`` and eager ``torch`` steps.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 

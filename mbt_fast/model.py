@@ -13,7 +13,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mbt_fast.backends import BACKENDS, resolve_backend
 from mbt_fast.config import MBTConfig

@@ -10,7 +10,7 @@ import torch
 
 from mbt_fast import cuda_ext, ops, torch_ops
 from mbt_fast.layout import PackedLayout
-from conftest import FLOORS, check  # noqa: E402
+from conftest import check
 
 RAGGED = (1, 7, 97, 197)  # one self-attention segment per length, all in one launch
 
