@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mbt_fast
-from conftest import assert_close_2x
+from compare import assert_close_2x
 from mbt_fast.backends import unavailable_reasons
 from mbt_fast.config import MBTConfig
 

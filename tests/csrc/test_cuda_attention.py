@@ -8,26 +8,11 @@ import math
 import pytest
 import torch
 
-from mbt_fast import cuda_ext, ops, torch_ops
+from mbt_fast import ops, torch_ops
 from mbt_fast.layout import PackedLayout
-from conftest import check
+from compare import check
 
 RAGGED = (1, 7, 97, 197)  # one self-attention segment per length, all in one launch
-
-
-def _emu_problems():
-    return cuda_ext.build_problems(emulated=True)
-
-
-BACKENDS = [
-    pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_emu_problems()), reason="; ".join(_emu_problems()) or "ok")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]),
-]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
 
 
 def _device(backend):

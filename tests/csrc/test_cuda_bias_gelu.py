@@ -4,21 +4,11 @@ baseline) and against mbt_fast.torch_ops in fp32; run emulated on the CPU (and o
 import pytest
 import torch
 
-from conftest import agree, assert_close_2x
+from compare import agree, assert_close_2x
 from mbt_fast import cuda_ext, ops, torch_ops
 from mbt_fast.kernels.bias_gelu import bias_gelu_ref
 
-_EMU = cuda_ext.build_problems(emulated=True)
-BACKENDS = [
-    pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]),
-]
 NAMES = ("out", "grad_x", "grad_bias")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
 
 
 def _device(backend):

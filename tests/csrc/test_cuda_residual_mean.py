@@ -3,20 +3,9 @@
 import pytest
 import torch
 
-from mbt_fast import cuda_ext, ops, torch_ops
+from mbt_fast import ops, torch_ops
 from mbt_fast.layout import PackedLayout
-from conftest import check
-
-_EMU = cuda_ext.build_problems(emulated=True)
-BACKENDS = [
-    pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]),
-]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
+from compare import check
 
 
 def _run(fn, x, y, keep, g, device):

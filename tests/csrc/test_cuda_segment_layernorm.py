@@ -4,22 +4,12 @@ baseline) and against mbt_fast.torch_ops in fp32; run emulated on the CPU (and o
 import pytest
 import torch
 
-from conftest import agree, assert_close_2x
+from compare import agree, assert_close_2x
 from mbt_fast import cuda_ext, ops, torch_ops
 from mbt_fast.kernels.segment_layernorm import segment_layernorm_ref
 
 EPS = 1e-6
-_EMU = cuda_ext.build_problems(emulated=True)
-BACKENDS = [
-    pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]),
-]
 NAMES = ("out", "grad_x", "grad_weight", "grad_bias")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
 
 
 def _device(backend):

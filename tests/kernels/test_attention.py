@@ -14,7 +14,7 @@ from mbt_fast import ops
 from mbt_fast.kernels import attention as attn
 from mbt_fast.kernels.attention import MBTAttentionFunction, mbt_attention, mbt_attention_ref
 from mbt_fast.layout import PackedLayout
-from conftest import FLOORS  # noqa: E402
+from compare import FLOORS  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from mbt_fast import ops, torch_ops  # noqa: E402
 from mbt_fast.kernels.bias_gelu import bias_gelu, bias_gelu_ref  # noqa: E402
 from mbt_fast.layout import PackedLayout  # noqa: E402
-from conftest import agree, check  # noqa: E402
+from compare import agree, check  # noqa: E402
 
 
 def _inputs(N, B, F, M, dtype, noncontig=False, seed=0):

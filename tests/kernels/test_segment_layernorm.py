@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from mbt_fast import ops, torch_ops  # noqa: E402
 from mbt_fast.kernels.segment_layernorm import segment_layernorm, segment_layernorm_ref  # noqa: E402
 from mbt_fast.layout import PackedLayout  # noqa: E402
-from conftest import agree, check  # noqa: E402
+from compare import agree, check  # noqa: E402
 
 EPS = 1e-6
 
