@@ -22,3 +22,14 @@ def scenic_fixtures():
     if path is None:
         pytest.skip("Scenic fixtures not found: set MBT_FAST_SCENIC_FIXTURES or place shared/fixtures/scenic_mbt beside the repo")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch CPU thread: on a small, busy CPU, two threads make tiny-model steps erratic and slow."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

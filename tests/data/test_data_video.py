@@ -11,12 +11,7 @@ from mbt_fast.data.video import plan_clips, read_clips, ticks_to_source_frames
 RGB, SPEC = (8, 32, 32), (64, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

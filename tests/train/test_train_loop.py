@@ -15,12 +15,7 @@ from mbt_fast.train import TrainConfig, load_model_from_checkpoint, read_checkpo
 CFG = mbt_fast.MBTConfig.preset("tiny", num_classes=8, stochastic_droplayer_rate=0.3, dropout_rate=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _losses(run_dir):
