@@ -11,7 +11,8 @@ from functools import lru_cache
 
 import torch
 
-BACKENDS = ("reference", "torch", "triton", "cuda", "cuda-emu")
+# eager_sdpa is the baseline a user would write (Scenic's structure with SDPA), not an oracle
+BACKENDS = ("reference", "eager_sdpa", "torch", "triton", "cuda", "cuda-emu")
 # the order "auto" tries, fastest first
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
@@ -26,7 +27,7 @@ def unavailable_reasons(backend: str, device: torch.device | None = None) -> lis
     if backend not in BACKENDS:
         return [f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS + ('auto',))}"]
     reasons: list[str] = []
-    if backend in ("reference", "torch"):
+    if backend in ("reference", "eager_sdpa", "torch"):
         return reasons
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:

@@ -28,9 +28,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, sdpa: bool = False):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if sdpa:  # the eager_sdpa baseline: what a timm-style port writes
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+            return self.proj(o.transpose(1, 2).reshape(B, N, C))
         q = q / math.sqrt(self.head_dim)  # Flax scales the query before the dot product
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
         attn = F.dropout(attn, self.attn_drop, self.training)
@@ -55,7 +58,8 @@ def drop_pattern(batch: int, p: float, training: bool, device) -> torch.Tensor |
 
 
 class EncoderBlock(nn.Module):
-    """Scenic's pre-LN ``EncoderBlock``."""
+    """Scenic's pre-LN ``EncoderBlock``; ``sdpa=True`` runs its attention through
+    ``F.scaled_dot_product_attention`` (the ``eager_sdpa`` baseline), otherwise line by line."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float = 0.0, attn_drop: float = 0.0,
                  droplayer_p: float = 0.0):
@@ -66,8 +70,8 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(dim, mlp_dim, dropout)
         self.dropout, self.droplayer_p = dropout, droplayer_p
 
-    def forward(self, inputs):
-        x = F.dropout(self.attn(self.norm1(inputs)), self.dropout, self.training)
+    def forward(self, inputs, sdpa: bool = False):
+        x = F.dropout(self.attn(self.norm1(inputs), sdpa), self.dropout, self.training)
         keep = drop_pattern(inputs.shape[0], self.droplayer_p, self.training, inputs.device)
         x = inputs + (x if keep is None else x * keep[:, None, None])
         y = self.mlp(self.norm2(x))

@@ -90,7 +90,7 @@ class MBT(nn.Module):
         """Switch the backend in place (weights unchanged). Raises if an explicit backend cannot run."""
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS + ('auto',)}, got {backend!r}")
-        if backend not in ("reference", "torch", "auto"):
+        if backend not in ("reference", "eager_sdpa", "torch", "auto"):
             resolve_backend(backend)  # raises with every reason when it cannot run anywhere here
         self.backend = backend
         return self
@@ -168,10 +168,10 @@ class MBT(nn.Module):
         inputs = self._check_inputs({"rgb": rgb, "spectrogram": spectrogram})
         tokens = {m: self.embed(m, inputs[m] if m == "rgb" else inputs[m].unsqueeze(1)) for m in self.cfg.modality_fusion}
         backend = self.backend
-        if backend != "reference":
+        if backend not in ("reference", "eager_sdpa"):
             backend = resolve_backend(backend, next(iter(tokens.values())).device)
-        if backend == "reference":
-            return self._encode_reference(tokens)
+        if backend in ("reference", "eager_sdpa"):
+            return self._encode_reference(tokens, sdpa=backend == "eager_sdpa")
         return self._encode_packed(tokens, backend)
 
     def forward_head(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -199,8 +199,9 @@ class MBT(nn.Module):
         cfg = self.cfg
         return cfg.use_bottleneck and len(cfg.modality_fusion) > 1 and (self.training or cfg.test_with_bottlenecks)
 
-    def _encode_reference(self, tokens: dict) -> list[torch.Tensor]:
-        """Scenic's ``Encoder.__call__``, line by line (before ``encoder_norm``)."""
+    def _encode_reference(self, tokens: dict, sdpa: bool = False) -> list[torch.Tensor]:
+        """Scenic's ``Encoder.__call__``, line by line (before ``encoder_norm``); ``sdpa=True`` is the
+        ``eager_sdpa`` baseline (the same structure with SDPA attention), never the oracle."""
         cfg, mods = self.cfg, self.cfg.modality_fusion
         x = dict(tokens)
         B = next(iter(x.values())).shape[0]
@@ -209,12 +210,12 @@ class MBT(nn.Module):
         for lyr in range(cfg.num_layers):
             if lyr < cfg.fusion_layer or len(mods) == 1 or (cfg.use_bottleneck and not self._uses_bottleneck()):
                 for m in mods:
-                    x[m] = self.block(lyr, m)(x[m])
+                    x[m] = self.block(lyr, m)(x[m], sdpa)
             elif cfg.use_bottleneck:
                 bottle = []
                 for m in mods:
                     t_mod = x[m].shape[1]
-                    out = self.block(lyr, m)(torch.cat([x[m], bottleneck.to(x[m].dtype)], dim=1))
+                    out = self.block(lyr, m)(torch.cat([x[m], bottleneck.to(x[m].dtype)], dim=1), sdpa)
                     x[m] = out[:, :t_mod]
                     bottle.append(out[:, t_mod:])
                 bottleneck = torch.stack(bottle, dim=-1).mean(dim=-1)
@@ -223,12 +224,12 @@ class MBT(nn.Module):
                 for m in mods:
                     context = [x[o] for o in _SCENIC_CONTEXT_ORDER if o != m and o in mods]
                     t = x[m].shape[1]
-                    x_new[m] = self.block(lyr, m)(torch.cat(context + [x[m]], dim=1))[:, -t:]
+                    x_new[m] = self.block(lyr, m)(torch.cat(context + [x[m]], dim=1), sdpa)[:, -t:]
                 x = x_new
             else:
                 if x_combined is None:
                     x_combined = torch.cat([x[m] for m in mods], dim=1)
-                x_combined = self.block(lyr, mods[0])(x_combined)
+                x_combined = self.block(lyr, mods[0])(x_combined, sdpa)
         if x_combined is not None:
             return list(torch.split(x_combined, [tokens[m].shape[1] for m in mods], dim=1))
         return [x[m] for m in mods]

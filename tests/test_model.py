@@ -26,7 +26,7 @@ MODES = {
     "representation": dict(representation_size=16),
 }
 # (forward, gradient) tolerances per backend in fp32: torch is exact up to summation order
-TOLS = {"torch": (1e-5, 1e-5), "triton": (1e-4, 1e-3), "cuda-emu": (1e-4, 1e-3)}
+TOLS = {"eager_sdpa": (1e-5, 1e-5), "torch": (1e-5, 1e-5), "triton": (1e-4, 1e-3), "cuda-emu": (1e-4, 1e-3)}
 
 
 def make_model(cfg, seed=0):
@@ -68,7 +68,7 @@ def skip_unavailable(backend):
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["eager_sdpa", "torch", "triton"])
 def test_backend_matches_reference(mode, backend):
     skip_unavailable(backend)
     cfg = dataclasses.replace(TINY, **MODES[mode])
