@@ -2,12 +2,32 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 MODALITIES = ("spectrogram", "rgb")
 _CLASSIFIERS = ("token", "0", "gap", "gmp", "gsp")
+# field -> smallest value; ints must be true ints (JSON "64" or 4.0 is a mistake, not a size)
+_INT_FIELDS = {"hidden_size": 1, "num_heads": 1, "mlp_dim": 1, "num_layers": 1, "fusion_layer": 0, "n_bottlenecks": 0,
+               "num_classes": 1}
+_BOOL_FIELDS = ("use_bottleneck", "share_encoder", "test_with_bottlenecks")
+_RATE_FIELDS = ("dropout_rate", "attention_dropout_rate", "stochastic_droplayer_rate")
+# Scenic MBT arguments that are not model fields here: accepted in a flat config and ignored
+_SCENIC_IGNORED = frozenset({"patches", "temporal_encoding_config", "attention_config", "return_prelogits",
+                             "return_preclassifier", "dtype"})
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _type_name(v) -> str:
+    return f"{v!r} ({type(v).__name__})"
 
 
 @dataclass(frozen=True)
@@ -41,15 +61,65 @@ class MBTConfig:
         default_factory=lambda: {"rgb": (-1, 32, 224, 224, 3), "spectrogram": (-1, 800, 128, 3)})
 
     def __post_init__(self):
+        self._check_types()
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
         set_("patches_size", tuple(int(p) for p in self.patches_size))
         set_("modality_fusion", tuple(self.modality_fusion))
         set_("input_shapes", {k: tuple(int(d) for d in v) for k, v in dict(self.input_shapes).items()})
+        for name in _INT_FIELDS:
+            set_(name, int(getattr(self, name)))
+        if self.representation_size is not None:
+            set_("representation_size", int(self.representation_size))
+        for name in _RATE_FIELDS:
+            set_(name, float(getattr(self, name)))
         self.validate()
+
+    def _check_types(self) -> None:
+        """Types before anything is converted: a string, a float or a bool where a size belongs is a
+        config mistake that ``int()`` or ``bool()`` would hide."""
+        def bad(name, expected, value):
+            raise TypeError(f"{name}: expected {expected}, got {_type_name(value)}")
+
+        for name in _INT_FIELDS:
+            if not _is_int(getattr(self, name)):
+                bad(name, "an int", getattr(self, name))
+        if self.representation_size is not None and not _is_int(self.representation_size):
+            bad("representation_size", "an int or None", self.representation_size)
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "a bool (JSON true/false)", getattr(self, name))
+        for name in _RATE_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                bad(name, "a number", v)
+        for name in ("classifier", "temporal_encoding_method"):
+            if not isinstance(getattr(self, name), str):
+                bad(name, "a string", getattr(self, name))
+        if isinstance(self.modality_fusion, str) or not isinstance(self.modality_fusion, (list, tuple)):
+            bad("modality_fusion", "a list of modality names", self.modality_fusion)
+        if isinstance(self.patches_size, str) or not isinstance(self.patches_size, (list, tuple)) \
+                or not all(_is_int(p) for p in self.patches_size):
+            bad("patches_size", "a list of 3 ints [h, w, t]", self.patches_size)
+        if not isinstance(self.input_shapes, Mapping):
+            bad("input_shapes", "a dict {modality: shape}", self.input_shapes)
+        for k, v in self.input_shapes.items():
+            if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(_is_int(d) for d in v):
+                bad(f"input_shapes[{k!r}]", "a list of ints", v)
 
     def validate(self) -> None:
         def bad(name, expected, actual):
             raise ValueError(f"{name}: expected {expected}, got {actual!r}")
+
+        for name, lo in _INT_FIELDS.items():
+            if getattr(self, name) < lo:
+                bad(name, f">= {lo}", getattr(self, name))
+        if self.representation_size is not None and self.representation_size < 1:
+            bad("representation_size", "None or >= 1", self.representation_size)
+        if len(self.patches_size) == 3 and min(self.patches_size) < 1:
+            bad("patches_size", "positive [h, w, t]", self.patches_size)
+        for name in _RATE_FIELDS:
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "a finite rate in [0, 1)", getattr(self, name))
 
         if not self.modality_fusion or any(m not in MODALITIES for m in self.modality_fusion) \
                 or len(set(self.modality_fusion)) != len(self.modality_fusion):
@@ -70,6 +140,11 @@ class MBTConfig:
         for m in self.modality_fusion:
             if m not in self.input_shapes:
                 bad("input_shapes", f"an entry for modality {m!r}", self.input_shapes)
+            rank = 5 if m == "rgb" else 4
+            shape = self.input_shapes[m]
+            if len(shape) != rank or min(shape[1:]) < 1:
+                layout = "[B, T, H, W, 3]" if m == "rgb" else "[B, time, mel, 3]"
+                bad(f"input_shapes[{m!r}]", f"{rank} dims {layout} with positive sizes", shape)
         if "rgb" in self.modality_fusion:
             t, h, w = self.rgb_shape
             if t % ft or h % fh or w % fw:
@@ -126,12 +201,35 @@ class MBTConfig:
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def from_scenic(cls, config: Mapping[str, Any]) -> "MBTConfig":
+    def from_scenic(cls, config: Mapping[str, Any], strict: bool | None = None) -> "MBTConfig":
         """Build from Scenic's flat model fields (the fixtures' ``config.json``) or its nested layout
         (``config.model`` with ``patches.size`` and ``temporal_encoding_config.method``, plus
-        ``config.dataset_configs``); keys that are not model fields are ignored."""
+        ``config.dataset_configs``).
+
+        Unknown keys: a flat dict is strict by default (a typo such as ``fusion_layers`` is an error
+        that suggests the field; Scenic's MBT arguments without a meaning here, e.g. ``attention_config``
+        or ``dtype``, are accepted); a nested Scenic config is not (its trainer keys are expected) and
+        the ignored ``config.model`` keys are listed in a warning. ``strict=True``/``False`` forces either.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config: expected a dict of Scenic model fields, got {type(config).__name__}")
         config = dict(config)
-        flat = dict(config.get("model", {})) if isinstance(config.get("model"), Mapping) else {}
+        nested = isinstance(config.get("model"), Mapping)
+        strict = (not nested) if strict is None else strict
+        names = {f.name for f in dataclasses.fields(cls)}
+        model_keys = set(config["model"]) if nested else set(config)
+        unknown = sorted(k for k in model_keys - names - _SCENIC_IGNORED)
+        if unknown and strict:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), sorted(names), n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"config: unknown model field(s) {', '.join(hints)}; expected names from "
+                             f"{sorted(names)} (pass strict=False to ignore them)")
+        if unknown and nested:
+            warnings.warn(f"MBTConfig.from_scenic ignored config.model keys that are not model fields: {unknown}",
+                          UserWarning, stacklevel=2)
+        flat = dict(config["model"]) if nested else {}
         flat.update({k: v for k, v in config.items() if k != "model"})
         if isinstance(flat.get("patches"), Mapping) and "size" in flat["patches"]:
             flat.setdefault("patches_size", flat["patches"]["size"])
@@ -148,13 +246,21 @@ class MBTConfig:
                 shapes["spectrogram"] = (-1, ds["num_spec_frames"] * per_sec[0], per_sec[1], 3)
             if shapes:
                 flat["input_shapes"] = shapes
-        names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in flat.items() if k in names})
 
     @classmethod
-    def from_json(cls, path) -> "MBTConfig":
-        with open(path) as f:
-            return cls.from_scenic(json.load(f))
+    def from_json(cls, path, strict: bool | None = None) -> "MBTConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read an MBT config (a JSON object of Scenic model fields): {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of Scenic model fields, got {type(data).__name__}")
+        try:
+            return cls.from_scenic(data, strict=strict)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

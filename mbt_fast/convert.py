@@ -197,6 +197,7 @@ def scenic_to_state_dict(params: dict, cfg: MBTConfig, source: str = "checkpoint
         if unexpected:
             lines.append(f"  unexpected ({len(unexpected)}): " + "; ".join(unexpected))
         raise CheckpointError("\n".join(lines))
+    _check_heads(flat, cfg, source)
     out = {}
     for e in table:
         try:
@@ -205,6 +206,24 @@ def scenic_to_state_dict(params: dict, cfg: MBTConfig, source: str = "checkpoint
             shapes = ", ".join(f"{k} {flat[k].shape}" for k in e.flax_keys)
             raise CheckpointError(f"{source}: mis-shaped leaf for {e.torch_key}: {shapes} ({err})") from None
     return out
+
+
+def _check_heads(flat: dict, cfg: MBTConfig, source: str) -> None:
+    """The head split is in the file (query/key/value kernels ``[C, heads, head_dim]``, out ``[heads,
+    head_dim, C]``) but disappears in the fused torch weights, so a wrong ``num_heads`` would load and
+    give wrong logits: check it here."""
+    C, want = cfg.hidden_size, (cfg.num_heads, cfg.head_dim)
+    for k, v in flat.items():
+        parts = k.split("/")
+        if v.ndim != 3 or parts[-1] != "kernel" or "MultiHeadDotProductAttention_0" not in parts:
+            continue
+        qkv = parts[-2] in ("query", "key", "value")
+        split, width = (tuple(v.shape[1:]), v.shape[0]) if qkv else (tuple(v.shape[:2]), v.shape[2])
+        # other widths are reported as mis-shaped by the generic check; here only the head split
+        if width == C and split[0] * split[1] == C and split != want:
+            raise CheckpointError(
+                f"{source}: {k} has shape {tuple(v.shape)}, i.e. {split[0]} heads of {split[1]}; the config expects "
+                f"num_heads={cfg.num_heads} x head_dim={cfg.head_dim} (hidden_size={C}): fix num_heads in the config")
 
 
 def load_scenic_checkpoint(path, cfg: MBTConfig, backend: str = "torch"):

@@ -110,3 +110,10 @@ def test_cli_info(capsys):
     assert cli(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "reference  available" in out and "cuda " in out
+
+
+def test_wrong_num_heads_is_named(ckpt):
+    """The head split is in the file: a config with another num_heads must not load (it would give
+    logits off by ~1e-3 with no error)."""
+    with pytest.raises(CheckpointError, match=r"MultiHeadDotProductAttention_0/\w+/kernel has shape \(32, 1, 32\), i.e. 1 heads of 32.*num_heads=2"):
+        mbt_fast.load_scenic_checkpoint(ckpt, dataclasses.replace(CFG, num_heads=2))
