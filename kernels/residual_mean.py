@@ -72,8 +72,6 @@ def _residual_mean_fwd_kernel(
             k = tl.load(keep_ptr + b * M + mod, mask=rmask, other=0.0)
         else:
             k = tl.full([BLOCK_R], 1.0, tl.float32)
-        if MODE == 1:  # "keep": slot rows stay x
-            k = tl.where(is_slot, 0.0, k)
         smask = rmask
         if MODE == 2:  # "mean": slot rows belong to the slot programs
             smask = rmask & (is_slot == 0)
@@ -82,6 +80,8 @@ def _residual_mean_fwd_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = x + k[:, None] * y
+        if MODE == 1:  # "keep": slot rows are x itself, not x + 0 * y (an inf in y must not become NaN)
+            out = tl.where(is_slot[:, None], x, out)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # slot program: slot rows of modality m are the contiguous flattened rows

@@ -111,6 +111,20 @@ def test_mean_semantics_exact():
     assert gx[layout.modality_rows(0)].abs().sum() == 0
 
 
+def test_keep_mode_slots_are_x_exactly_even_for_inf_updates():
+    """Unimodal layers leave the bottleneck rows untouched: x itself, not x + 0 * y (NaN for an inf y),
+    as the torch backend and the reference do."""
+    layout = LAYOUTS[1]
+    x, y, k, _ = _inputs(layout, 2, 16, torch.float32)
+    y[layout.bottleneck_rows(1)] = float("inf")
+    out = residual_mean(x, y, k, layout, "keep")
+    want = ops.residual_mean(x, y, k, layout, "keep", backend="torch")
+    for m in range(layout.num_modalities):
+        s = layout.bottleneck_rows(m)
+        assert torch.equal(out[s], x[s]), f"slot of modality {m}: max |out - x| = {(out[s] - x[s]).abs().max()}"
+    assert torch.equal(out, want)
+
+
 def test_through_ops_dispatch():
     layout = LAYOUTS[1]
     x, y, k, _ = _inputs(layout, 2, 16, torch.float32)
