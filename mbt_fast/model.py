@@ -112,13 +112,22 @@ class MBT(nn.Module):
 
         from mbt_fast.convert import load_state_dict_checked
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if not os.path.isfile(path):
+            what = "is a directory" if os.path.isdir(path) else "does not exist"
+            raise FileNotFoundError(f"{path}: {what}; expected a .safetensors file from save_pretrained or mbt-fast convert")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error type for every malformed file
+            raise ValueError(f"{path}: not a readable safetensors file (truncated, empty or another format?): {e}") from None
         if cfg is None:
             if "mbt_fast_config" not in meta:
                 raise ValueError(f"{path}: no mbt_fast_config in the safetensors metadata; pass cfg=")
-            cfg = MBTConfig.from_scenic(json.loads(meta["mbt_fast_config"]))
+            try:
+                cfg = MBTConfig.from_scenic(json.loads(meta["mbt_fast_config"]))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: the mbt_fast_config in its metadata is invalid: {e}") from None
         model = cls(cfg, backend=backend)
         load_state_dict_checked(model, tensors, source=str(path))
         return model.eval()

@@ -1,5 +1,6 @@
 """Scenic checkpoint loading: malformed files fail clearly, nothing is unpickled, and the CLI converts."""
 import dataclasses
+import json
 
 import msgpack
 import numpy as np
@@ -117,3 +118,38 @@ def test_wrong_num_heads_is_named(ckpt):
     logits off by ~1e-3 with no error)."""
     with pytest.raises(CheckpointError, match=r"MultiHeadDotProductAttention_0/\w+/kernel has shape \(32, 1, 32\), i.e. 1 heads of 32.*num_heads=2"):
         mbt_fast.load_scenic_checkpoint(ckpt, dataclasses.replace(CFG, num_heads=2))
+
+
+def test_cli_convert_refuses_to_overwrite_its_input(tmp_path, ckpt, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CFG.to_dict()))
+    before = ckpt.read_bytes()
+    assert cli(["convert", str(ckpt), "--config", str(config), "--out", str(ckpt)]) == 2
+    assert "is one of the inputs" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "not a readable safetensors file"),
+    (b"\x00" * 3, "not a readable safetensors file"),
+    (bytes(range(256)) * 4, "not a readable safetensors file"),
+    (None, "is a directory"),
+])
+def test_from_pretrained_bad_file_names_it(tmp_path, content, match):
+    path = tmp_path / "m.safetensors"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
+        mbt_fast.MBT.from_pretrained(path)
+    assert str(path) in str(e.value)
+
+
+def test_from_pretrained_truncated_file_names_it(tmp_path):
+    path = tmp_path / "m.safetensors"
+    mbt_fast.MBT(CFG).save_pretrained(path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="not a readable safetensors file") as e:
+        mbt_fast.MBT.from_pretrained(path)
+    assert str(path) in str(e.value)
