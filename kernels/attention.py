@@ -88,8 +88,8 @@ def _mbt_attention_fwd_kernel(
     """One program = one query block of one segment, for one (sample, head)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    b = (bh // num_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 for a batch-major caller at large B
+    h = (bh % num_heads).to(tl.int64)
     # block table row: (q_start, q_end, k_start, k_end, first row of this block)
     q_end = tl.load(QBlocks + blk * 5 + 1)
     k_start = tl.load(QBlocks + blk * 5 + 2)
@@ -143,8 +143,8 @@ def _mbt_attention_bwd_preprocess_kernel(
     """``delta[b, h, n] = sum_d dO * O`` over every row (rows in no segment have O = 0, so delta = 0)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    b = (bh // num_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 for a batch-major caller at large B
+    h = (bh % num_heads).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < nq
@@ -174,8 +174,8 @@ def _mbt_attention_bwd_dkdv_kernel(
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    b = (bh // num_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 for a batch-major caller at large B
+    h = (bh % num_heads).to(tl.int64)
     # key block table row: (first row, end of its key interval, first and past-last entry in SegQ)
     n_start = tl.load(KBlocks + blk * 4 + 0)
     n_end = tl.load(KBlocks + blk * 4 + 1)
@@ -238,8 +238,8 @@ def _mbt_attention_bwd_dq_kernel(
     """One program = one query block, for one (sample, head): dQ of its rows over the segment's keys."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    b = (bh // num_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 for a batch-major caller at large B
+    h = (bh % num_heads).to(tl.int64)
     q_end = tl.load(QBlocks + blk * 5 + 1)
     k_start = tl.load(QBlocks + blk * 5 + 2)
     k_end = tl.load(QBlocks + blk * 5 + 3)
