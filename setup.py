@@ -17,7 +17,7 @@ if os.environ.get("MBT_FAST_BUILD_CUDA", "0") == "1":
     kwargs = build.setup_kwargs()
 
 setup(
-    packages=["mbt_fast", "mbt_fast.commands", "mbt_fast.data", "mbt_fast.train", "mbt_fast.kernels", "mbt_fast.csrc"],
+    packages=["mbt_fast", "mbt_fast.commands", "mbt_fast.ops", "mbt_fast.data", "mbt_fast.train", "mbt_fast.kernels", "mbt_fast.csrc"],
     package_dir={"mbt_fast.kernels": "kernels", "mbt_fast.csrc": "csrc"},
     package_data={"mbt_fast.csrc": ["**/*.cu", "**/*.cuh", "**/*.cpp", "**/*.h"]},
     **kwargs,

@@ -80,3 +80,20 @@ def resolve_backend(backend: str, device: torch.device | None = None) -> str:
             return name
         skipped.append(f"{name}: " + "; ".join(reasons))
     raise AssertionError("the torch backend is always available")
+
+
+@lru_cache(maxsize=None)
+def _resolved(backend: str, device_type: str | None, interpreting: bool) -> str:
+    name = resolve_backend(backend, torch.device(device_type) if device_type else None)
+    if name in ("cuda", "cuda-emu"):
+        from mbt_fast import cuda_ext
+
+        cuda_ext.build(emulated=name == "cuda-emu")  # loaded before any trace reaches its ops
+    return name
+
+
+@torch.compiler.assume_constant_result
+def resolved_backend(backend: str, device_type: str | None = None) -> str:
+    """``resolve_backend`` for the forward pass: probed once per (backend, device type), and a constant
+    under ``torch.compile`` (the probe reads files and the environment, which no graph should)."""
+    return _resolved(backend, device_type, triton_interpreting())

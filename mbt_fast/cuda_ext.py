@@ -151,8 +151,40 @@ def build(emulated: bool = False, verbose: bool = False, build_directory: str | 
         else:
             recipe.jit_load(emulated, verbose=False, build_directory=build_directory)
         ops = getattr(torch.ops, recipe.OPS_NAMESPACE[emulated])
+        _register_fakes(recipe.OPS_NAMESPACE[emulated])
         _LOADED[emulated] = ops
         return ops
+
+
+_FAKES_REGISTERED: set[str] = set()
+
+
+def _register_fakes(namespace: str) -> None:
+    """Fake (meta) kernels of the C++ ops, defined next to each op's contract in ``mbt_fast.ops``."""
+    if namespace in _FAKES_REGISTERED:
+        return
+    import importlib
+
+    fakes = dict(_ARCH_TEST_FAKES)
+    for op in ("attention", "residual_mean", "segment_layernorm", "bias_gelu"):
+        fakes.update(importlib.import_module(f"mbt_fast.ops.{op}").CUDA_FAKES)
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+    _FAKES_REGISTERED.add(namespace)
+
+
+# the wrappers' own tests (csrc/common/arch_tests.cu): one warp's registers in, one warp's out
+_ARCH_TEST_FAKES = {
+    "arch_test_mma": lambda a_regs, b_regs, c, bf16: c.new_empty(32, 4),
+    "arch_test_ldmatrix": lambda smem, row_offsets, num, trans: smem.new_empty(32, num, dtype=torch.int32),
+    "arch_test_shfl_xor": lambda vals, lane_mask: torch.empty_like(vals, memory_format=torch.contiguous_format),
+}
+
+
+def _ops(emulated: bool):
+    """The op namespace, as a literal ``torch.ops`` attribute so that torch.compile traces the calls
+    (the extension is loaded before any trace: ``backends.resolved_backend`` builds it)."""
+    return torch.ops.mbt_fast_emu if emulated else torch.ops.mbt_fast
 
 
 _LAST_LOG = ""
@@ -167,6 +199,30 @@ def last_build_log() -> str:
 # attention
 
 
+_TABLES: dict = {}
+
+
+def _cached(key, build):
+    """Constant int32 tables, built and copied to their device once per key, so no call copies (or
+    synchronises); under torch.compile they are built in the graph from the constants instead."""
+    if torch.compiler.is_compiling():
+        return build()
+    if key not in _TABLES:
+        _TABLES[key] = build()
+    return _TABLES[key]
+
+
+def _table(values: tuple, device) -> torch.Tensor:
+    return _cached((values, str(device)), lambda: torch.tensor(values, dtype=torch.int32, device=device))
+
+
+def _layout_tables(layout: PackedLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row -> modality and slot starts of ``layout`` on ``device``."""
+    slots = tuple(layout.bottleneck_rows(m).start for m in range(layout.num_modalities))
+    return _cached((layout, str(device)), lambda: (layout.row_weight(device),
+                                                   torch.tensor(slots, dtype=torch.int32, device=device)))
+
+
 def _check_device(name: str, t: torch.Tensor, emulated: bool):
     want = "cpu" if emulated else "cuda"
     if t.device.type != want:
@@ -175,7 +231,10 @@ def _check_device(name: str, t: torch.Tensor, emulated: bool):
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """Last dim contiguous and 16-byte aligned rows (the kernels load rows in 16-byte chunks)."""
-    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+    # under torch.compile the pointer is unknown: the strides decide, and the C++ launcher still checks
+    # the pointer (with head dims 32/64/128 the q, k, v views of a packed qkv start 16-byte aligned)
+    aligned = torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+    ok = t.stride(-1) == 1 and aligned and all(
         s % 8 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1)
     return t if ok else t.contiguous()
 
@@ -183,8 +242,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 class MBTAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seg, scale, emulated):
-        ops = build(emulated)
-        out, lse = ops.attention_fwd(q, k, v, seg, scale)
+        out, lse = _ops(emulated).attention_fwd(q, k, v, seg, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.seg, ctx.scale, ctx.emulated = seg, scale, emulated
         return out
@@ -192,7 +250,7 @@ class MBTAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = build(ctx.emulated).attention_bwd(_aligned(grad_out), q, k, v, out, lse, ctx.seg, ctx.scale)
+        dq, dk, dv = _ops(ctx.emulated).attention_bwd(_aligned(grad_out), q, k, v, out, lse, ctx.seg, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
@@ -205,7 +263,9 @@ def mbt_attention(q, k, v, seg, scale, emulated: bool = False):
                             f"bfloat16, got {t.dtype}; use backend 'torch' or 'triton' for float32")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"q: the {_BACKEND[emulated]} attention kernel supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
-    seg = torch.as_tensor(seg, dtype=torch.int32).reshape(-1, 4).cpu().contiguous()
+    if not torch.compiler.is_compiling():
+        build(emulated)
+    seg = _table(seg, "cpu")  # a host table: the C++ launcher builds its block tables from it
     return MBTAttentionFunction.apply(_aligned(q), _aligned(k), _aligned(v), seg, float(scale), emulated)
 
 
@@ -216,9 +276,8 @@ def mbt_attention(q, k, v, seg, scale, emulated: bool = False):
 class ResidualMeanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, keep, row_mod, slot_start, n_bottleneck, mode, emulated):
-        ops = build(emulated)
         keep_t = keep if keep is not None else x.new_empty(0)
-        out = ops.residual_mean_fwd(x, y, keep_t, row_mod, slot_start, n_bottleneck, mode)
+        out = _ops(emulated).residual_mean_fwd(x, y, keep_t, row_mod, slot_start, n_bottleneck, mode)
         ctx.save_for_backward(keep_t, row_mod, slot_start)
         ctx.args = (n_bottleneck, mode, emulated, y.dtype)
         return out
@@ -227,7 +286,7 @@ class ResidualMeanFunction(torch.autograd.Function):
     def backward(ctx, grad):
         keep_t, row_mod, slot_start = ctx.saved_tensors
         n_bottleneck, mode, emulated, y_dtype = ctx.args
-        dx, dy = build(emulated).residual_mean_bwd(grad.contiguous(), keep_t, row_mod, slot_start, n_bottleneck, mode)
+        dx, dy = _ops(emulated).residual_mean_bwd(grad.contiguous(), keep_t, row_mod, slot_start, n_bottleneck, mode)
         # keep is a stochastic-depth mask, not a learned tensor: no gradient
         return dx, dy.to(y_dtype), None, None, None, None, None, None
 
@@ -238,9 +297,9 @@ def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str, emulated: b
         _check_device(name, t, emulated)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x: the {_BACKEND[emulated]} residual_mean kernel supports float32, float16, bfloat16, got {x.dtype}")
-    row_mod = layout.row_weight(x.device)
-    slot_start = torch.tensor([layout.bottleneck_rows(m).start for m in range(layout.num_modalities)],
-                              dtype=torch.int32, device=x.device)
+    if not torch.compiler.is_compiling():
+        build(emulated)
+    row_mod, slot_start = _layout_tables(layout, x.device)
     keep = keep.to(device=x.device, dtype=torch.float32).contiguous() if keep is not None else None
     return ResidualMeanFunction.apply(x.contiguous(), y.to(x.dtype).contiguous(), keep, row_mod, slot_start,
                                       layout.n_bottleneck, _MODES[bottleneck], emulated)
@@ -268,7 +327,7 @@ class SegmentLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, row_weight, eps, emulated):
         w32, b32 = weight.float().contiguous(), bias.float().contiguous()
-        out, mean, rstd = build(emulated).segment_layernorm_fwd(x, w32, b32, row_weight, eps)
+        out, mean, rstd = _ops(emulated).segment_layernorm_fwd(x, w32, b32, row_weight, eps)
         ctx.save_for_backward(x, w32, row_weight, mean, rstd)
         ctx.args = (emulated, weight.dtype, bias.dtype)
         return out
@@ -277,7 +336,7 @@ class SegmentLayerNormFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, w32, row_weight, mean, rstd = ctx.saved_tensors
         emulated, w_dtype, b_dtype = ctx.args
-        gx, dw, db = build(emulated).segment_layernorm_bwd(grad.to(x.dtype).contiguous(), x, w32, row_weight, mean, rstd)
+        gx, dw, db = _ops(emulated).segment_layernorm_bwd(grad.to(x.dtype).contiguous(), x, w32, row_weight, mean, rstd)
         return gx, dw.to(w_dtype), db.to(b_dtype), None, None, None
 
 
@@ -289,6 +348,8 @@ def segment_layernorm(x, weight, bias, row_weight, eps, emulated: bool = False):
                          f"channels, got {x.shape[-1]}; use backend 'torch' or 'triton'")
     if bias.shape != weight.shape:
         raise ValueError(f"bias: expected the shape of weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if not torch.compiler.is_compiling():
+        build(emulated)
     rw = row_weight.to(device=x.device, dtype=torch.int32).contiguous()
     return SegmentLayerNormFunction.apply(x.contiguous(), weight, bias, rw, float(eps), emulated)
 
@@ -297,7 +358,7 @@ class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, row_weight, emulated):
         b32 = bias.float().contiguous()
-        out = build(emulated).bias_gelu_fwd(x, b32, row_weight)
+        out = _ops(emulated).bias_gelu_fwd(x, b32, row_weight)
         # nothing but the inputs is saved: the backward recomputes the GELU
         ctx.save_for_backward(x, b32, row_weight)
         ctx.args = (emulated, bias.dtype)
@@ -307,12 +368,14 @@ class BiasGeluFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, b32, row_weight = ctx.saved_tensors
         emulated, b_dtype = ctx.args
-        gx, db = build(emulated).bias_gelu_bwd(grad.to(x.dtype).contiguous(), x, b32, row_weight)
+        gx, db = _ops(emulated).bias_gelu_bwd(grad.to(x.dtype).contiguous(), x, b32, row_weight)
         return gx, db.to(b_dtype), None, None
 
 
 def bias_gelu(x, bias, row_weight, emulated: bool = False):
     """Contract of ``mbt_fast.ops.bias_gelu`` (shapes already validated there); output in x's dtype."""
     _check_rows("bias_gelu", x, emulated, (("bias", bias),))
+    if not torch.compiler.is_compiling():
+        build(emulated)
     rw = row_weight.to(device=x.device, dtype=torch.int32).contiguous()
     return BiasGeluFunction.apply(x.contiguous(), bias, rw, emulated)

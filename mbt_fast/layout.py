@@ -19,8 +19,7 @@ Two tables describe a layer to the kernels:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,25 +37,23 @@ class PackedLayout:
     modalities: tuple[str, ...]
     tokens: tuple[int, ...]
     n_bottleneck: int
+    offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)  # first row of each modality
 
     def __post_init__(self):
         if len(self.modalities) != len(self.tokens) or not self.modalities:
             raise ValueError(f"modalities {self.modalities} and tokens {self.tokens} must be non-empty and of equal length")
         if self.n_bottleneck < 0 or any(t <= 0 for t in self.tokens):
             raise ValueError(f"token counts must be positive and n_bottleneck >= 0, got {self.tokens}, {self.n_bottleneck}")
+        # computed once here, not lazily: a plain attribute is what torch.compile traces without a break
+        offsets, o = [], 0
+        for t in self.tokens:
+            offsets.append(o)
+            o += t + self.n_bottleneck
+        object.__setattr__(self, "offsets", tuple(offsets))
 
     @property
     def num_modalities(self) -> int:
         return len(self.modalities)
-
-    @cached_property
-    def offsets(self) -> tuple[int, ...]:
-        """First row of each modality."""
-        out, o = [], 0
-        for t in self.tokens:
-            out.append(o)
-            o += t + self.n_bottleneck
-        return tuple(out)
 
     @property
     def total_rows(self) -> int:
@@ -73,14 +70,14 @@ class PackedLayout:
         """Modality ``m`` together with its bottleneck slot."""
         return slice(self.offsets[m], self.offsets[m] + self.tokens[m] + self.n_bottleneck)
 
-    def row_segments(self) -> list[tuple[int, int, int]]:
+    def row_segments(self) -> tuple[tuple[int, int, int], ...]:
         """``(start, end, modality)`` for every modality's rows plus its bottleneck slot."""
-        return [(s.start, s.stop, m) for m, s in enumerate(map(self.block_rows, range(self.num_modalities)))]
+        return tuple((s.start, s.stop, m) for m, s in enumerate(map(self.block_rows, range(self.num_modalities))))
 
-    def attn_segments(self, fused: bool) -> list[tuple[int, int, int, int]]:
+    def attn_segments(self, fused: bool) -> tuple[tuple[int, int, int, int], ...]:
         """Key ranges of a layer: ``[modality | its bottleneck]`` when fused, ``[modality]`` otherwise."""
         rows = self.block_rows if fused else self.modality_rows
-        return [(s.start, s.stop, s.start, s.stop) for s in map(rows, range(self.num_modalities))]
+        return tuple((s.start, s.stop, s.start, s.stop) for s in map(rows, range(self.num_modalities)))
 
     def row_weight(self, device=None) -> torch.Tensor:
         idx = torch.empty(self.total_rows, dtype=torch.int32)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
 
-from mbt_fast.backends import BACKENDS, resolve_backend
+from mbt_fast.backends import BACKENDS, resolve_backend, resolved_backend
 from mbt_fast.config import MBTConfig
 from mbt_fast.layers import LN_EPS, EncoderBlock, LayerPlan, packed_block
 from mbt_fast.layout import PackedLayout
@@ -57,6 +56,12 @@ class MBT(nn.Module):
         self.pre_logits = nn.Linear(C, cfg.representation_size) if cfg.representation_size else None
         self.head = nn.Linear(cfg.representation_size or C, cfg.num_classes)
         self._init_weights()
+        # the packed layouts (with and without bottleneck rows) and their row -> modality tables are
+        # built once: non-persistent buffers follow .to(device) and torch.compile sees plain tensors
+        self._layouts = {nb: PackedLayout(mods, tuple(cfg.num_tokens(m) for m in mods), nb)
+                         for nb in {0, cfg.num_bottleneck_tokens if cfg.use_bottleneck else 0}}
+        for nb, layout in self._layouts.items():
+            self.register_buffer(f"_row_weight_{nb}", layout.row_weight(), persistent=False)
         self.set_backend(backend)
 
     # ---- construction ------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ class MBT(nn.Module):
         tokens = {m: self.embed(m, inputs[m] if m == "rgb" else inputs[m].unsqueeze(1)) for m in self.cfg.modality_fusion}
         backend = self.backend
         if backend not in ("reference", "eager_sdpa"):
-            backend = resolve_backend(backend, next(iter(tokens.values())).device)
+            backend = resolved_backend(backend, next(iter(tokens.values())).device.type)
         if backend in ("reference", "eager_sdpa"):
             return self._encode_reference(tokens, sdpa=backend == "eager_sdpa")
         return self._encode_packed(tokens, backend)
@@ -244,9 +249,7 @@ class MBT(nn.Module):
         return [x[m] for m in mods]
 
     def layout(self) -> PackedLayout:
-        cfg = self.cfg
-        nb = cfg.num_bottleneck_tokens if self._uses_bottleneck() else 0
-        return PackedLayout(cfg.modality_fusion, tuple(cfg.num_tokens(m) for m in cfg.modality_fusion), nb)
+        return self._layouts[self.cfg.num_bottleneck_tokens if self._uses_bottleneck() else 0]
 
     def layer_plans(self, layout: PackedLayout) -> list[LayerPlan]:
         cfg, M = self.cfg, layout.num_modalities
@@ -275,7 +278,7 @@ class MBT(nn.Module):
             if layout.n_bottleneck:
                 parts.append(self.bottleneck.to(tokens[m].dtype).transpose(0, 1).expand(-1, B, -1))
         x = torch.cat(parts).contiguous()  # the packed [N, B, C] buffer, assembled once
-        row_weight = _row_weight(layout, x.device)
+        row_weight = getattr(self, f"_row_weight_{layout.n_bottleneck}")
         joint = cfg.share_encoder and not cfg.use_bottleneck
         for lyr, plan in enumerate(self.layer_plans(layout)):
             blocks = [self.block(lyr, m) for m in mods]
@@ -283,7 +286,3 @@ class MBT(nn.Module):
                              shared_draw=joint and lyr >= cfg.fusion_layer)
         return [x[layout.modality_rows(m)].transpose(0, 1) for m in range(len(mods))]
 
-
-@lru_cache(maxsize=64)
-def _row_weight(layout: PackedLayout, device: torch.device) -> torch.Tensor:
-    return layout.row_weight(device)

@@ -451,7 +451,7 @@ def _autocast(device_type, *args, **kwargs):
 def counting(counter: Counter, backend: str):
     """Count everything run inside on meta tensors as ``backend`` would run it on a GPU."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch("mbt_fast.model.resolve_backend", lambda b, device=None: b))
+        stack.enter_context(mock.patch("mbt_fast.model.resolved_backend", lambda b, device_type=None: b))
         # the meta device has no autocast state: ops.segment_linear queries and disables it
         stack.enter_context(mock.patch.object(torch, "is_autocast_enabled", _autocast_enabled))
         stack.enter_context(mock.patch.object(torch, "autocast", _autocast))

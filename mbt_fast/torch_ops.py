@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from mbt_fast.layout import PackedLayout
 
 
-def mbt_attention(q, k, v, segments, scale: float, dropout_p: float = 0.0):
+def mbt_attention(q, k, v, segments: tuple, scale: float, dropout_p: float = 0.0):
+    """``segments``: validated ``(q_start, q_end, k_start, k_end)`` int rows (see ``mbt_fast.ops``)."""
     pieces, row = [], 0
-    for qs, qe, ks, ke in sorted(segments.tolist()):
+    for qs, qe, ks, ke in sorted(segments):
         if qs > row:  # rows in no segment output zeros
             pieces.append(q.new_zeros(qs - row, *q.shape[1:]))
         # [n, B, H, D] -> [B, H, n, D] views; SDPA picks flash/efficient/math by device
@@ -27,22 +28,24 @@ def mbt_attention(q, k, v, segments, scale: float, dropout_p: float = 0.0):
 
 
 def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str):
+    y = y.to(x.dtype)
     if keep is None:
-        out = x + y.to(x.dtype)
-    else:
-        row_keep = keep.t().to(x.dtype)[layout.row_weight(x.device).long()]  # [N, B]
-        out = torch.addcmul(x, y.to(x.dtype), row_keep.unsqueeze(-1))
-    nb = layout.n_bottleneck
-    if nb == 0 or bottleneck == "add":
+        out = x + y
+    else:  # the [N, B] row mask from the modalities' row ranges: no index table, no gather
+        keep = keep.to(x.dtype)
+        row_keep = torch.cat([keep[:, m].expand(e - s, -1) for s, e, m in layout.row_segments()])
+        out = torch.addcmul(x, y, row_keep.unsqueeze(-1))
+    if layout.n_bottleneck == 0 or bottleneck == "add":
         return out
     slots = [layout.bottleneck_rows(m) for m in range(layout.num_modalities)]
+    # the slot rows are written in place into the fresh output (no copy of the buffer per slot)
     if bottleneck == "keep":
-        new = [x[s] for s in slots]
+        for s in slots:
+            out[s] = x[s]
     else:  # mean
         mean = torch.stack([out[s] for s in slots]).mean(0)
-        new = [mean] * len(slots)
-    for s, val in zip(slots, new):
-        out = out.slice_scatter(val, dim=0, start=s.start, end=s.stop)
+        for s in slots:
+            out[s] = mean
     return out
 
 

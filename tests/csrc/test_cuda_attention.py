@@ -32,7 +32,7 @@ def _run(fn, tensors, dout):
 def _compare(backend, q, k, v, segs, dtype, backward=True, dout=None):
     """q, k, v fp32 CPU masters; runs reference (fp32), eager (dtype) and the kernel (dtype)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    seg_t = torch.as_tensor(segs, dtype=torch.int32)
+    seg_t = tuple(tuple(int(x) for x in row) for row in torch.as_tensor(segs).reshape(-1, 4).tolist())
     if backward and dout is None:
         dout = torch.randn(q.shape)
     ref = _run(lambda a, b, c: torch_ops.mbt_attention(a, b, c, seg_t, scale), (q, k, v), dout if backward else None)

@@ -1,0 +1,171 @@
+"""torch.compile: no graph break, compiled = eager (outputs and every gradient), and opcheck for every
+op of the C++ extension; on configurations nobody tuned to.
+
+``triton`` is not here: under the interpreter its launchers run on the host (see the README's compile
+section). The ``cuda`` backend runs the same Python path as ``cuda-emu``; its CUDA-graph capture is a
+``gpu`` test.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch._dynamo
+
+import mbt_fast
+from mbt_fast import cuda_ext
+from mbt_fast.config import MBTConfig
+
+_EMU = cuda_ext.build_problems(emulated=True)
+BACKENDS = ["torch", pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok"))]
+
+BASE = MBTConfig(hidden_size=64, num_heads=2, mlp_dim=80, num_layers=3, fusion_layer=1, n_bottlenecks=3, num_classes=5,
+                 stochastic_droplayer_rate=0.3, input_shapes={"rgb": (-1, 4, 32, 32, 3), "spectrogram": (-1, 48, 16, 3)})
+CONFIGS = {
+    "bottleneck": {},
+    "early_fusion_1_bottleneck": dict(fusion_layer=0, n_bottlenecks=1),
+    "late_fusion_7_bottlenecks": dict(fusion_layer=2, n_bottlenecks=7),
+    "vanilla": dict(use_bottleneck=False),
+    "vanilla_shared": dict(use_bottleneck=False, share_encoder=True),
+    "rgb_only": dict(modality_fusion=("rgb",), use_bottleneck=False),
+}
+BATCH = 3
+
+
+def _setup(backend, overrides, train):
+    cfg = dataclasses.replace(BASE, **overrides)
+    torch.manual_seed(0)
+    model = mbt_fast.MBT(cfg, backend=backend)
+    with torch.no_grad():  # a zero head would hide every gradient below it
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    # the CUDA attention runs on tensor cores only (fp16/bf16): cuda-emu runs the model in bf16
+    dtype = torch.bfloat16 if backend == "cuda-emu" else torch.float32
+    model = model.to(dtype).train(train)
+    g = torch.Generator().manual_seed(1)
+    inputs = {"rgb": torch.rand(BATCH, 3, *cfg.rgb_shape, generator=g) * 2 - 1,
+              "spectrogram": torch.randn(BATCH, *cfg.spectrogram_shape, generator=g)}
+    return model, {m: inputs[m].to(dtype) for m in cfg.modality_fusion}
+
+
+def _step(model, fn, inputs):
+    """Logits and every parameter's gradient of one forward/backward, from one RNG state."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # stochastic depth draws the same masks in both runs
+    out = fn(**inputs)
+    out.float().square().sum().backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float(), grads
+
+
+def _assert_same(eager, compiled, tol):
+    (eo, eg), (co, cg) = eager, compiled
+    err = (eo - co).abs().max().item()
+    assert err <= tol, f"logits: compiled vs eager max error {err:.3g} > {tol}"
+    assert eg.keys() == cg.keys(), f"parameters with gradients differ: {sorted(eg.keys() ^ cg.keys())}"
+    assert eg, "no parameter received a gradient"
+    for n in eg:
+        scale = max(eg[n].abs().max().item(), 1e-30)
+        err = (eg[n] - cg[n]).abs().max().item()
+        assert err <= tol * max(scale, 1.0), f"{n}.grad: compiled vs eager max error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_explain_reports_no_graph_break(backend, train):
+    model, inputs = _setup(backend, {}, train)
+    explanation = torch._dynamo.explain(model)(**inputs)
+    reasons = [r.reason.splitlines()[0] for r in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, f"{explanation.graph_break_count} graph breaks: {reasons}"
+    assert explanation.graph_count == 1, f"{explanation.graph_count} graphs"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_fullgraph_compile_matches_eager(backend, train, config):
+    """fullgraph=True raises on any graph break; aot_eager also traces the backward (AOTAutograd)."""
+    torch._dynamo.reset()
+    model, inputs = _setup(backend, CONFIGS[config], train)
+    eager = _step(model, model, inputs)
+    compiled = _step(model, torch.compile(model, fullgraph=True, backend="aot_eager"), inputs)
+    _assert_same(eager, compiled, 1e-5)
+
+
+def test_inductor_compile_matches_eager_torch_backend():
+    """Inductor generates its own kernels for the torch backend's elementwise work: fp32 rounding only."""
+    torch._dynamo.reset()
+    model, inputs = _setup("torch", dict(stochastic_droplayer_rate=0.0), True)  # Inductor's RNG is not eager's
+    eager = _step(model, model, inputs)
+    compiled = _step(model, torch.compile(model, fullgraph=True), inputs)
+    _assert_same(eager, compiled, 1e-5)
+
+
+def test_segment_tables_are_not_read_on_the_host_per_call(monkeypatch):
+    """The hot path validates each segment table once: a second call does no validation work."""
+    from mbt_fast.ops import _contract
+
+    model, inputs = _setup("torch", {}, False)
+    model(**inputs)
+    calls = []
+    for name in ("_checked_attention_segments", "_checked_row_segments"):
+        real = getattr(_contract, name)
+        monkeypatch.setattr(_contract, name, lambda *a, _real=real: calls.append(a) or _real(*a))
+    model(**inputs)
+    assert calls == [], f"segment tables validated again on a repeated call: {calls[:2]}"
+
+
+# ---- opcheck of every op of the C++ extension (the emulated build: torch.ops.mbt_fast_emu) -----------
+
+def _attention_samples(nq, nk, B, H, D, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(nq)
+    q, k, v = (torch.randn(n, B, H, D, generator=g).to(dtype) for n in (nq, nk, nk))
+    seg = torch.tensor([[0, nq // 2, 0, nk // 2], [nq // 2, nq, nk // 3, nk]], dtype=torch.int32)
+    return q, k, v, seg
+
+
+def _samples(ops):
+    """Two sample calls per op (op name -> list of argument tuples)."""
+    out = {}
+    fwd, bwd = [], []
+    for shape in ((37, 37, 2, 2, 32), (70, 45, 1, 1, 64)):
+        q, k, v, seg = _attention_samples(*shape)
+        o, lse = ops.attention_fwd(q, k, v, seg, 0.2)
+        fwd.append((q, k, v, seg, 0.2))
+        bwd.append((torch.randn_like(o), q, k, v, o, lse, seg, 0.2))
+    out["attention_fwd"], out["attention_bwd"] = fwd, bwd
+
+    fwd, bwd, lnf, lnb, gf, gb = [], [], [], [], [], []
+    for N, B, C, nb in ((2 * 9 + 6, 2, 16, 3), (2 * 5 + 2, 3, 40, 1)):
+        rows, M = N, 2
+        row_mod = torch.tensor([0] * (N // 2) + [1] * (N - N // 2), dtype=torch.int32)
+        slot_start = torch.tensor([N // 2 - nb, N - nb], dtype=torch.int32)
+        x, y = torch.randn(rows, B, C), torch.randn(rows, B, C)
+        keep = (torch.rand(B, M) > 0.5).float()
+        fwd += [(x, y, keep, row_mod, slot_start, nb, 2), (x, y, torch.empty(0), row_mod, slot_start, nb, 1)]
+        bwd += [(torch.randn(rows, B, C), keep, row_mod, slot_start, nb, 2)]
+        w, b = torch.randn(M, C), torch.randn(M, C)
+        o, mean, rstd = ops.segment_layernorm_fwd(x, w, b, row_mod, 1e-6)
+        lnf.append((x, w, b, row_mod, 1e-6))
+        lnb.append((torch.randn_like(x), x, w, row_mod, mean, rstd))
+        gf.append((x, b, row_mod))
+        gb.append((torch.randn_like(x), x, b, row_mod))
+    out.update(residual_mean_fwd=fwd, residual_mean_bwd=bwd, segment_layernorm_fwd=lnf, segment_layernorm_bwd=lnb,
+               bias_gelu_fwd=gf, bias_gelu_bwd=gb)
+
+    # registers hold packed pairs of fp16/bf16 values: finite ones, so outputs compare equal
+    out["arch_test_mma"] = [(torch.randn(32, 8).to(dt).view(torch.int32), torch.randn(32, 4).to(dt).view(torch.int32),
+                             torch.randn(32, 4), dt == torch.bfloat16) for dt in (torch.float16, torch.bfloat16)]
+    out["arch_test_ldmatrix"] = [(torch.arange(64 * 8, dtype=torch.int16), torch.arange(32) * 8, n, t) for n, t in ((4, False), (2, True))]
+    out["arch_test_shfl_xor"] = [(torch.randn(n), mask) for n, mask in ((64, 1), (256, 17))]
+    return out
+
+
+@pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok")
+def test_opcheck_every_extension_op():
+    ops = cuda_ext.build(emulated=True)
+    names = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mbt_fast_emu::"))
+    samples = _samples(ops)
+    assert names and set(names) == set(samples), f"ops without samples: {set(names) - set(samples)}"
+    for name in names:
+        for args in samples[name]:
+            torch.library.opcheck(getattr(ops, name).default, args)

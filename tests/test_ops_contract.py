@@ -1,0 +1,168 @@
+"""The fused ops' contract at their entry (mbt_fast.ops): every bad argument gets a clear error naming
+it, with the expected and the actual value; an empty batch works on every backend like the reference."""
+import pytest
+import torch
+
+import mbt_fast
+from mbt_fast import cuda_ext, ops
+from mbt_fast.layout import PackedLayout
+
+LAYOUT = PackedLayout(("spectrogram", "rgb"), (5, 7), 2)  # 16 rows
+N, B, C = LAYOUT.total_rows, 2, 8
+_EMU = cuda_ext.build_problems(emulated=True)
+ALL = ["torch", "triton", pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok"))]
+
+
+def _qkv(nq=N, nk=N, dtype=torch.float32):
+    return torch.randn(nq, B, 2, 32, dtype=dtype), torch.randn(nk, B, 2, 32, dtype=dtype), torch.randn(nk, B, 2, 32, dtype=dtype)
+
+
+# ---- attention segments ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("segments, error, message", [
+    ((), ValueError, r"segments: expected at least one row \(q_start, q_end, k_start, k_end\), got none"),
+    (((0, 8, 0, 8, 1),), ValueError, r"segments: expected rows of 4 values .*got row 0 = \(0, 8, 0, 8, 1\)"),
+    (((0, 8, 0),), ValueError, r"segments: expected rows of 4 values .*got row 0 = \(0, 8, 0\)"),
+    (((0, 8.5, 0, 8),), TypeError, r"segments: expected int values .*got row 0 = \(0, 8.5, 0, 8\)"),
+    (((0, True, 0, 8),), TypeError, r"segments: expected int values"),
+    (((0, 17, 0, 8),), ValueError, r"segments: row \(0, 17, 0, 8\) is empty or outside q rows \[0, 16\)"),
+    (((-1, 8, 0, 8),), ValueError, r"segments: row \(-1, 8, 0, 8\) is empty or outside"),
+    (((4, 4, 0, 8),), ValueError, r"segments: row \(4, 4, 0, 8\) is empty"),
+    (((0, 8, 0, 8), (7, 16, 0, 16)), ValueError, r"segments: query ranges must not overlap, got \(0, 8, 0, 8\) and \(7, 16, 0, 16\)"),
+    (torch.tensor([[0.0, 8.0, 0.0, 8.0]]), TypeError, r"segments: expected integer rows .*got a torch.float32 tensor"),
+])
+def test_attention_segments_are_validated(segments, error, message):
+    q, k, v = _qkv()
+    with pytest.raises(error, match=message):
+        ops.mbt_attention(q, k, v, segments)
+
+
+def test_attention_accepts_an_integer_tensor_table_in_eager():
+    q, k, v = _qkv()
+    seg = ((0, 7, 0, 7), (7, 16, 7, 16))
+    torch.testing.assert_close(ops.mbt_attention(q, k, v, torch.tensor(seg, dtype=torch.int64)), ops.mbt_attention(q, k, v, seg))
+
+
+@pytest.mark.parametrize("p", [-1, 1.0, 1.5, float("nan"), "0.1", True])
+def test_attention_dropout_range(p):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"dropout_p: expected a number in \[0, 1\), got"):
+        ops.mbt_attention(q, k, v, ((0, 16, 0, 16),), dropout_p=p)
+
+
+def test_attention_shapes_and_dtypes_are_named():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"q, k, v: expected \[Nq, B, H, D\] and two equal"):
+        ops.mbt_attention(q, k[:, :1], v, ((0, 16, 0, 16),))
+    with pytest.raises(TypeError, match="q, k, v: expected one dtype"):
+        ops.mbt_attention(q, k.double(), v, ((0, 16, 0, 16),))
+    with pytest.raises(ValueError, match=r"q: expected 4 dimensions, got shape \(16, 2, 64\)"):
+        ops.mbt_attention(q.flatten(2), k, v, ((0, 16, 0, 16),))
+
+
+# ---- segment_linear segments ----------------------------------------------------------------------
+
+def _linear_args():
+    x = torch.randn(N, B, C)
+    return x, [torch.randn(4, C), torch.randn(4, C)], [torch.randn(4), torch.randn(4)]
+
+
+@pytest.mark.parametrize("segments, error, message", [
+    (((0, 8, 0), (8, 17, 1)), ValueError, r"segments: row \(8, 17, 1\) is empty or outside rows \[0, 16\)"),
+    (((-2, 8, 0), (8, 16, 1)), ValueError, r"segments: row \(-2, 8, 0\) is empty or outside"),
+    (((0, 8, 0), (8, 16, 2)), ValueError, r"segments: row \(8, 16, 2\) names weight 2, expected an index in \[0, 2\)"),
+    (((0, 8, 0), (8, 16, -1)), ValueError, r"names weight -1"),
+    (((0, 9, 0), (8, 16, 1)), ValueError, r"covered exactly once; \(8, 16, 1\) overlaps the previous row"),
+    (((0, 6, 0), (8, 16, 1)), ValueError, r"covered exactly once; \(8, 16, 1\) leaves rows \[6, 8\) uncovered"),
+    (((0, 8, 0), (8, 12, 1)), ValueError, r"covered exactly once; rows \[12, 16\) are uncovered"),
+    (((0, 8.0, 0), (8, 16, 1)), TypeError, r"segments: expected int values \(start, end, weight_index\)"),
+    (((0, 8, 0, 1), (8, 16, 1, 1)), ValueError, r"segments: expected rows of 3 values"),
+])
+def test_segment_linear_segments_are_validated(segments, error, message):
+    x, w, b = _linear_args()
+    with pytest.raises(error, match=message):
+        ops.segment_linear(x, w, b, segments)
+
+
+def test_segment_linear_weights_are_validated():
+    x, w, b = _linear_args()
+    seg = ((0, 8, 0), (8, 16, 1))
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected shape \[out, 8\] like weights\[0\] \(4, 8\), got \(4, 6\)"):
+        ops.segment_linear(x, [w[0], torch.randn(4, 6)], b, seg)
+    with pytest.raises(ValueError, match=r"biases: expected 2 \(one per weight\) or None, got 1"):
+        ops.segment_linear(x, w, b[:1], seg)
+    with pytest.raises(ValueError, match=r"biases\[0\]: expected shape \(4,\), got \(5,\)"):
+        ops.segment_linear(x, w, [torch.randn(5), b[1]], seg)
+    with pytest.raises(TypeError, match="x: expected the dtype of the weights and biases"):
+        ops.segment_linear(x.double(), w, b, seg)
+
+
+def test_segment_linear_covers_every_row_with_its_weights():
+    x, w, b = _linear_args()
+    out = ops.segment_linear(x, w, b, ((0, 8, 0), (8, 16, 1)))
+    torch.testing.assert_close(out[:8], x[:8] @ w[0].t() + b[0])
+    torch.testing.assert_close(out[8:], x[8:] @ w[1].t() + b[1])
+
+
+# ---- row_weight, eps -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("bad", [2, -1, 7])
+def test_row_weight_values_outside_the_table_are_refused(backend, bad):
+    rw = LAYOUT.row_weight()
+    rw[3] = bad
+    x, w, b = torch.randn(N, B, C), torch.randn(2, C), torch.randn(2, C)
+    with pytest.raises(ValueError, match=rf"row_weight: expected values in \[0, 2\) .*got values in \[{min(bad, 0)}, {max(bad, 1)}\]"):
+        ops.segment_layernorm(x, w, b, rw, 1e-6, backend=backend)
+    with pytest.raises(ValueError, match=r"row_weight: expected values in \[0, 2\)"):
+        ops.bias_gelu(x, b, rw, backend=backend)
+
+
+def test_row_weight_is_checked_again_after_an_in_place_change():
+    rw = LAYOUT.row_weight()
+    x, w, b = torch.randn(N, B, C), torch.randn(2, C), torch.randn(2, C)
+    ops.bias_gelu(x, b, rw)
+    rw[0] = 5  # bumps the tensor's version: the cached check no longer applies
+    with pytest.raises(ValueError, match=r"got values in \[0, 5\]"):
+        ops.bias_gelu(x, b, rw)
+
+
+def test_row_weight_dtype_and_shape_are_named():
+    x, w, b = torch.randn(N, B, C), torch.randn(2, C), torch.randn(2, C)
+    with pytest.raises(ValueError, match=r"row_weight: expected an int32 tensor of shape \(16,\), got torch.int64 \(16,\)"):
+        ops.bias_gelu(x, b, LAYOUT.row_weight().long())
+    with pytest.raises(ValueError, match=r"row_weight: expected an int32 tensor of shape \(16,\), got torch.int32 \(15,\)"):
+        ops.bias_gelu(x, b, LAYOUT.row_weight()[1:])
+
+
+@pytest.mark.parametrize("eps", [0, -1, float("nan"), float("inf"), "1e-6", None])
+def test_layernorm_eps_must_be_positive(eps):
+    x, w, b = torch.randn(N, B, C), torch.randn(2, C), torch.randn(2, C)
+    with pytest.raises(ValueError, match=r"eps: expected a finite number > 0, got"):
+        ops.segment_layernorm(x, w, b, LAYOUT.row_weight(), eps)
+
+
+def test_layernorm_bias_shape_is_named():
+    x, w = torch.randn(N, B, C), torch.randn(2, C)
+    with pytest.raises(ValueError, match=r"bias: expected the shape of weight \(2, 8\), got \(3, 8\)"):
+        ops.segment_layernorm(x, w, torch.randn(3, C), LAYOUT.row_weight(), 1e-6)
+
+
+def test_residual_mean_layout_is_typed():
+    x = torch.randn(N, B, C)
+    with pytest.raises(TypeError, match="layout: expected a mbt_fast.layout.PackedLayout, got tuple"):
+        ops.residual_mean(x, x, None, (5, 7), "mean")
+
+
+# ---- an empty batch ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "eager_sdpa"] + ALL)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_empty_batch_gives_empty_logits_on_every_backend(backend, train):
+    cfg = mbt_fast.MBTConfig.preset("tiny", stochastic_droplayer_rate=0.2)
+    dtype = torch.bfloat16 if backend == "cuda-emu" else torch.float32
+    model = mbt_fast.MBT(cfg, backend=backend).to(dtype).train(train)
+    out = model(rgb=torch.zeros(0, 3, *cfg.rgb_shape, dtype=dtype), spectrogram=torch.zeros(0, *cfg.spectrogram_shape, dtype=dtype))
+    assert out.shape == (0, cfg.num_classes)
+    out.sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
