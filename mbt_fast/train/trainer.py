@@ -567,12 +567,13 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
                         optimizer.zero_grad(set_to_none=True)
                         state["num_nonfinite"] += 1
                         state["nonfinite_streak"] += 1
+                        loss_f, gnorm_f = float(loss.detach()), float(gnorm)
                         log.warning("step %d: loss %g, grad norm %g: not finite; the update was skipped "
-                                    "(%d in a row, --max-nonfinite %d)", step + 1, float(loss), float(gnorm),
+                                    "(%d in a row, --max-nonfinite %d)", step + 1, loss_f, gnorm_f,
                                     state["nonfinite_streak"], tc.max_nonfinite)
                         if state["nonfinite_streak"] >= tc.max_nonfinite:
                             bad_inputs = [m for m, x in inputs.items() if not torch.isfinite(x).all()]
-                            raise NonFiniteError(_nonfinite_message(tc, step, float(loss), float(gnorm), bad_inputs,
+                            raise NonFiniteError(_nonfinite_message(tc, step + 1, loss_f, gnorm_f, bad_inputs,
                                                                     last_ckpt, base_lr))
                         continue
                     state["nonfinite_streak"] = 0
