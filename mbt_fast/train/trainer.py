@@ -608,11 +608,13 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
                     if done or paused:
                         break
                 else:
-                    if len(loader) == 0:
+                    # (a resume at an epoch's last batch legitimately finds nothing left of that epoch)
+                    if whole_epoch and len(loader) == 0:
                         raise ValueError(f"the training set ({len(train_dataset)} examples) gives no batch of {per_rank}")
                     if whole_epoch and usable == 0:
-                        raise ValueError(f"epoch {state['epoch']} gave no batch to train on: all {skipped_here} "
-                                         f"examples were skipped as unreadable; the first reasons: " + "; ".join(reasons))
+                        raise ValueError(f"epoch {state['epoch']} gave no batch to train on: every batch was "
+                                         f"unreadable ({skipped_here} examples skipped, of {len(train_dataset)} in the "
+                                         f"training set); the first reasons: " + "; ".join(reasons))
                     state["epoch"] += 1
                     state["batch_in_epoch"] = 0
     finally:

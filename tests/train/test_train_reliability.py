@@ -341,8 +341,8 @@ def test_an_epoch_of_unreadable_items_stops_with_the_reasons(tmp_path):
     with pytest.raises(ValueError) as e:
         train(_tc(tmp_path / "run", seed=0), CFG, AllUnreadable(16))
     msg = str(e.value)
-    assert msg.startswith("epoch 0 gave no batch to train on: all 16 examples were skipped as unreadable; the first "
-                          "reasons: clip")
+    assert msg.startswith("epoch 0 gave no batch to train on: every batch was unreadable (16 examples skipped, of 16 "
+                          "in the training set); the first reasons: clip")
     assert msg.count("InvalidDataError: no demuxer") == 3
 
 
