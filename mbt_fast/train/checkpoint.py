@@ -113,7 +113,7 @@ def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
         yield
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         for sig in pending:
             signal.raise_signal(sig)
 

@@ -356,3 +356,20 @@ def test_train_config_rejects_out_of_range_values(tmp_path, field, value, expect
     with pytest.raises(ValueError) as e:
         _tc(tmp_path, **{field: value})
     assert str(e.value) == f"TrainConfig.{field}: expected {expected}, got {value!r}"
+
+
+def test_checkpoints_and_resume_never_unpickle(tmp_path, monkeypatch):
+    import pickle
+
+    data = SyntheticAVDataset(16, seed=1)
+    train(_tc(tmp_path, stop_after=2), CFG, data)
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle was used")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    res = train(_tc(tmp_path), CFG, data, resume=True)
+    assert res["step"] == 4
+    mbt_fast.MBT.from_pretrained(tmp_path / "model.safetensors")
