@@ -33,8 +33,8 @@ from mbt_fast.data.dataset import collate_skip_bad
 from mbt_fast.data.sampler import ResumableSampler, eval_sampler
 from mbt_fast.train import checkpoint as ckpt
 from mbt_fast.train.losses import classification_loss
-from mbt_fast.train.run_dir import CHECKPOINT_NAME, RunFolderError, RunFolderLocked, claim_run_dir, repair_jsonl
 from mbt_fast.train.metrics import mean_average_precision, precision_at_1, topk_accuracy
+from mbt_fast.train.run_dir import CHECKPOINT_NAME, RunFolderError, RunFolderLocked, claim_run_dir, repair_jsonl
 from mbt_fast.train.schedule import compound_lr
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ def resume_changes(saved_tc: dict, tc: TrainConfig, saved_model: dict, model_cfg
             applied.append(f"{line} (the warmup + cosine schedule now spans {value} steps)")
         else:
             (applied if name in SAFE_TO_CHANGE else refused).append(line)
-    new_model = _plain(model_cfg.to_dict())
+    saved_model, new_model = _plain(saved_model), _plain(model_cfg.to_dict())
     refused += [f"model_config.{k}: {saved_model.get(k)!r} -> {new_model.get(k)!r}"
                 for k in sorted(set(saved_model) | set(new_model)) if saved_model.get(k) != new_model.get(k)]
     return refused, applied
