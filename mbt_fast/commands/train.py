@@ -4,6 +4,7 @@ Examples::
 
     mbt-fast train --preset tiny --data synthetic --steps 200 --ckpt-every 50 --out runs/tiny
     mbt-fast train --preset tiny --data synthetic --steps 200 --out runs/tiny --resume
+    mbt-fast train --preset tiny --data synthetic --steps 200 --out runs/tiny --overwrite   # old run -> runs/tiny.old-*
     mbt-fast train --preset mbt_base_16x2 --csv train.csv --val-csv eval.csv --num-classes 527 --out runs/as
     torchrun --nproc_per_node 8 -m mbt_fast.cli train --preset mbt_base_16x2 --data-dir vggsound/ ...
 """
@@ -12,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from pathlib import Path
+
+from mbt_fast.commands.argtypes import finite_float, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 
 
 def build_datasets(args, cfg):
@@ -51,6 +55,24 @@ def build_datasets(args, cfg):
     raise ValueError(f"--data must be synthetic, folder or csv, got {kind!r}")
 
 
+def run_args(args) -> dict:
+    """The arguments besides TrainConfig's that define the run (model preset, data); a resume must match them.
+    Paths are stored absolute, so a resume from another working directory compares equal."""
+    def path(p):
+        return str(Path(p).resolve()) if p else None
+
+    kind = args.data or ("csv" if args.csv else "folder" if args.data_dir else "synthetic")
+    d = {"preset": args.preset, "data": kind}
+    if kind == "synthetic":
+        return {**d, "train_size": args.train_size, "val_size": args.val_size}
+    d.update(data_dir=path(args.data_dir), num_test_clips=args.num_test_clips, spec_mean=args.spec_mean,
+             spec_std=args.spec_std, no_spec_augment=args.no_spec_augment)
+    if kind == "folder":
+        return {**d, "val_dir": path(args.val_dir)}
+    return {**d, "csv": path(args.csv), "val_csv": path(args.val_csv), "num_classes": args.num_classes,
+            "single_label": args.single_label}
+
+
 def run(args) -> int:
     import torch
 
@@ -62,6 +84,9 @@ def run(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.warmup_steps is not None and args.warmup_steps > args.steps:
+        print(f"mbt-fast train: --warmup-steps {args.warmup_steps} exceeds --steps {args.steps}", file=sys.stderr)
+        return 2
     try:
         cfg = mbt_fast.MBTConfig.preset(args.preset)
         overrides = {"stochastic_droplayer_rate": args.droplayer}
@@ -74,9 +99,10 @@ def run(args) -> int:
                          weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
                          label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, seed=args.seed,
                          backend=args.backend, device=args.device, num_workers=args.num_workers,
-                         ckpt_every=args.ckpt_every, eval_every=args.eval_every, progress=not args.no_progress,
-                         stop_after=args.stop_after)
-        res = train(tc, cfg, train_ds, val_ds, resume=args.resume)
+                         ckpt_every=args.ckpt_every, eval_every=args.eval_every, log_every=args.log_every,
+                         progress=not args.no_progress, stop_after=args.stop_after,
+                         max_nonfinite=args.max_nonfinite, run_args=run_args(args))
+        res = train(tc, cfg, train_ds, val_ds, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, TypeError, RuntimeError) as e:
         print(f"mbt-fast train: {e}", file=sys.stderr)
         return 2
@@ -86,7 +112,10 @@ def run(args) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        if res["interrupted"]:
+        if res["already_done"]:
+            print(f"already finished at step {res['step']}; nothing to do (checkpoint {res['checkpoint']}; "
+                  f"a larger --steps extends the run)")
+        elif res["interrupted"]:
             print(f"interrupted at step {res['step']}; checkpoint {res['checkpoint']} (continue with --resume)")
         elif res["paused"]:
             print(f"stopped at step {res['step']} (--stop-after); checkpoint {res['checkpoint']}")
@@ -104,8 +133,13 @@ def register(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", help="model preset (tiny, mbt_base_16x2, mbt_base_16x2_spec, mbt_base_16x2_rgb)")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, eval.jsonl, checkpoint, curves.png")
-    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (the schedule spans them)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
+    p.add_argument("--steps", type=positive_int, default=1000, help="total optimizer steps (the schedule spans them)")
+    own = p.add_mutually_exclusive_group()
+    own.add_argument("--resume", action="store_true",
+                     help="continue the run in OUT from its checkpoint (an error if there is none, or if an "
+                          "argument that changes the run differs)")
+    own.add_argument("--overwrite", action="store_true",
+                     help="OUT holds an old run: move it aside to OUT.old-<timestamp> (nothing is deleted)")
     p.add_argument("--backend", default="torch", help="reference | torch | triton | cuda | cuda-emu | auto")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
     d = p.add_argument_group("data")
@@ -115,31 +149,35 @@ def register(sub) -> None:
     d.add_argument("--csv", help="CSV of path,labels (labels: class indices separated by ';')")
     d.add_argument("--val-dir", help="validation folder (same classes as --data-dir)")
     d.add_argument("--val-csv", help="validation CSV")
-    d.add_argument("--num-classes", type=int, default=527, help="classes of a CSV dataset (AudioSet: 527)")
+    d.add_argument("--num-classes", type=positive_int, default=527, help="classes of a CSV dataset (AudioSet: 527)")
     d.add_argument("--single-label", action="store_true", help="CSV labels are single (softmax, top-1/top-5)")
-    d.add_argument("--num-test-clips", type=int, default=1, help="clips per validation video (Scenic test: 4)")
-    d.add_argument("--train-size", type=int, default=8192, help="synthetic: examples per epoch")
-    d.add_argument("--val-size", type=int, default=512, help="synthetic: validation examples (0: none)")
-    d.add_argument("--spec-mean", type=float, default=1.102, help="log-mel normalisation mean (Scenic's)")
-    d.add_argument("--spec-std", type=float, default=2.762, help="log-mel normalisation std (Scenic's)")
+    d.add_argument("--num-test-clips", type=positive_int, default=1, help="clips per validation video (Scenic test: 4)")
+    d.add_argument("--train-size", type=positive_int, default=8192, help="synthetic: examples per epoch")
+    d.add_argument("--val-size", type=nonneg_int, default=512, help="synthetic: validation examples (0: none)")
+    d.add_argument("--spec-mean", type=finite_float, default=1.102, help="log-mel normalisation mean (Scenic's)")
+    d.add_argument("--spec-std", type=positive_float, default=2.762, help="log-mel normalisation std (Scenic's)")
     d.add_argument("--no-spec-augment", action="store_true", help="disable SpecAugment frequency masking")
-    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    d.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader worker processes")
     o = p.add_argument_group("optimisation (defaults: Scenic's balanced AudioSet recipe)")
-    o.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    o.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
     o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    o.add_argument("--lr", type=float, default=None, help="sgd: base lr at batch 64, scaled linearly (default 0.5); adamw: 1e-3")
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--warmup-steps", type=int, default=None, help="default 5%% of --steps")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0: off)")
-    o.add_argument("--label-smoothing", type=float, default=0.3)
-    o.add_argument("--mixup-alpha", type=float, default=0.5, help="0: off")
-    o.add_argument("--droplayer", type=float, default=0.3, help="stochastic depth rate at the last layer")
-    o.add_argument("--fusion-layer", type=int, default=None, help="override the preset's fusion layer")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--lr", type=positive_float, default=None, help="sgd: base lr at batch 64, scaled linearly (default 0.5); adamw: 1e-3")
+    o.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    o.add_argument("--warmup-steps", type=nonneg_int, default=None, help="default 5%% of --steps")
+    o.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="global grad-norm clip (0: off)")
+    o.add_argument("--label-smoothing", type=fraction, default=0.3)
+    o.add_argument("--mixup-alpha", type=nonneg_float, default=0.5, help="0: off")
+    o.add_argument("--droplayer", type=fraction, default=0.3, help="stochastic depth rate at the last layer")
+    o.add_argument("--fusion-layer", type=nonneg_int, default=None, help="override the preset's fusion layer")
+    o.add_argument("--seed", type=nonneg_int, default=0)
     r = p.add_argument_group("run")
-    r.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every K steps (and at the end / on SIGINT, SIGTERM)")
-    r.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (0: at the end)")
-    r.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of this run (checkpointed)")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--ckpt-every", type=nonneg_int, default=500, help="checkpoint every K steps (and at the end / on SIGINT, SIGTERM)")
+    r.add_argument("--eval-every", type=nonneg_int, default=0, help="evaluate every K steps (0: at the end)")
+    r.add_argument("--stop-after", type=positive_int, default=None, help="stop after this many steps of this run (checkpointed)")
+    r.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    r.add_argument("--log-every", type=positive_int, default=1, help="write every K-th step to metrics.jsonl")
+    r.add_argument("--max-nonfinite", type=positive_int, default=3,
+                   help="stop (exit non-zero) after this many consecutive steps with a non-finite loss or "
+                        "gradient; those steps do not update the parameters")
     r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=run)

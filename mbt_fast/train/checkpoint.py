@@ -2,8 +2,9 @@
 
 Tensors (model weights, optimizer state tensors, torch RNG states) are safetensors entries; everything
 else (step, data position, schedule, optimizer hyper-parameters, python/numpy RNG states, the configs)
-is JSON in the file's metadata under ``mbt_fast_trainer``. The file is written to a temporary name and
-``os.replace``d, so a crash mid-write never leaves a torn checkpoint.
+is JSON in the file's metadata under ``mbt_fast_trainer``. The file is written to a temporary name,
+flushed to disk and ``os.replace``d, so a crash mid-write never leaves a torn checkpoint; SIGINT and
+SIGTERM are held during the write and the rename, so a second Ctrl-C cannot cut it short either.
 
 Key prefixes: ``model.<name>``, ``optim.<param index>.<state name>``, ``rng.<name>``.
 """
@@ -12,6 +13,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +101,32 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict, meta: d
 
 
 # ---- file ------------------------------------------------------------------------------------------
+@contextmanager
+def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Record SIGINT/SIGTERM instead of acting on them, and deliver them to the previous handlers on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be changed in the main thread
+        return
+    pending = []
+    old = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for sig in pending:
+            signal.raise_signal(sig)
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- file -----------------------------------------------------------------------------------------
 def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, trainer_state: dict,
                     rng_tensors: dict | None = None, rng_meta: dict | None = None) -> Path:
     """Atomically write the checkpoint file ``path``; returns it."""
@@ -111,8 +141,11 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         tensors.update(opt_tensors)
     tensors.update({k: v.contiguous().cpu() for k, v in (rng_tensors or {}).items()})
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
+    with signals_held():
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        _fsync(tmp)  # the data reaches the disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+        _fsync(path.parent)
     return path
 
 

@@ -64,7 +64,8 @@ def run_demo(out_dir="runs/demo", steps: int = 300, batch_size: int = 32, lr: fl
             val_ds = SyntheticAVDataset(val_size, cfg_shape(cfg, "rgb"), cfg_shape(cfg, "spectrogram"),
                                         seed=seed, split="val", noise=noise)
             t0 = time.perf_counter()
-            res = train(tc, cfg, train_ds, val_ds)
+            # a re-run replaces the demo's previous variant runs (moved aside, never deleted)
+            res = train(tc, cfg, train_ds, val_ds, overwrite=True)
             seconds = time.perf_counter() - t0
             summary[name] = {"val_accuracy": res["eval"]["accuracy"], "train_seconds": round(seconds, 2)}
             metrics = out / name / "metrics.jsonl"

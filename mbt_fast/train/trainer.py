@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -33,10 +34,10 @@ from mbt_fast.data.sampler import ResumableSampler, eval_sampler
 from mbt_fast.train import checkpoint as ckpt
 from mbt_fast.train.losses import classification_loss
 from mbt_fast.train.metrics import mean_average_precision, precision_at_1, topk_accuracy
+from mbt_fast.train.run_dir import CHECKPOINT_NAME, RunFolderError, RunFolderLocked, claim_run_dir, repair_jsonl
 from mbt_fast.train.schedule import compound_lr
 
 log = logging.getLogger(__name__)
-CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 @dataclass
@@ -51,9 +52,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int | None = None      # None: 5 % of steps
-    grad_clip: float = 1.0               # <= 0 disables
+    grad_clip: float = 1.0               # 0 disables
     label_smoothing: float = 0.3
-    mixup_alpha: float = 0.5             # <= 0 disables
+    mixup_alpha: float = 0.5             # 0 disables
     seed: int = 0
     backend: str = "torch"
     device: str = "auto"                 # "auto": cuda if available (cuda:LOCAL_RANK under torchrun)
@@ -64,7 +65,42 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     stop_after: int | None = None        # stop (checkpointing) after this many steps of *this* run
+    max_nonfinite: int = 3               # stop after this many consecutive steps with a non-finite loss/gradient
+    run_args: dict = field(default_factory=dict)  # what else defines the run (preset, data); a resume must match
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
+
+    def __post_init__(self):
+        def fail(name, expected):
+            raise ValueError(f"TrainConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("steps", "batch_size", "log_every", "max_nonfinite"):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
+                fail(name, "an integer >= 1")
+        for name in ("num_workers", "ckpt_every", "eval_every", "seed"):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
+                fail(name, "an integer >= 0")
+        if self.stop_after is not None and not (is_int(self.stop_after) and self.stop_after >= 1):
+            fail("stop_after", "None or an integer >= 1")
+        if self.warmup_steps is not None and not (is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.steps):
+            fail("warmup_steps", f"None or an integer in [0, steps={self.steps}]")
+        if self.optimizer not in ("sgd", "adamw"):
+            fail("optimizer", "'sgd' or 'adamw'")
+        if not (is_real(self.lr) and self.lr > 0):
+            fail("lr", "a finite number > 0")
+        for name in ("momentum", "label_smoothing"):
+            if not (is_real(getattr(self, name)) and 0 <= getattr(self, name) < 1):
+                fail(name, "a number in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "mixup_alpha"):  # grad_clip, mixup_alpha: 0 disables
+            if not (is_real(getattr(self, name)) and getattr(self, name) >= 0):
+                fail(name, "a finite number >= 0")
+        if not (len(self.betas) == 2 and all(is_real(b) and 0 <= b < 1 for b in self.betas)):
+            fail("betas", "two numbers in [0, 1)")
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / 64 if self.optimizer == "sgd" else self.lr
@@ -119,16 +155,6 @@ def build_optimizer(params, tc: TrainConfig) -> torch.optim.Optimizer:
 
 def model_inputs(batch: dict, modalities, device) -> dict:
     return {m: batch[m].to(device, non_blocking=True) for m in modalities}
-
-
-def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -255,37 +281,143 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+# ---- resume checks ------------------------------------------------------------------------------------
+# TrainConfig fields a resume may change: they do not change what the run computes, or (steps) extend it
+SAFE_TO_CHANGE = ("steps", "log_every", "num_workers", "ckpt_every", "eval_every", "backend", "device",
+                  "max_nonfinite")
+PER_INVOCATION = ("out_dir", "stop_after", "progress", "plot", "extra")  # not part of the run
+
+
+def _plain(x):
+    return json.loads(json.dumps(ckpt._jsonable(x)))  # the form the checkpoint stores (tuples -> lists)
+
+
+def resume_changes(saved_tc: dict, tc: TrainConfig, saved_model: dict, model_cfg, step: int):
+    """(refused, applied): one ``name: old -> new`` line per argument that differs from the checkpoint's."""
+    new, defaults = _plain(dataclasses.asdict(tc)), _plain(dataclasses.asdict(TrainConfig()))
+    refused, applied = [], []
+    for name, value in new.items():
+        if name in PER_INVOCATION:
+            continue
+        if name == "run_args":
+            if name not in saved_tc:
+                log.warning("the checkpoint predates run_args: the preset and data arguments cannot be checked")
+                continue
+            old = saved_tc[name]
+            refused += [f"{k}: {old.get(k)!r} -> {value.get(k)!r}" for k in sorted(set(old) | set(value))
+                        if old.get(k) != value.get(k)]
+            continue
+        old = saved_tc.get(name, defaults[name])
+        if old == value:
+            continue
+        line = f"{name}: {old!r} -> {value!r}"
+        if name == "steps" and value < step:
+            refused.append(f"{line} (below the checkpoint's step {step})")
+        elif name == "steps":
+            applied.append(f"{line} (the warmup + cosine schedule now spans {value} steps)")
+        else:
+            (applied if name in SAFE_TO_CHANGE else refused).append(line)
+    saved_model, new_model = _plain(saved_model), _plain(model_cfg.to_dict())
+    refused += [f"model_config.{k}: {saved_model.get(k)!r} -> {new_model.get(k)!r}"
+                for k in sorted(set(saved_model) | set(new_model)) if saved_model.get(k) != new_model.get(k)]
+    return refused, applied
+
+
+def _last_step(path: Path):
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return json.loads(lines[-1]).get("step") if lines else None
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank when it is true on any (a no-op without a process group)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    return bool(_all_reduce(t, dist.ReduceOp.MAX).item())
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient stayed non-finite for ``max_nonfinite`` consecutive steps."""
+
+
+def _nonfinite_message(tc, step, loss, gnorm, bad_inputs, last_ckpt, base_lr) -> str:
+    saved = (f"the last finite checkpoint is {last_ckpt[0]} (step {last_ckpt[1]})" if last_ckpt
+             else "no checkpoint was written before it")
+    causes = []
+    if bad_inputs:
+        causes.append(f"bad data: the last batch's {', '.join(bad_inputs)} input holds NaN/Inf values (a bad "
+                      f"normalisation such as --spec-std 0, or bad files)")
+    causes += [f"the learning rate is too high (lr {tc.lr}, {base_lr:g} after batch scaling)",
+               "a bad input normalisation (e.g. --spec-std near 0)", "bad data (NaN/Inf values in the inputs)"]
+    return (f"training stopped at step {step}: the loss or the gradient was not finite for {tc.max_nonfinite} "
+            f"consecutive steps (--max-nonfinite {tc.max_nonfinite}; last loss {loss:g}, grad norm {gnorm:g}); "
+            f"those steps did not update the parameters; {saved}. Likely causes: " + "; ".join(causes))
+
+
 # ---- the loop ---------------------------------------------------------------------------------------
 def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: bool = False,
-          model: torch.nn.Module | None = None, on_step=None) -> dict:
+          overwrite: bool = False, model: torch.nn.Module | None = None, on_step=None) -> dict:
     """Train ``mbt_fast.MBT(model_cfg)`` (or ``model``) for ``tc.steps`` steps; returns a summary dict.
 
     ``train_dataset``/``val_dataset`` yield the item dicts of :mod:`mbt_fast.data` and have a
-    ``multi_label`` attribute. ``resume`` continues from ``out_dir/checkpoint.safetensors`` when it
-    exists. ``on_step(step, record)`` is called after every step (tests use it).
+    ``multi_label`` attribute. The run folder ``tc.out_dir`` is locked for the run; a folder holding
+    another run is refused unless ``resume`` (continue it from its checkpoint, which must exist and match
+    this run's arguments) or ``overwrite`` (move it aside to ``<out>.old-<timestamp>``).
+    ``on_step(step, record)`` is called after every step (tests use it).
     """
-    import mbt_fast
-
     rank, world, local_rank = dist_info()
     if tc.batch_size % world:
         raise ValueError(f"batch_size ({tc.batch_size}) must be divisible by the number of processes ({world})")
-    out = Path(tc.out_dir)
-    ckpt_path = out / CHECKPOINT_NAME
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     if tc.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(tc.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    multi_label = bool(getattr(train_dataset, "multi_label", False))
+    lock = error = None
+    if rank == 0:  # rank 0 owns the folder; the others write nothing there
+        try:
+            lock = claim_run_dir(tc.out_dir, resume=resume, overwrite=overwrite)
+        except (RunFolderError, RunFolderLocked) as e:
+            error = e
+    if _any_rank(error is not None, device) and error is None:
+        raise RunFolderError(f"rank 0 could not claim the run folder {tc.out_dir} (see its message)")
+    if error is not None:
+        raise error
+    try:
+        return _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, device, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    resume_from = ckpt_path if resume and ckpt_path.exists() else None
+
+def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, device, rank, world) -> dict:
+    import mbt_fast
+
+    out = Path(tc.out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    multi_label = bool(getattr(train_dataset, "multi_label", False))
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "num_skipped": 0, "num_audio_missing": 0,
+             "train_seconds": 0.0, "num_nonfinite": 0, "nonfinite_streak": 0}
+
     tensors = meta = None
-    if resume_from is not None:
-        tensors, meta = ckpt.read_checkpoint(resume_from)
-        model_cfg = mbt_fast.MBTConfig.from_scenic(meta["trainer"]["model_config"])
+    if resume:
+        tensors, meta = ckpt.read_checkpoint(ckpt_path)
+        saved = meta["trainer"]
+        saved_cfg = mbt_fast.MBTConfig.from_scenic(saved["model_config"])
+        refused, applied = resume_changes(saved.get("train_config", {}), tc, saved_cfg.to_dict(),
+                                          model.cfg if model is not None else model_cfg, saved["step"])
+        n_saved = saved.get("train_examples")
+        if n_saved is not None and n_saved != len(train_dataset):
+            refused.append(f"len(train_dataset): {n_saved} -> {len(train_dataset)}")
+        if refused:
+            raise RunFolderError(f"--resume: the checkpoint {ckpt_path} (step {saved['step']}) was made with other "
+                                 f"arguments, and these changes would alter the run:\n  " + "\n  ".join(refused) +
+                                 "\nresume with the original arguments, or start a new run (another --out, or "
+                                 "--overwrite)")
+        if applied and rank == 0:
+            log.warning("--resume: applying changed arguments that are safe to change: %s", "; ".join(applied))
+        model_cfg = saved_cfg
     seed_everything(tc.seed + rank)
     if model is None:
         model = mbt_fast.MBT(model_cfg, backend=tc.backend)
@@ -293,12 +425,12 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
     model.to(device).train()
     optimizer = build_optimizer(model.parameters(), tc)
     mixup_gen = torch.Generator().manual_seed(tc.seed * 1000003 + 17)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "num_skipped": 0, "num_audio_missing": 0,
-             "train_seconds": 0.0}
-    if resume_from is not None:
+    last_ckpt = None  # (path, step) of the newest checkpoint of this run
+    if resume:
         model.load_state_dict(ckpt.model_state(tensors), strict=True)
         ckpt.optimizer_from_flat(optimizer, tensors, meta["optimizer"])
-        state.update({k: meta["trainer"][k] for k in state})
+        state.update({k: meta["trainer"].get(k, v) for k, v in state.items()})
+        last_ckpt = (ckpt_path, state["step"])
         saved_world = meta["trainer"].get("world_size", 1)
         rng_t = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         if saved_world == world:
@@ -310,10 +442,22 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
                         saved_world, world)
             seed_everything(tc.seed + rank + 7919 * state["step"])
         if rank == 0:
-            _truncate_jsonl(out / "metrics.jsonl", state["step"])
-            _truncate_jsonl(out / "eval.jsonl", state["step"])
-            log.info("resumed from %s at step %d", resume_from, state["step"])
+            repair_jsonl(out / "metrics.jsonl", state["step"])
+            repair_jsonl(out / "eval.jsonl", state["step"])
+            log.info("resumed from %s at step %d", ckpt_path, state["step"])
         del tensors
+    # rank 0 reads the folder; every rank must take the same branch
+    eval_done = _any_rank(rank == 0 and _last_step(out / "eval.jsonl") == state["step"], device)
+    finished = state["step"] >= tc.steps and (val_dataset is None or eval_done) and \
+        _any_rank(rank == 0 and (out / "model.safetensors").exists(), device)
+    if finished:
+        if rank == 0:
+            log.info("%s: the run finished at step %d; nothing to do (a larger --steps extends it)", out, state["step"])
+        last = json.loads((out / "eval.jsonl").read_text().splitlines()[-1]) if rank == 0 and eval_done else None
+        return {"step": state["step"], "interrupted": False, "paused": False, "already_done": True, "eval": last,
+                "train_seconds": state["train_seconds"], "wall_seconds": 0.0, "num_skipped": state["num_skipped"],
+                "num_audio_missing": state["num_audio_missing"], "num_nonfinite": state["num_nonfinite"],
+                "checkpoint": str(ckpt_path), "model": model}
 
     net = model
     if world > 1:
@@ -338,9 +482,11 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
 
     def trainer_state():
         return {**state, "world_size": world, "model_config": model_cfg.to_dict(),
-                "train_config": dataclasses.asdict(tc), "multi_label": multi_label}
+                "train_config": dataclasses.asdict(tc), "multi_label": multi_label,
+                "train_examples": len(train_dataset)}
 
     def save():
+        nonlocal last_ckpt
         rng_t, rng_m = ckpt.capture_rng({"mixup": mixup_gen})
         if world > 1:  # every rank's torch RNG (dropout, stochastic depth) goes into the checkpoint
             mine = rng_t["rng.torch"]
@@ -349,6 +495,7 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
             rng_t.update({f"rng.torch.rank{r}": s for r, s in enumerate(allr)})
         if rank == 0:
             ckpt.save_checkpoint(ckpt_path, model, optimizer, trainer_state(), rng_t, rng_m)
+        last_ckpt = (ckpt_path, state["step"])
 
     def run_eval():
         if val_dataset is None:
@@ -373,8 +520,10 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
         with _StopFlag() as stop:
             while state["step"] < tc.steps and not interrupted and not paused:
                 sampler.set_position(state["epoch"], state["batch_in_epoch"] * per_rank)
+                # an epoch read from its start that gives no usable batch would repeat forever
+                whole_epoch, usable, skipped_here, reasons = state["batch_in_epoch"] == 0, 0, 0, []
                 for batch in loader:
-                    flags = torch.tensor([float("label" not in batch), float(stop.set)])
+                    flags = torch.tensor([float("label" not in batch), float(stop.set)], device=device)
                     if world > 1:  # every rank skips together and stops together
                         _all_reduce(flags, dist.ReduceOp.MAX)
                     if flags[1] > 0:  # a signal: this batch is not consumed, the resumed run reads it
@@ -385,8 +534,11 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
                     state["num_skipped"] += batch["num_skipped"]
                     state["num_audio_missing"] += batch["num_audio_missing"]
                     if flags[0] > 0:
+                        skipped_here += batch["num_skipped"]
+                        reasons += batch.get("skipped", [])[:3 - len(reasons)]
                         log.warning("a whole batch was unreadable (%s); skipping it", batch.get("skipped"))
                         continue
+                    usable += 1
                     t0 = time.perf_counter()
                     step = state["step"]
                     lr = compound_lr(step, base_lr, warmup, tc.steps)
@@ -407,6 +559,24 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                    # one host sync, as reading the loss for the log already costs; the gradient is
+                    # all-reduced, so every rank sees the same norm, but the flag is shared to be sure
+                    finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
+                    if _any_rank(not finite, device):
+                        # skip the update: the parameters and the optimizer state stay as they were
+                        optimizer.zero_grad(set_to_none=True)
+                        state["num_nonfinite"] += 1
+                        state["nonfinite_streak"] += 1
+                        loss_f, gnorm_f = float(loss.detach()), float(gnorm)
+                        log.warning("step %d: loss %g, grad norm %g: not finite; the update was skipped "
+                                    "(%d in a row, --max-nonfinite %d)", step + 1, loss_f, gnorm_f,
+                                    state["nonfinite_streak"], tc.max_nonfinite)
+                        if state["nonfinite_streak"] >= tc.max_nonfinite:
+                            bad_inputs = [m for m, x in inputs.items() if not torch.isfinite(x).all()]
+                            raise NonFiniteError(_nonfinite_message(tc, step + 1, loss_f, gnorm_f, bad_inputs,
+                                                                    last_ckpt, base_lr))
+                        continue
+                    state["nonfinite_streak"] = 0
                     optimizer.step()
                     state["step"] += 1
                     dt = time.perf_counter() - t0
@@ -438,23 +608,29 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
                     if done or paused:
                         break
                 else:
+                    # (a resume at an epoch's last batch legitimately finds nothing left of that epoch)
+                    if whole_epoch and len(loader) == 0:
+                        raise ValueError(f"the training set ({len(train_dataset)} examples) gives no batch of {per_rank}")
+                    if whole_epoch and usable == 0:
+                        raise ValueError(f"epoch {state['epoch']} gave no batch to train on: every batch was "
+                                         f"unreadable ({skipped_here} examples skipped, of {len(train_dataset)} in the "
+                                         f"training set); the first reasons: " + "; ".join(reasons))
                     state["epoch"] += 1
                     state["batch_in_epoch"] = 0
-                    if len(loader) == 0:
-                        raise ValueError(f"the training set ({len(train_dataset)} examples) gives no batch of {per_rank}")
     finally:
         bar.close()
         if metrics_f is not None:
             metrics_f.close()
     if state["step"] >= tc.steps:
-        last_eval = run_eval()
+        if not eval_done or state["step"] > start_step:
+            last_eval = run_eval()
         if rank == 0:
             model.save_pretrained(out / "model.safetensors")
     if rank == 0 and tc.plot:
         plot_curves(out)
     if state["num_skipped"] and rank == 0:
         log.warning("%d unreadable examples were skipped during training", state["num_skipped"])
-    return {"step": state["step"], "interrupted": interrupted, "paused": paused, "eval": last_eval,
-            "train_seconds": state["train_seconds"], "wall_seconds": time.perf_counter() - t_start,
+    return {"step": state["step"], "interrupted": interrupted, "paused": paused, "already_done": False,
+            "eval": last_eval, "train_seconds": state["train_seconds"], "wall_seconds": time.perf_counter() - t_start,
             "num_skipped": state["num_skipped"], "num_audio_missing": state["num_audio_missing"],
-            "checkpoint": str(ckpt_path), "model": model}
+            "num_nonfinite": state["num_nonfinite"], "checkpoint": str(ckpt_path), "model": model}

@@ -1,0 +1,205 @@
+"""``mbt-fast train`` on the command line: range-checked flags, owned run folders, resume checks, loud
+failures (exit 2 with the message on stderr, no traceback), exact resume after SIGKILL."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from mbt_fast.cli import main as cli_main
+from mbt_fast.data.testing import write_corrupt
+from mbt_fast.train.run_dir import RunLock
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _args(out, *extra):
+    return ["train", "--preset", "tiny", "--data", "synthetic", "--steps", "4", "--batch-size", "8", "--train-size",
+            "24", "--val-size", "8", "--ckpt-every", "2", "--no-progress", "--threads", "1", "--out", str(out), *extra]
+
+
+def _steps_losses(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def _error(capsys, argv) -> str:
+    """Run the CLI, expect exit 2 and return its one stderr message (no traceback)."""
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("mbt-fast train: ")][-1:]
+    return err[err.index(line):].rstrip("\n")
+
+
+@contextmanager
+def _deadline(seconds):
+    """Fail instead of hanging when the code under test loops forever."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---- the parser range-checks every numeric flag -------------------------------------------------------
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--steps", "0", "an integer >= 1"), ("--steps", "1.5", "an integer >= 1"),
+    ("--batch-size", "0", "an integer >= 1"), ("--num-classes", "0", "an integer >= 1"),
+    ("--num-test-clips", "0", "an integer >= 1"), ("--train-size", "0", "an integer >= 1"),
+    ("--val-size", "-1", "an integer >= 0"), ("--num-workers", "-1", "an integer >= 0"),
+    ("--warmup-steps", "-1", "an integer >= 0"), ("--fusion-layer", "-1", "an integer >= 0"),
+    ("--seed", "x", "an integer >= 0"), ("--ckpt-every", "-1", "an integer >= 0"),
+    ("--eval-every", "-1", "an integer >= 0"), ("--stop-after", "0", "an integer >= 1"),
+    ("--threads", "0", "an integer >= 1"), ("--log-every", "0", "an integer >= 1"),
+    ("--max-nonfinite", "0", "an integer >= 1"),
+    ("--lr", "nan", "a finite number > 0"), ("--lr", "inf", "a finite number > 0"), ("--lr", "0", "a finite number > 0"),
+    ("--lr", "-0.1", "a finite number > 0"), ("--spec-std", "0", "a finite number > 0"),
+    ("--spec-mean", "nan", "a finite number"), ("--weight-decay", "-0.0001", "a finite number >= 0"),
+    ("--grad-clip", "-1", "a finite number >= 0"), ("--mixup-alpha", "nan", "a finite number >= 0"),
+    ("--label-smoothing", "1", "a number in [0, 1)"), ("--droplayer", "1.5", "a number in [0, 1)"),
+])
+def test_numeric_flags_are_range_checked(tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as e:
+        cli_main(_args(tmp_path / "run", flag, value))
+    assert e.value.code == 2
+    assert f"mbt-fast train: error: argument {flag}: expected {expected}, got {value!r}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # rejected before anything is written
+
+
+def test_resume_and_overwrite_are_exclusive_and_warmup_fits_the_steps(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(_args(tmp_path / "run", "--resume", "--overwrite"))
+    assert "argument --overwrite: not allowed with argument --resume" in capsys.readouterr().err
+    assert _error(capsys, _args(tmp_path / "run", "--warmup-steps", "9")) == \
+        "mbt-fast train: --warmup-steps 9 exceeds --steps 4"
+
+
+# ---- the run folder belongs to one run -----------------------------------------------------------------
+def test_cli_refuses_another_run_and_overwrite_moves_it_aside(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(_args(out)) == 0
+    old = (out / "metrics.jsonl").read_bytes()
+    assert _error(capsys, _args(out)) == (
+        f"mbt-fast train: --out {out} holds another run (checkpoint.safetensors, model.safetensors, metrics.jsonl, "
+        f"eval.jsonl); pass --resume to continue it or --overwrite to move it aside to run.old-<timestamp>")
+    assert (out / "metrics.jsonl").read_bytes() == old
+    assert cli_main(_args(out, "--overwrite", "--seed", "1")) == 0
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (aside / "metrics.jsonl").read_bytes() == old and (out / "metrics.jsonl").read_bytes() != old
+
+
+def test_cli_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _error(capsys, _args(out, "--resume")) == (
+        f"mbt-fast train: --resume: no checkpoint.safetensors in {out} (it holds no run); start a new run without "
+        f"--resume (with --overwrite to move an old run aside)")
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_cli_names_the_process_holding_the_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out):
+        msg = _error(capsys, _args(out))
+    assert msg.startswith(f"mbt-fast train: run folder {out} is in use by another process (pid {os.getpid()} on host "
+                          f"{socket.gethostname()}, since ")
+    assert msg.endswith("); wait for it to finish or stop it, or choose another --out")
+
+
+# ---- resume checks --------------------------------------------------------------------------------------
+def test_cli_resume_refuses_changed_arguments(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(_args(out, "--stop-after", "2")) == 0
+    msg = _error(capsys, _args(out, "--resume", "--lr", "0.1", "--batch-size", "4", "--fusion-layer", "1",
+                               "--train-size", "32", "--label-smoothing", "0.1", "--preset", "tiny"))
+    assert msg == (
+        f"mbt-fast train: --resume: the checkpoint {out / 'checkpoint.safetensors'} (step 2) was made with other "
+        "arguments, and these changes would alter the run:\n"
+        "  batch_size: 8 -> 4\n"
+        "  lr: 0.5 -> 0.1\n"
+        "  label_smoothing: 0.3 -> 0.1\n"
+        "  train_size: 24 -> 32\n"
+        "  model_config.fusion_layer: 2 -> 1\n"
+        "  len(train_dataset): 24 -> 32\n"
+        "resume with the original arguments, or start a new run (another --out, or --overwrite)")
+    # the data source itself
+    msg = _error(capsys, _args(out, "--resume", "--data", "folder", "--data-dir", str(tmp_path)))
+    assert "  data: 'synthetic' -> 'folder'\n" in msg and f"  data_dir: None -> {str(tmp_path)!r}\n" in msg
+
+
+def test_cli_resume_extends_the_run_and_a_finished_run_is_a_no_op(tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    assert cli_main(_args(out, "--stop-after", "2")) == 0
+    assert cli_main(_args(out, "--resume", "--steps", "6", "--log-every", "2", "--num-workers", "0")) == 0
+    assert ("--resume: applying changed arguments that are safe to change: steps: 4 -> 6 (the warmup + cosine "
+            "schedule now spans 6 steps); log_every: 1 -> 2") in caplog.messages
+    assert _steps_losses(out)[0] == [1, 2, 4, 6]
+    assert "done: 6 steps" in capsys.readouterr().out
+    evals = (out / "eval.jsonl").read_text()
+    assert cli_main(_args(out, "--resume", "--steps", "6", "--log-every", "2")) == 0
+    assert capsys.readouterr().out.startswith(
+        f"already finished at step 6; nothing to do (checkpoint {out / 'checkpoint.safetensors'}; a larger --steps "
+        f"extends the run)\n")
+    assert (out / "eval.jsonl").read_text() == evals and len(evals.splitlines()) == 1  # no duplicate eval line
+
+
+# ---- failures are loud ----------------------------------------------------------------------------------
+def test_cli_divergence_stops_with_the_step_and_causes(tmp_path, capsys):
+    out = tmp_path / "run"
+    msg = _error(capsys, _args(out, "--steps", "20", "--lr", "1e30", "--max-nonfinite", "2"))
+    assert msg.startswith("mbt-fast train: training stopped at step ")
+    assert ("the loss or the gradient was not finite for 2 consecutive steps (--max-nonfinite 2; last loss " in msg
+            and "Likely causes: the learning rate is too high (lr 1e+30, 1.25e+29 after batch scaling)" in msg)
+    steps, losses = _steps_losses(out)
+    assert steps and all(x == x and abs(x) != float("inf") for x in losses)  # only finite steps were logged
+
+
+def test_cli_a_csv_of_unreadable_files_stops_with_the_reasons(tmp_path, capsys):
+    paths = [write_corrupt(tmp_path / f"bad{i}.mp4") for i in range(3)]
+    csv = tmp_path / "train.csv"
+    csv.write_text("".join(f"{p},0\n" for p in paths))
+    argv = ["train", "--preset", "tiny", "--csv", str(csv), "--num-classes", "2", "--steps", "3", "--batch-size",
+            "2", "--no-progress", "--threads", "1", "--out", str(tmp_path / "run")]
+    with _deadline(120):
+        msg = _error(capsys, argv)
+    assert msg.startswith("mbt-fast train: epoch 0 gave no batch to train on: every batch was unreadable (2 examples "
+                          "skipped, of 3 in the training set); the first reasons: ")  # batch 2: one batch per epoch
+    assert sum(f"{p}: InvalidDataError: " in msg for p in paths) == 2
+
+
+# ---- exact resume after a SIGKILL -------------------------------------------------------------------------
+def test_cli_resume_after_sigkill_is_exact(tmp_path):
+    # 24 examples / batch 8 = 3 batches an epoch and a checkpoint every 3 steps: the resume starts at an
+    # epoch's last batch (which once failed with "gives no batch")
+    argv = ["train", "--preset", "tiny", "--data", "synthetic", "--steps", "40", "--batch-size", "8", "--train-size",
+            "24", "--val-size", "0", "--ckpt-every", "3", "--no-progress", "--threads", "1"]
+    assert cli_main(argv + ["--out", str(tmp_path / "a")]) == 0
+    out = tmp_path / "b"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mbt_fast.cli", *argv, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and metrics.read_text().count("\n") >= 7:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # no handler runs: whatever was on disk is what resume gets
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert cli_main(argv + ["--out", str(out), "--resume"]) == 0
+    assert _steps_losses(tmp_path / "a") == _steps_losses(out)  # no lost step, no duplicate line
+    assert not list(out.glob("*.tmp*"))
