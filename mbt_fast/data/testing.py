@@ -112,3 +112,71 @@ def write_corrupt(path) -> Path:
     path = Path(path)
     path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     return path
+
+
+def write_raw_h264(path, seconds: float = 1.5, fps: int = 10, size=(64, 48)) -> Path:
+    """A raw H.264 elementary stream (``.h264``): packets without timestamps, no index, no audio."""
+    import av
+
+    path = Path(path)
+    w, h = size
+    with av.open(str(path), mode="w", format="h264") as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.options = {"preset": "ultrafast", "crf": "10"}
+        for i in range(int(round(seconds * fps))):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), frame_level(i), dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in vs.encode(frame):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+    return path
+
+
+def write_audio_only(path, seconds: float = 1.0, sample_rate: int = 16000) -> Path:
+    """A ``.mkv`` with a PCM audio track and no video stream."""
+    import av
+
+    path = Path(path)
+    with av.open(str(path), mode="w") as out:
+        a_s = out.add_stream("pcm_s16le", rate=sample_rate)
+        a_s.layout = "mono"
+        wave = (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * sample_rate)) / sample_rate))
+        frame = av.AudioFrame.from_ndarray(_to_format(wave[None], "s16"), format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = sample_rate, 0, Fraction(1, sample_rate)
+        for packet in a_s.encode(frame):
+            out.mux(packet)
+        for packet in a_s.encode():
+            out.mux(packet)
+    return path
+
+
+def write_empty_audio_track(path, seconds: float = 1.5, fps: int = 10, size=(64, 48)) -> Path:
+    """An ``.mkv`` whose audio track exists but holds no sample (zero length)."""
+    import av
+
+    path = Path(path)
+    w, h = size
+    with av.open(str(path), mode="w") as out:
+        vs = out.add_stream("mpeg4", rate=fps)
+        vs.width, vs.height, vs.pix_fmt, vs.bit_rate = w, h, "yuv420p", 2_000_000
+        a_s = out.add_stream("pcm_s16le", rate=16000)
+        a_s.layout = "mono"
+        for i in range(int(round(seconds * fps))):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), frame_level(i), dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in vs.encode(frame):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+        for packet in a_s.encode():  # nothing was encoded: the track stays empty
+            out.mux(packet)
+    return path
+
+
+def truncate(src, dst, fraction: float) -> Path:
+    """The first ``fraction`` of ``src``'s bytes, as a file that ends mid-stream."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[:int(len(data) * fraction)])
+    return Path(dst)

@@ -215,7 +215,9 @@ def _index_and_audio(container, vstream, astream, stages: _Stages):
     if resampler is not None:
         chunks.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(None))  # flush
         stages.lap("audio")
-    rate = float(vstream.average_rate or vstream.guessed_rate or VIDEO_FPS)
+    # only used without pts: the stream's declared rate (raw H.264 carries it in its SPS; FFmpeg's
+    # average_rate is a 25 fps placeholder there)
+    rate = float(vstream.guessed_rate or vstream.average_rate or VIDEO_FPS)
     index = build_index(packets, float(vstream.time_base), rate)
     waveform = torch.from_numpy(np.concatenate(chunks).astype(np.float32)) if chunks else None
     return index, waveform
@@ -230,9 +232,11 @@ class _Collector:
         self.wanted, self.sizes, self.stages = wanted, sizes, stages
         self.frames: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
         self.got: set[int] = set()
+        self.num_decoded = 0  # every frame the decoder produced, wanted or not
         self.reformatter = VideoReformatter()  # one swscale context reused for every frame
 
     def add(self, j: int, frame) -> None:
+        self.num_decoded += 1
         if j in self.wanted and j not in self.got:
             rgb = torch.from_numpy(self.reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray())
             for size in self.sizes:
@@ -312,6 +316,7 @@ class DecodedClips:
     start_proportions: list[float]
     decode: str = "none"                    # "seek", or "full: <why the seek path was not used>"
     frames_substituted: int = 0             # wanted frames no decode produced, replaced by the nearest
+    frames_decoded: int = 0                 # video frames decoded (the last pass, when a seek fell back)
 
 
 def read_clips(path: str, num_frames: int, crop: tuple[int, int], mode: str, num_clips: int = 1,
@@ -363,7 +368,8 @@ def read_clips(path: str, num_frames: int, crop: tuple[int, int], mode: str, num
         substituted += sum(i != tick_src[t] for i, t in zip(idx, p.ticks))
         rgb.append(assemble_clip([col.frames[(i, c.size)] for i in idx], crop, c))
     clock.lap("resize/crop")
-    return DecodedClips(rgb, _nonempty(waveform), [p.start_proportion for p in plans], decode, int(substituted))
+    return DecodedClips(rgb, _nonempty(waveform), [p.start_proportion for p in plans], decode, int(substituted),
+                        col.num_decoded)
 
 
 def _nonempty(waveform: torch.Tensor | None) -> torch.Tensor | None:
