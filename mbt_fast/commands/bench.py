@@ -1,4 +1,4 @@
-"""``mbt-fast bench {attention,block,train,model}``: the benchmark scripts of ``bench/`` and the
+"""``mbt-fast bench {attention,block,train,data,model}``: the benchmark scripts of ``bench/`` and the
 performance model (``mbt_fast.perf_model``, a model estimate that runs anywhere in seconds)."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ _SCRIPTS = {
     "attention": ("bench_attention", "multimodal bottleneck attention: every provider, fwd/bwd/fwd+bwd"),
     "block": ("bench_block", "one fusion layer: reference path vs packed_block per backend"),
     "train": ("bench_train", "one training step per backend, eager and torch.compile"),
+    "data": ("bench_data", "data loading per core: a VideoDataset item vs decoding every frame (CPU measurement)"),
 }
 
 

@@ -11,15 +11,21 @@ Items are dicts: ``rgb`` ``[3, T, H, W]`` in [-1, 1], ``spectrogram`` ``[time, m
 ``label`` float ``[num_classes]`` (multi-hot, or one-hot for single label), ``index``, ``audio_missing``.
 With ``num_clips > 1`` (test mode) ``rgb``/``spectrogram`` get a leading clip axis ``[K, ...]``.
 
-Robustness: an unreadable/corrupt file gives a ``{"skipped": reason}`` item (warning logged, counted);
-:func:`collate_skip_bad` drops those and reports how many were dropped, so an epoch never crashes on a
-bad file. A missing audio track gives an all-zero spectrogram and ``audio_missing=True`` (counted).
+Robustness: an unreadable/corrupt file (no video stream, no decodable frame, unreadable container)
+gives a ``{"skipped": reason}`` item (warning logged, counted); :func:`collate_skip_bad` drops those and
+reports how many were dropped, so an epoch never crashes on a bad file. A missing or empty audio track
+gives an all-zero spectrogram and ``audio_missing=True`` (counted). A file the seek path could not be
+trusted on is decoded from the start (``decode_fallback=True``, counted, see :mod:`mbt_fast.data.video`).
+``VideoDataset.stats`` counts all of these in this process (each DataLoader worker has its own copy;
+the per-batch counts of :func:`collate_skip_bad` are what reaches the training loop).
 """
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +101,8 @@ class VideoDataset(Dataset):
     def __init__(self, items, num_classes: int, rgb_shape=(32, 224, 224), spectrogram_shape=(800, 128),
                  multi_label: bool = True, mode: str = "train", num_clips: int = 1,
                  modalities=("spectrogram", "rgb"), spec_mean: float = audio_lib.SCENIC_SPEC_MEAN,
-                 spec_std: float = audio_lib.SCENIC_SPEC_STD, spec_augment: bool = True, class_names=None):
+                 spec_std: float = audio_lib.SCENIC_SPEC_STD, spec_augment: bool = True, class_names=None,
+                 seek: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if num_classes < 1:
@@ -113,8 +120,19 @@ class VideoDataset(Dataset):
         self.modalities = tuple(modalities)
         self.spec_mean, self.spec_std, self.spec_augment = spec_mean, spec_std, spec_augment
         self.class_names = class_names
-        self.num_skipped = 0        # counted in this process (workers count their own copies)
-        self.num_audio_missing = 0
+        self.seek = seek            # False: always decode from the start (the seek path's reference)
+        # counted in this process (workers count their own copies): items, seek, decode_fallback,
+        # "fallback: <why>", frames_substituted, skipped, audio_missing
+        self.stats: collections.Counter = collections.Counter()
+        self.stage_seconds: dict | None = None  # set to {} to collect seconds per stage (bench data)
+
+    @property
+    def num_skipped(self) -> int:
+        return self.stats["skipped"]
+
+    @property
+    def num_audio_missing(self) -> int:
+        return self.stats["audio_missing"]
 
     @classmethod
     def from_csv(cls, csv_path, root=None, **kw):
@@ -150,23 +168,39 @@ class VideoDataset(Dataset):
         rng = np.random.default_rng(seed)
         rng_torch = torch.Generator().manual_seed(seed)
         want_rgb, want_audio = "rgb" in self.modalities, "spectrogram" in self.modalities
+        self.stats["items"] += 1
         try:
             clips = read_clips(path, self.rgb_shape[0], self.rgb_shape[1:], self.mode, self.num_clips, rng,
-                               want_rgb=want_rgb, want_audio=want_audio)
+                               want_rgb=want_rgb, want_audio=want_audio, seek=self.seek,
+                               stages=self.stage_seconds)
         except Exception as e:  # noqa: BLE001 -- any decoding failure means "skip this file"
-            self.num_skipped += 1
+            self.stats["skipped"] += 1
             log.warning("skipping unreadable video %s (%s: %s); %d skipped so far in this process",
                         path, type(e).__name__, e, self.num_skipped)
             return {"skipped": f"{path}: {type(e).__name__}: {e}", "index": index}
-        item = {"index": index, "audio_missing": want_audio and clips.waveform is None}
+        fallback = clips.decode.startswith("full")
+        if want_rgb:
+            self.stats["decode_fallback" if fallback else "seek"] += 1
+        if fallback and self.seek:
+            self.stats[f"fallback: {clips.decode[len('full: '):]}"] += 1
+            log.info("%s: decoded from the start (%s)", path, clips.decode)
+        if clips.frames_substituted:
+            self.stats["frames_substituted"] += clips.frames_substituted
+            log.warning("%s: %d wanted frame(s) could not be decoded (truncated file?); nearest decoded frame used",
+                        path, clips.frames_substituted)
+        item = {"index": index, "audio_missing": want_audio and clips.waveform is None,
+                "decode_fallback": want_rgb and fallback}
         if want_rgb:
             item["rgb"] = clips.rgb[0] if self.num_clips == 1 else torch.stack(clips.rgb)
         if want_audio:
             if clips.waveform is None:
-                self.num_audio_missing += 1
+                self.stats["audio_missing"] += 1
                 log.warning("%s has no audio track; using a zero spectrogram (%d such files so far in this process)",
                             path, self.num_audio_missing)
+            t0 = time.perf_counter()
             specs = self._spectrogram(clips.waveform, clips.start_proportions, rng_torch)
+            if self.stage_seconds is not None:
+                self.stage_seconds["log-mel"] = self.stage_seconds.get("log-mel", 0.0) + time.perf_counter() - t0
             item["spectrogram"] = specs[0] if self.num_clips == 1 else torch.stack(specs)
         label = torch.zeros(self.num_classes)
         label[labels] = 1.0
@@ -175,13 +209,15 @@ class VideoDataset(Dataset):
 
 
 def collate_skip_bad(batch: list) -> dict:
-    """Stack the good items; drop ``None`` and skipped items, reporting ``num_skipped`` and
-    ``num_audio_missing``. A batch with no good item has only those counts (and ``skipped`` reasons)."""
+    """Stack the good items; drop ``None`` and skipped items, reporting ``num_skipped``,
+    ``num_audio_missing`` and ``num_decode_fallback``. A batch with no good item has only those counts
+    (and ``skipped`` reasons)."""
     good = [b for b in batch if b is not None and "skipped" not in b]
     out = {
         "num_skipped": len(batch) - len(good),
         "skipped": [b["skipped"] for b in batch if b is not None and "skipped" in b],
         "num_audio_missing": sum(bool(b.get("audio_missing", False)) for b in good),
+        "num_decode_fallback": sum(bool(b.get("decode_fallback", False)) for b in good),
     }
     if not good:
         return out

@@ -7,13 +7,35 @@ libswresample, with the timestamps needed to keep them in sync.
 
 RGB as Scenic: frames resampled to 25 fps by timestamp (each 25 fps tick takes the latest source frame
 shown at that time), ``T`` frames at stride 2, short side resized to ``256/224 * crop`` (bilinear,
-half-pixel centres like ``tf.image.resize``), then train: scale jitter [0.9, 1.33] + random crop +
-random horizontal flip; eval: centre crop. Values ``x * 2/255 - 1`` in [-1, 1]. Layout ``[3, T, H, W]``.
-Not implemented: DMVR's colour augmentation (brightness/saturation/contrast/hue, grayscale drop).
+half-pixel centres, no antialiasing, like ``tf.image.resize``), then train: scale jitter [0.9, 1.33] +
+random crop + random horizontal flip; eval: centre crop. Values ``x * 2/255 - 1`` in [-1, 1]. Layout
+``[3, T, H, W]``. Not implemented: DMVR's colour augmentation (brightness/saturation/contrast/hue,
+grayscale drop).
+
+Only what a clip needs is decoded (the loader's time is mostly video decoding):
+
+1. one demux pass, no video decoding: every video packet's pts and keyframe flag (the *index*), and the
+   audio track, decoded and resampled (the spectrogram window is placed by the track's full length);
+2. the clip(s) are planned on the index (25 fps tick -> source frame), every random draw is made
+   (clip offset, scale jitter, crop, flip, in that order), so the wanted frames and their size are known;
+3. ``container.seek`` to the last keyframe at or before the first wanted frame, decode until the last
+   wanted one and stop. Each decoded frame is matched to the index by its exact pts. Wanted frames are
+   converted to RGB at source size (libswscale), resized and cropped as uint8 tensors; the clip becomes
+   float once, at the end, as ``[3, T, crop_h, crop_w]``.
+
+Never a wrong frame: the seek is trusted only if the decoded pts prove it -- the first decoded frame is
+at or before the first wanted one, every decoded pts is in the index, and every wanted pts shows up.
+Otherwise (seek raised, landed late, a decoder error, a frame without or with an unknown pts) the file is
+decoded again from the start, reopened, and :attr:`DecodedClips.decode` says why (the dataset counts
+it). Files whose packets lack timestamps or repeat them (raw elementary streams, some AVI) never seek:
+their frame ``k`` is the decoder's ``k``-th output, shown at ``k / frame rate`` (pts order when the pts
+repeat). A wanted frame that no decode produces (a truncated file) is replaced by the nearest decoded
+one, counted in :attr:`DecodedClips.frames_substituted`.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +55,15 @@ class ClipPlan:
     """Which 25 fps ticks a clip uses and where its synced spectrogram window starts."""
     ticks: np.ndarray          # [T] indices into the 25 fps timeline (wrapped when the video is short)
     start_proportion: float    # rgb offset / timeline length, reused for the spectrogram start
+
+
+@dataclass
+class CropPlan:
+    """Where a clip's frames go: resized to ``size`` (h, w), cropped at ``(top, left)``, maybe flipped."""
+    size: tuple[int, int]
+    top: int
+    left: int
+    flip: bool
 
 
 def clip_offsets(num_ticks: int, span: int, mode: str, num_clips: int, rng: np.random.Generator | None) -> list[int]:
@@ -55,11 +86,44 @@ def plan_clips(num_ticks: int, num_frames: int, mode: str, num_clips: int = 1,
     return plans
 
 
-def _video_frame_times(container, stream) -> np.ndarray:
-    """Presentation times (s) of every frame of ``stream``, from the packets (no decoding)."""
-    tb = float(stream.time_base)
-    pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
-    return np.sort(np.asarray(pts, dtype=np.float64) * tb)
+def resized_size(h: int, w: int, short: float) -> tuple[int, int]:
+    """(h, w) scaled so that min(h, w) == round(short)."""
+    scale = short / min(h, w)
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def plan_crop(h: int, w: int, crop: tuple[int, int], train: bool, rng: np.random.Generator | None = None) -> CropPlan:
+    """Scenic's resize/crop/flip choices for a ``h x w`` source (draws jitter, top, left, flip in that order)."""
+    ch, cw = crop
+    short = SCENIC_RESIZE / SCENIC_CROP * min(ch, cw)
+    if train:
+        short *= rng.uniform(*SCALE_JITTER)
+    rh, rw = resized_size(h, w, max(short, ch, cw))
+    if train:
+        top, left = int(rng.integers(0, rh - ch + 1)), int(rng.integers(0, rw - cw + 1))
+    else:
+        top, left = (rh - ch) // 2, (rw - cw) // 2
+    flip = bool(train and rng.random() < 0.5)
+    return CropPlan(size=(rh, rw), top=top, left=left, flip=flip)
+
+
+def resize_uint8(rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> uint8 ``[3, h, w]``, bilinear with half-pixel centres and no antialiasing
+    (``tf.image.resize``'s bilinear; torch's uint8 kernel rounds to within 1 level of the float one)."""
+    x = rgb.permute(2, 0, 1)[None]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
+    return x[0]
+
+
+def assemble_clip(frames: list[torch.Tensor], crop: tuple[int, int], plan: CropPlan) -> torch.Tensor:
+    """Resized uint8 ``[3, h, w]`` frames -> float ``[3, T, crop_h, crop_w]`` in [-1, 1], cropped and flipped
+    in uint8 and converted to float once."""
+    ch, cw = crop
+    x = torch.stack([f[:, plan.top:plan.top + ch, plan.left:plan.left + cw] for f in frames], dim=1)
+    if plan.flip:
+        x = x.flip(-1)
+    return x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
 
 
 def ticks_to_source_frames(frame_times: np.ndarray, fps: float = VIDEO_FPS) -> np.ndarray:
@@ -73,61 +137,176 @@ def ticks_to_source_frames(frame_times: np.ndarray, fps: float = VIDEO_FPS) -> n
     return np.searchsorted(frame_times, tick_times + 1e-6, side="right") - 1
 
 
-def _decode(container, vstream, astream, frame_times: np.ndarray | None, wanted: set[int]):
-    """One demux/decode pass over the wanted streams: RGB arrays of the wanted video frames (matched to
-    ``frame_times`` by timestamp) and the audio track as 16 kHz mono float32 (libswresample does the
-    mixing down and resampling)."""
+@dataclass
+class VideoIndex:
+    """Every frame of the video stream, from its packets (no decoding), in presentation order."""
+    times: np.ndarray          # [N] seconds
+    pts: np.ndarray | None     # [N] int64 sorted unique pts (stream time base); None: match frames by order
+    keyframe: np.ndarray       # [N] bool
+    problem: str | None        # why this file cannot be seeked (None: it can)
+
+
+def build_index(packets: list[tuple[int | None, bool]], time_base: float, rate: float) -> VideoIndex:
+    """``packets``: (pts, is_keyframe) of every non-empty video packet, in file order."""
+    n = len(packets)
+    if n == 0:
+        raise ValueError("the video stream has no frames")
+    if any(p is None for p, _ in packets):
+        return VideoIndex(np.arange(n) / rate, None, np.zeros(n, dtype=bool), "video packets without timestamps")
+    pts = np.asarray([p for p, _ in packets], dtype=np.int64)
+    order = np.argsort(pts, kind="stable")
+    pts, key = pts[order], np.asarray([k for _, k in packets], dtype=bool)[order]
+    if np.any(np.diff(pts) == 0):
+        return VideoIndex(pts * time_base, None, key, "repeated video timestamps")
+    return VideoIndex(pts * time_base, pts, key, None)
+
+
+class _Stages:
+    """Adds the wall time since the last lap to ``out[stage]`` (the benchmark's breakdown); off when None."""
+
+    def __init__(self, out: dict | None):
+        self.out, self.t = out, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.out is not None:
+            now = time.perf_counter()
+            self.out[stage] = self.out.get(stage, 0.0) + now - self.t
+            self.t = now
+
+
+def _seek(container, stream, pts: int) -> None:
+    """Backward seek to the keyframe at or before ``pts`` (a function so tests can make it fail)."""
+    container.seek(pts, stream=stream, backward=True, any_frame=False)
+
+
+def _open(path):
     import av
 
-    frames: dict[int, np.ndarray] = {}
+    container = av.open(str(path))
+    if container.streams.video:
+        # one decoding thread: a DataLoader worker is one core (DESIGN §10), and threads only delay output
+        ctx = container.streams.video[0].codec_context
+        ctx.thread_type, ctx.thread_count = "NONE", 1
+    return container
+
+
+def _index_and_audio(container, vstream, astream, stages: _Stages):
+    """The demux pass: the video index and the whole audio track as 16 kHz mono float32 (libswresample
+    mixes down and resamples). Undecodable audio packets are skipped."""
+    import av
+
+    packets: list[tuple[int | None, bool]] = []
     chunks: list[np.ndarray] = []
     resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE) if astream is not None else None
-    streams = [s for s in (vstream if wanted else None, astream) if s is not None]
-    for packet in container.demux(*streams):
-        for frame in packet.decode():
-            if packet.stream.type == "video":
-                t = frame.time if frame.time is not None else -1.0
-                j = int(np.abs(frame_times - t).argmin())
-                if j in wanted and j not in frames:
-                    frames[j] = frame.to_ndarray(format="rgb24")
-            else:
-                frame.pts = None  # the resampler should not try to fill timestamp gaps
-                chunks.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(frame))
+    for packet in container.demux(*[s for s in (vstream, astream) if s is not None]):
+        stages.lap("demux/seek")
+        if packet.stream.type == "video":
+            if packet.size > 0:
+                packets.append((packet.pts, bool(packet.is_keyframe)))
+            continue
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            frames = []  # a damaged audio packet: its samples are lost, the rest of the track is kept
+        for frame in frames:
+            frame.pts = None  # the resampler should not try to fill timestamp gaps
+            chunks.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(frame))
+        stages.lap("audio")
     if resampler is not None:
         chunks.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(None))  # flush
+        stages.lap("audio")
+    # only used without pts: the stream's declared rate (raw H.264 carries it in its SPS; FFmpeg's
+    # average_rate is a 25 fps placeholder there)
+    rate = float(vstream.guessed_rate or vstream.average_rate or VIDEO_FPS)
+    index = build_index(packets, float(vstream.time_base), rate)
     waveform = torch.from_numpy(np.concatenate(chunks).astype(np.float32)) if chunks else None
-    return frames, waveform
+    return index, waveform
 
 
-def resize_short_side(frames: torch.Tensor, short: int | float) -> torch.Tensor:
-    """``[T, 3, H, W]`` float -> bilinear resize so that min(H, W) == round(short)."""
-    h, w = frames.shape[-2:]
-    scale = short / min(h, w)
-    size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
-    if size == (h, w):
-        return frames
-    return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=False)
+class _Collector:
+    """Receives decoded frames: keeps the wanted ones, RGB at source size -> resized uint8 per size."""
+
+    def __init__(self, wanted: set[int], sizes: set[tuple[int, int]], stages: _Stages):
+        from av.video.reformatter import VideoReformatter
+
+        self.wanted, self.sizes, self.stages = wanted, sizes, stages
+        self.frames: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
+        self.got: set[int] = set()
+        self.num_decoded = 0  # every frame the decoder produced, wanted or not
+        self.reformatter = VideoReformatter()  # one swscale context reused for every frame
+
+    def add(self, j: int, frame) -> None:
+        self.num_decoded += 1
+        if j in self.wanted and j not in self.got:
+            rgb = torch.from_numpy(self.reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray())
+            for size in self.sizes:
+                self.frames[(j, size)] = resize_uint8(rgb, size)
+            self.got.add(j)
+        self.stages.lap("resize/crop")
+
+    def done(self) -> bool:
+        return len(self.got) == len(self.wanted)
 
 
-def transform_frames(frames: np.ndarray, crop: tuple[int, int], train: bool,
-                     rng: np.random.Generator | None = None) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> float ``[3, T, crop_h, crop_w]`` in [-1, 1] (module docstring)."""
-    ch, cw = crop
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    short = SCENIC_RESIZE / SCENIC_CROP * min(ch, cw)
-    if train:
-        short *= rng.uniform(*SCALE_JITTER)
-    x = resize_short_side(x, max(short, ch, cw))
-    h, w = x.shape[-2:]
-    if train:
-        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    else:
-        top, left = (h - ch) // 2, (w - cw) // 2
-    x = x[:, :, top:top + ch, left:left + cw]
-    if train and rng.random() < 0.5:
-        x = x.flip(-1)
-    x = x.clamp(0, 255) * (2.0 / 255.0) - 1.0
-    return x.permute(1, 0, 2, 3).contiguous()
+def _decode_after_seek(container, vstream, index: VideoIndex, col: _Collector, stages: _Stages) -> str | None:
+    """Seek path; returns None when every wanted frame was decoded and proven by its pts, else why not."""
+    import av
+
+    first, last = min(col.wanted), max(col.wanted)
+    keys = np.flatnonzero(index.keyframe[:first + 1])
+    start = int(keys[-1]) if len(keys) else 0  # no keyframe flag before it: start at the first frame
+    try:
+        _seek(container, vstream, int(index.pts[start]))
+    except av.FFmpegError as e:
+        return f"seek failed ({type(e).__name__})"
+    stages.lap("demux/seek")
+    first_out = True
+    try:
+        for packet in container.demux(vstream):
+            stages.lap("demux/seek")
+            frames = packet.decode()
+            stages.lap("decode")
+            for frame in frames:
+                j = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
+                if not 0 <= j < len(index.pts) or index.pts[j] != frame.pts:
+                    return "decoded frame without a timestamp of the index"
+                if first_out and j > first:
+                    return "seek landed after the clip's first frame"
+                first_out = False
+                col.add(j, frame)
+                if j >= last:  # frames come out in pts order: nothing wanted is left
+                    return None if col.done() else "wanted frames missing after the seek"
+    except av.FFmpegError as e:
+        return f"decoding after the seek failed ({type(e).__name__})"
+    return None if col.done() else "wanted frames missing after the seek"
+
+
+def _decode_from_start(container, vstream, index: VideoIndex, col: _Collector, stages: _Stages) -> str | None:
+    """Full decode (stopping once every wanted frame is in); frames matched by pts, or by output order
+    when the index has no usable pts. A decoder error ends decoding (a truncated file); returns it."""
+    import av
+
+    n = 0
+    try:
+        for packet in container.demux(vstream):
+            stages.lap("demux/seek")
+            frames = packet.decode()
+            stages.lap("decode")
+            for frame in frames:
+                if index.pts is None:
+                    j = n
+                elif frame.pts is not None:
+                    j = int(np.searchsorted(index.pts, frame.pts))
+                    j = j if j < len(index.pts) and index.pts[j] == frame.pts else -1
+                else:
+                    j = -1  # a frame without a pts in a file with pts: it cannot be placed safely
+                n += 1
+                col.add(j, frame)
+                if col.done():
+                    return None
+    except av.FFmpegError as e:
+        return f"{type(e).__name__} while decoding"
+    return None
 
 
 @dataclass
@@ -135,39 +314,63 @@ class DecodedClips:
     rgb: list[torch.Tensor] | None          # per clip [3, T, H, W]
     waveform: torch.Tensor | None           # 16 kHz mono, None when the file has no audio track
     start_proportions: list[float]
+    decode: str = "none"                    # "seek", or "full: <why the seek path was not used>"
+    frames_substituted: int = 0             # wanted frames no decode produced, replaced by the nearest
+    frames_decoded: int = 0                 # video frames decoded (the last pass, when a seek fell back)
 
 
 def read_clips(path: str, num_frames: int, crop: tuple[int, int], mode: str, num_clips: int = 1,
-               rng: np.random.Generator | None = None, want_rgb: bool = True, want_audio: bool = True) -> DecodedClips:
-    """Open ``path`` once and return the sampled RGB clip(s) and the whole audio track.
+               rng: np.random.Generator | None = None, want_rgb: bool = True, want_audio: bool = True,
+               seek: bool = True, stages: dict | None = None) -> DecodedClips:
+    """Open ``path`` and return the sampled RGB clip(s) and the whole audio track (module docstring).
 
-    Raises on unreadable files (the dataset turns that into a skipped example).
+    ``seek=False`` always decodes from the start (the reference the seek path is tested against);
+    ``stages``: a dict that receives seconds per stage. Raises on unreadable files (the dataset turns
+    that into a skipped example).
     """
-    import av
-
-    with av.open(str(path)) as container:
+    clock = _Stages(stages)
+    container = _open(path)
+    try:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
-        frame_times = _video_frame_times(container, container.streams.video[0])
-    tick_src = ticks_to_source_frames(frame_times)
-    plans = plan_clips(len(tick_src), num_frames, mode, num_clips, rng)
-    wanted = {int(tick_src[t]) for p in plans for t in p.ticks} if want_rgb else set()
-    with av.open(str(path)) as container:
         vstream = container.streams.video[0]
-        vstream.thread_type = "AUTO"
         astream = container.streams.audio[0] if (want_audio and container.streams.audio) else None
-        decoded, waveform = _decode(container, vstream, astream, frame_times, wanted)
-    rgb = None
-    if want_rgb:
-        if not decoded:
-            raise ValueError(f"{path}: no video frame could be decoded")
-        keys = np.asarray(sorted(decoded))
-        rgb = []
-        for p in plans:
-            # a frame missing from decoding (truncated file) falls back to the nearest decoded one
-            idx = [int(keys[np.abs(keys - tick_src[t]).argmin()]) for t in p.ticks]
-            frames = np.stack([decoded[i] for i in idx])
-            rgb.append(transform_frames(frames, crop, train=(mode == "train"), rng=rng))
-    if waveform is not None and waveform.numel() == 0:
-        waveform = None
-    return DecodedClips(rgb=rgb, waveform=waveform, start_proportions=[p.start_proportion for p in plans])
+        index, waveform = _index_and_audio(container, vstream, astream, clock)
+        tick_src = ticks_to_source_frames(index.times)
+        plans = plan_clips(len(tick_src), num_frames, mode, num_clips, rng)
+        if not want_rgb:
+            return DecodedClips(None, _nonempty(waveform), [p.start_proportion for p in plans])
+        h, w = vstream.codec_context.height, vstream.codec_context.width
+        if not (h > 0 and w > 0):
+            raise ValueError(f"{path}: the video stream has no frame size ({w}x{h})")
+        crops = [plan_crop(h, w, crop, train=(mode == "train"), rng=rng) for _ in plans]
+        wanted = {int(tick_src[t]) for p in plans for t in p.ticks}
+        col = _Collector(wanted, {c.size for c in crops}, clock)
+        why = index.problem or (None if seek else "seek=False")
+        if why is None:
+            why = _decode_after_seek(container, vstream, index, col, clock)
+    finally:
+        container.close()
+    decode = "seek"
+    if why is not None:  # decode again from the start, in a fresh container: never trust a failed seek
+        decode = f"full: {why}"
+        col = _Collector(wanted, col.sizes, clock)
+        with _open(path) as container:
+            err = _decode_from_start(container, container.streams.video[0], index, col, clock)
+        if err:
+            decode += f"; then {err}"
+    if not col.got:
+        raise ValueError(f"{path}: no video frame could be decoded ({decode})")
+    keys = np.asarray(sorted(col.got))
+    rgb, substituted = [], 0
+    for p, c in zip(plans, crops):
+        idx = [int(keys[np.abs(keys - tick_src[t]).argmin()]) for t in p.ticks]
+        substituted += sum(i != tick_src[t] for i, t in zip(idx, p.ticks))
+        rgb.append(assemble_clip([col.frames[(i, c.size)] for i in idx], crop, c))
+    clock.lap("resize/crop")
+    return DecodedClips(rgb, _nonempty(waveform), [p.start_proportion for p in plans], decode, int(substituted),
+                        col.num_decoded)
+
+
+def _nonempty(waveform: torch.Tensor | None) -> torch.Tensor | None:
+    return None if waveform is None or waveform.numel() == 0 else waveform

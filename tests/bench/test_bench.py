@@ -243,3 +243,30 @@ def test_bench_model_text_is_labelled(capsys):
     out = capsys.readouterr().out
     assert "model estimate" in out.splitlines()[0]
     assert "triton_over_torch" in out and "fraction" in out
+
+
+def test_bench_data_tiny(tmp_path):
+    """``mbt-fast bench data --tiny``: the clip is generated, every stage is timed, the seek path is used."""
+    from bench import bench_data
+    from mbt_fast.commands.bench import main as bench_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert bench_main(["bench", "data", "--tiny", "--reps", "1", "--warmup", "0", "--batch", "2", "--json",
+                           "--out", str(tmp_path)]) == 0
+    res = json.loads(out.getvalue())
+    assert res["measurement"] == "CPU measurement"
+    rows = {(r["op"], r["mode"]): r for r in res["rows"]}
+    assert set(rows) == {("full_decode", "-"), ("item", "train"), ("item", "eval")}
+    full = rows[("full_decode", "-")]
+    assert full["frames_in_file"] == 30 and full["median_ms"] > 0
+    for m in ("train", "eval"):
+        r = rows[("item", m)]
+        assert r["measurement"] == "CPU measurement" and r["decode_path"] == "seek=1", r
+        assert 0 < r["frames_decoded"] < r["frames_in_file"]  # a 1.2 s clip of a 2 s file, keyframes every 0.5 s
+        assert all(r[f"{s}_ms"] > 0 for s in bench_data.STAGES), r
+        assert math.isclose(r["ratio_vs_full_decode"], (r["median_ms"] + r["collate_ms"]) / full["median_ms"])
+    assert res["resize"]["uint8_bilinear_max"] <= 1.0 + 1e-9 < res["resize"]["swscale_bilinear_max"]
+    cols, csv_rows = _read(tmp_path / "data.csv")
+    assert cols == bench_data.COLUMNS and len(csv_rows) == 3
+    assert "CPU measurement" in (tmp_path / "data.md").read_text()

@@ -82,7 +82,7 @@ def test_dataset_items_missing_audio_and_corrupt(clips, caplog):
     batch = collate_skip_bad([good, quiet, bad, short, None])
     assert batch["rgb"].shape == (3, 3, *RGB) and batch["num_skipped"] == 2 and batch["num_audio_missing"] == 1
     assert batch["index"].tolist() == [0, 1, 3]
-    assert set(collate_skip_bad([bad])) == {"num_skipped", "skipped", "num_audio_missing"}
+    assert set(collate_skip_bad([bad])) == {"num_skipped", "skipped", "num_audio_missing", "num_decode_fallback"}
 
 
 def test_train_mode_seeded_and_multiclip_test(clips):
