@@ -98,7 +98,7 @@ def run(args) -> int:
                          lr=args.lr if args.lr is not None else (0.5 if args.optimizer == "sgd" else 1e-3),
                          weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
                          label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, seed=args.seed,
-                         backend=args.backend, device=args.device, num_workers=args.num_workers,
+                         backend=args.backend, compile=args.compile, device=args.device, num_workers=args.num_workers,
                          ckpt_every=args.ckpt_every, eval_every=args.eval_every, log_every=args.log_every,
                          progress=not args.no_progress, stop_after=args.stop_after,
                          max_nonfinite=args.max_nonfinite, run_args=run_args(args))
@@ -141,6 +141,9 @@ def register(sub) -> None:
     own.add_argument("--overwrite", action="store_true",
                      help="OUT holds an old run: move it aside to OUT.old-<timestamp> (nothing is deleted)")
     p.add_argument("--backend", default="torch", help="reference | torch | triton | cuda | cuda-emu | auto")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (fullgraph; backends torch, cuda and cuda-emu compile with "
+                        "no graph break); the first step pays the compile time")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
     d = p.add_argument_group("data")
     d.add_argument("--data", choices=("synthetic", "folder", "csv"), default=None,

@@ -57,6 +57,7 @@ class TrainConfig:
     mixup_alpha: float = 0.5             # 0 disables
     seed: int = 0
     backend: str = "torch"
+    compile: bool = False                # torch.compile(fullgraph=True) of the training forward/backward
     device: str = "auto"                 # "auto": cuda if available (cuda:LOCAL_RANK under torchrun)
     num_workers: int = 0
     ckpt_every: int = 500                # 0: only at the end / on a signal
@@ -281,9 +282,12 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+COMPILE_CLEAN_BACKENDS = ("reference", "eager_sdpa", "torch", "cuda", "cuda-emu")
+
+
 # ---- resume checks ------------------------------------------------------------------------------------
 # TrainConfig fields a resume may change: they do not change what the run computes, or (steps) extend it
-SAFE_TO_CHANGE = ("steps", "log_every", "num_workers", "ckpt_every", "eval_every", "backend", "device",
+SAFE_TO_CHANGE = ("steps", "log_every", "num_workers", "ckpt_every", "eval_every", "backend", "compile", "device",
                   "max_nonfinite")
 PER_INVOCATION = ("out_dir", "stop_after", "progress", "plot", "extra")  # not part of the run
 
@@ -469,6 +473,10 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
         net = DDP(_PerModality(model), device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused)
     forward = net if world > 1 else model.forward_per_modality
+    if tc.compile:
+        # fullgraph where the backend is known to trace without a break (the triton launchers still do
+        # host work; DDP splits its graphs on purpose)
+        forward = torch.compile(forward, fullgraph=world == 1 and model.backend in COMPILE_CLEAN_BACKENDS)
 
     per_rank = tc.batch_size // world
     sampler = ResumableSampler(train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
