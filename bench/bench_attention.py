@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 import torch
 
 from bench import common
+from mbt_fast.commands import argtypes
 
 PROVIDERS = ("eager", "sdpa", "flex", "flash_attn", "triton", "cuda")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -216,18 +217,18 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", choices=sorted(common.DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     ap.add_argument("--tokens", type=_tokens, nargs="+", default=None,
                     help="modality token counts (CLS included), e.g. 401,3137 (MBT-B)")
-    ap.add_argument("--batch", type=int, nargs="+", default=None)
-    ap.add_argument("--heads", type=int, default=None)
-    ap.add_argument("--head-dim", type=int, default=None)
-    ap.add_argument("--n-bottleneck", type=int, default=5, help="bottleneck rows per modality (MBT-B: 4 + CLS = 5)")
+    ap.add_argument("--batch", type=argtypes.positive_int, nargs="+", default=None)
+    ap.add_argument("--heads", type=argtypes.positive_int, default=None)
+    ap.add_argument("--head-dim", type=argtypes.positive_int, default=None)
+    ap.add_argument("--n-bottleneck", type=argtypes.nonneg_int, default=5, help="bottleneck rows per modality (MBT-B: 4 + CLS = 5)")
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--quick", action="store_true", help="small shapes (the default on a CPU)")
     ap.add_argument("--interpreter", action="store_true",
                     help="CPU: run triton under TRITON_INTERPRET=1 (labelled 'interpreter'; meaningless as performance)")
     ap.add_argument("--flex-compile", action="store_true", help="CPU: torch.compile FlexAttention (slow to compile)")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--warmup", type=argtypes.nonneg_int, default=None)
+    ap.add_argument("--reps", type=argtypes.positive_int, default=None)
     ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
     ap.add_argument("--no-plot", action="store_true")
 

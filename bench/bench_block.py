@@ -26,6 +26,7 @@ import torch
 
 from bench import bench_attention as ba
 from bench import common
+from mbt_fast.commands import argtypes
 
 PROVIDERS = ("reference", "torch", "flex", "flash_attn", "triton", "cuda")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -167,18 +168,18 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=sorted(common.DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     ap.add_argument("--tokens", type=ba._tokens, nargs="+", default=None)
-    ap.add_argument("--batch", type=int, nargs="+", default=None)
-    ap.add_argument("--hidden", type=int, default=None)
-    ap.add_argument("--heads", type=int, default=None)
-    ap.add_argument("--mlp-dim", type=int, default=None)
-    ap.add_argument("--n-bottleneck", type=int, default=5)
+    ap.add_argument("--batch", type=argtypes.positive_int, nargs="+", default=None)
+    ap.add_argument("--hidden", type=argtypes.positive_int, default=None)
+    ap.add_argument("--heads", type=argtypes.positive_int, default=None)
+    ap.add_argument("--mlp-dim", type=argtypes.positive_int, default=None)
+    ap.add_argument("--n-bottleneck", type=argtypes.nonneg_int, default=5)
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--quick", action="store_true", help="small shapes (the default on a CPU)")
     ap.add_argument("--interpreter", action="store_true", help="CPU: triton under TRITON_INTERPRET=1 (labelled)")
     ap.add_argument("--flex-compile", action="store_true")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--warmup", type=argtypes.nonneg_int, default=None)
+    ap.add_argument("--reps", type=argtypes.positive_int, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-plot", action="store_true")
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
+from mbt_fast.commands import argtypes
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
 COLUMNS = ["op", "preset", "backend", "compile", "batch", "amp", "median_ms", "p20_ms", "p80_ms", "reps",
@@ -112,15 +113,15 @@ def add_speedups(rows: list[dict]) -> None:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--preset", nargs="+", default=None, help="presets (or 'mid'); GPU default mbt_base_16x2, CPU tiny mid")
-    ap.add_argument("--batch", type=int, default=None, help="GPU default 8, CPU default 4")
+    ap.add_argument("--batch", type=argtypes.positive_int, default=None, help="GPU default 8, CPU default 4")
     ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--compile", action="store_true", help="CPU: also run the torch.compile rows")
     ap.add_argument("--interpreter", action="store_true", help="CPU: triton under TRITON_INTERPRET=1 (labelled)")
     ap.add_argument("--quick", action="store_true", help="CPU-sized defaults (the default on a CPU)")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--max-seconds", type=float, default=20.0, help="stop timing a row after this long (>= 3 reps)")
+    ap.add_argument("--warmup", type=argtypes.nonneg_int, default=None)
+    ap.add_argument("--reps", type=argtypes.positive_int, default=None)
+    ap.add_argument("--max-seconds", type=argtypes.positive_float, default=20.0, help="stop timing a row after this long (>= 3 reps)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-plot", action="store_true")
 

@@ -425,14 +425,49 @@ def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, con
 
 
 # ----------------------------------------------------------------------------------------------------
+# the launchers as torch.library ops: opaque to torch.compile, so the host-side block tables stay out
+# of the graph (cached per segment table and device; no host work per call after the first)
+# ----------------------------------------------------------------------------------------------------
+def _rows(flat: list[int]) -> tuple:
+    return tuple(tuple(flat[i:i + 4]) for i in range(0, len(flat), 4))
+
+
+@torch.library.custom_op("mbt_fast_triton::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[int],
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mbt_attention_fwd(q, k, v, _rows(segments), scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, segments, scale):
+    nq, B, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(B, H, nq, dtype=torch.float32)
+
+
+@torch.library.custom_op("mbt_fast_triton::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, segments: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mbt_attention_bwd(do, q, k, v, out, lse, _rows(segments), scale)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, segments, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
 # autograd and the op
 # ----------------------------------------------------------------------------------------------------
 class MBTAttentionFunction(torch.autograd.Function):
-    """Saves q, k, v, the output and the fp32 LSE; the backward recomputes P block by block."""
+    """Saves q, k, v, the output and the fp32 LSE; the backward recomputes P block by block.
+    ``configs`` (block sizes, tests only) calls the launchers directly instead of the ops."""
 
     @staticmethod
     def forward(ctx, q, k, v, segments: tuple, scale: float, configs: dict | None = None):
-        out, lse = _mbt_attention_fwd(q, k, v, segments, scale, configs)
+        if configs is None:
+            out, lse = torch.ops.mbt_fast_triton.attention_fwd(q, k, v, [c for row in segments for c in row], scale)
+        else:
+            out, lse = _mbt_attention_fwd(q, k, v, segments, scale, configs)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.segments, ctx.scale, ctx.configs = segments, scale, configs
         return out
@@ -440,7 +475,11 @@ class MBTAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _mbt_attention_bwd(grad_out, q, k, v, out, lse, ctx.segments, ctx.scale, ctx.configs)
+        if ctx.configs is None:
+            flat = [c for row in ctx.segments for c in row]
+            dq, dk, dv = torch.ops.mbt_fast_triton.attention_bwd(grad_out, q, k, v, out, lse, flat, ctx.scale)
+        else:
+            dq, dk, dv = _mbt_attention_bwd(grad_out, q, k, v, out, lse, ctx.segments, ctx.scale, ctx.configs)
         return dq, dk, dv, None, None, None
 
 
@@ -464,7 +503,8 @@ def _check(q, k, v, segments) -> tuple:
     if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpreting()):
         raise ValueError(f"q: the Triton attention kernel needs CUDA tensors (or CPU tensors under "
                          f"TRITON_INTERPRET=1), got device {q.device}")
-    seg = torch.as_tensor(segments).reshape(-1, 4).tolist()
+    # a tuple table (what mbt_fast.ops passes) is read as is: no tensor round trip, nothing to trace
+    seg = [list(r) for r in segments] if isinstance(segments, tuple) else torch.as_tensor(segments).reshape(-1, 4).tolist()
     if not seg:
         raise ValueError("segments: expected at least one (q_start, q_end, k_start, k_end) row, got none")
     for qs, qe, ks, ke in seg:

@@ -123,16 +123,38 @@ def _bias_gelu_bwd(x, bias, row_weight, g):
     return gx, db_part.sum(0)
 
 
+# the launchers as torch.library ops (opaque to torch.compile)
+@torch.library.custom_op("mbt_fast_triton::bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    return _bias_gelu_fwd(x, bias, row_weight)
+
+
+@_bias_gelu_fwd_op.register_fake
+def _(x, bias, row_weight):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mbt_fast_triton::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd_op(x: torch.Tensor, bias: torch.Tensor, row_weight: torch.Tensor,
+                      g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bias_gelu_bwd(x, bias, row_weight, g)
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(x, bias, row_weight, g):
+    return torch.empty_like(x), bias.new_empty(bias.shape, dtype=torch.float32)
+
+
 class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, row_weight):
         ctx.save_for_backward(x, bias, row_weight)
-        return _bias_gelu_fwd(x, bias, row_weight)
+        return torch.ops.mbt_fast_triton.bias_gelu_fwd(x, bias, row_weight)
 
     @staticmethod
     def backward(ctx, g):
         x, bias, row_weight = ctx.saved_tensors
-        gx, db = _bias_gelu_bwd(x, bias, row_weight, g.contiguous())
+        gx, db = torch.ops.mbt_fast_triton.bias_gelu_bwd(x, bias, row_weight, g.contiguous())
         return gx, db.to(bias.dtype), None
 
 

@@ -208,17 +208,51 @@ def _residual_mean_bwd(g, keep, layout: PackedLayout, mode: int, y_dtype: torch.
     return gx, gy
 
 
+# the launchers as torch.library ops (opaque to torch.compile; the layout travels as its row counts)
+def _layout(tokens: list[int], n_bottleneck: int) -> PackedLayout:
+    return PackedLayout(tuple(f"m{i}" for i in range(len(tokens))), tuple(tokens), n_bottleneck)
+
+
+@torch.library.custom_op("mbt_fast_triton::residual_mean_fwd", mutates_args=())
+def _residual_mean_fwd_op(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None, tokens: list[int],
+                          n_bottleneck: int, mode: int) -> torch.Tensor:
+    return _residual_mean_fwd(x, y, keep, _layout(tokens, n_bottleneck), mode)
+
+
+@_residual_mean_fwd_op.register_fake
+def _(x, y, keep, tokens, n_bottleneck, mode):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mbt_fast_triton::residual_mean_bwd", mutates_args=())
+def _residual_mean_bwd_op(g: torch.Tensor, keep: torch.Tensor | None, tokens: list[int], n_bottleneck: int, mode: int,
+                          y_dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[gy]``, and ``[gx, gy]`` in "mean" mode (otherwise gx is ``g`` itself, and an op's output may not
+    alias its input)."""
+    gx, gy = _residual_mean_bwd(g, keep, _layout(tokens, n_bottleneck), mode, y_dtype)
+    return [gx, gy] if mode == 2 else [gy]
+
+
+@_residual_mean_bwd_op.register_fake
+def _(g, keep, tokens, n_bottleneck, mode, y_dtype):
+    gy = torch.empty(g.shape, dtype=y_dtype, device=g.device)
+    return [torch.empty_like(g), gy] if mode == 2 else [gy]
+
+
 class ResidualMeanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, keep, layout, mode):
         ctx.save_for_backward(keep)
         ctx.layout, ctx.mode, ctx.y_dtype = layout, mode, y.dtype
-        return _residual_mean_fwd(x, y, keep, layout, mode)
+        return torch.ops.mbt_fast_triton.residual_mean_fwd(x, y, keep, list(layout.tokens), layout.n_bottleneck, mode)
 
     @staticmethod
     def backward(ctx, g):
         (keep,) = ctx.saved_tensors
-        gx, gy = _residual_mean_bwd(g.contiguous(), keep, ctx.layout, ctx.mode, ctx.y_dtype)
+        g = g.contiguous()
+        grads = torch.ops.mbt_fast_triton.residual_mean_bwd(g, keep, list(ctx.layout.tokens), ctx.layout.n_bottleneck,
+                                                            ctx.mode, ctx.y_dtype)
+        gx, gy = grads if ctx.mode == 2 else (g, grads[0])
         return gx, gy, None, None, None  # keep is a sampled mask: no gradient
 
 

@@ -159,10 +159,39 @@ def _segment_layernorm_bwd(x, weight, row_weight, mean, rstd, g, gs):
     return gx, dw_part.sum(0), db_part.sum(0)
 
 
+# the launchers as torch.library ops (opaque to torch.compile)
+@torch.library.custom_op("mbt_fast_triton::segment_layernorm_fwd", mutates_args=())
+def _segment_layernorm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, row_weight: torch.Tensor,
+                              eps: float, residual: torch.Tensor | None) -> list[torch.Tensor]:
+    """``[out, mean, rstd]``, and ``[out, s, mean, rstd]`` with a residual (``s = x + residual``)."""
+    out, s, mean, rstd = _segment_layernorm_fwd(x, weight, bias, row_weight, eps, residual)
+    return [out, s, mean, rstd] if residual is not None else [out, mean, rstd]
+
+
+@_segment_layernorm_fwd_op.register_fake
+def _(x, weight, bias, row_weight, eps, residual):
+    mean = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+    out = [torch.empty_like(x), mean, torch.empty_like(mean)]
+    return out[:1] + [torch.empty_like(x)] + out[1:] if residual is not None else out
+
+
+@torch.library.custom_op("mbt_fast_triton::segment_layernorm_bwd", mutates_args=())
+def _segment_layernorm_bwd_op(x: torch.Tensor, weight: torch.Tensor, row_weight: torch.Tensor, mean: torch.Tensor,
+                              rstd: torch.Tensor, g: torch.Tensor, gs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _segment_layernorm_bwd(x, weight, row_weight, mean, rstd, g, gs)
+
+
+@_segment_layernorm_bwd_op.register_fake
+def _(x, weight, row_weight, mean, rstd, g, gs):
+    dw = weight.new_empty(weight.shape, dtype=torch.float32)
+    return torch.empty_like(x), dw, torch.empty_like(dw)
+
+
 class SegmentLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, row_weight, eps, residual):
-        out, s, mean, rstd = _segment_layernorm_fwd(x, weight, bias, row_weight, eps, residual)
+        outs = torch.ops.mbt_fast_triton.segment_layernorm_fwd(x, weight, bias, row_weight, eps, residual)
+        out, s, mean, rstd = outs if residual is not None else (outs[0], x, outs[1], outs[2])
         ctx.save_for_backward(s, weight, row_weight, mean, rstd)
         ctx.bias_dtype = bias.dtype
         ctx.res_dtype = residual.dtype if residual is not None else None
@@ -173,7 +202,7 @@ class SegmentLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, gs=None):
         s, weight, row_weight, mean, rstd = ctx.saved_tensors
-        gx, dw, db = _segment_layernorm_bwd(
+        gx, dw, db = torch.ops.mbt_fast_triton.segment_layernorm_bwd(
             s, weight, row_weight, mean, rstd, g.contiguous(), gs.contiguous() if gs is not None else None)
         gres = None
         if ctx.res_dtype is not None and ctx.needs_input_grad[5]:

@@ -1,9 +1,8 @@
 """torch.compile: no graph break, compiled = eager (outputs and every gradient), and opcheck for every
-op of the C++ extension; on configurations nobody tuned to.
+op of the C++ extension and of the Triton launchers; on configurations nobody tuned to.
 
-``triton`` is not here: under the interpreter its launchers run on the host (see the README's compile
-section). The ``cuda`` backend runs the same Python path as ``cuda-emu``; its CUDA-graph capture is a
-``gpu`` test.
+``triton`` runs under the interpreter here (its ops are opaque to the compiler either way). The ``cuda``
+backend runs the same Python path as ``cuda-emu``.
 """
 import dataclasses
 
@@ -16,7 +15,7 @@ from mbt_fast import cuda_ext
 from mbt_fast.config import MBTConfig
 
 _EMU = cuda_ext.build_problems(emulated=True)
-BACKENDS = ["torch", pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok"))]
+BACKENDS = ["torch", "triton", pytest.param("cuda-emu", marks=pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok"))]
 
 BASE = MBTConfig(hidden_size=64, num_heads=2, mlp_dim=80, num_layers=3, fusion_layer=1, n_bottlenecks=3, num_classes=5,
                  stochastic_droplayer_rate=0.3, input_shapes={"rgb": (-1, 4, 32, 32, 3), "spectrogram": (-1, 48, 16, 3)})
@@ -79,9 +78,15 @@ def test_explain_reports_no_graph_break(backend, train):
     assert explanation.graph_count == 1, f"{explanation.graph_count} graphs"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the interpreter makes triton slow on the CPU: three configurations cover its ops' modes
+_TRITON_CONFIGS = ("bottleneck", "vanilla_shared", "rgb_only")
+_NO_EMU = pytest.mark.skipif(bool(_EMU), reason="; ".join(_EMU) or "ok")
+CASES = [pytest.param(b, c, marks=[_NO_EMU] if b == "cuda-emu" else [])
+         for b in ("torch", "triton", "cuda-emu") for c in CONFIGS if b != "triton" or c in _TRITON_CONFIGS]
+
+
+@pytest.mark.parametrize("backend, config", CASES)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("config", list(CONFIGS))
 def test_fullgraph_compile_matches_eager(backend, train, config):
     """fullgraph=True raises on any graph break; aot_eager also traces the backward (AOTAutograd)."""
     torch._dynamo.reset()
@@ -169,3 +174,48 @@ def test_opcheck_every_extension_op():
     for name in names:
         for args in samples[name]:
             torch.library.opcheck(getattr(ops, name).default, args)
+
+
+# ---- opcheck of every Triton launcher op (torch.ops.mbt_fast_triton, run by the interpreter here) ------
+
+def _triton_samples():
+    from mbt_fast.layout import PackedLayout
+
+    out = {n: [] for n in ("attention_fwd", "attention_bwd", "residual_mean_fwd", "residual_mean_bwd",
+                           "segment_layernorm_fwd", "segment_layernorm_bwd", "bias_gelu_fwd", "bias_gelu_bwd")}
+    ops = torch.ops.mbt_fast_triton
+    for shape in ((37, 37, 2, 2, 32), (70, 45, 1, 1, 64)):
+        q, k, v, seg = _attention_samples(*shape, dtype=torch.float32)
+        flat = seg.flatten().tolist()
+        o, lse = ops.attention_fwd(q, k, v, flat, 0.2)
+        out["attention_fwd"].append((q, k, v, flat, 0.2))
+        out["attention_bwd"].append((torch.randn_like(o), q, k, v, o, lse, flat, 0.2))
+    for tokens, nb, B, C in (([9, 6], 3, 2, 16), ([5, 4, 3], 1, 3, 40)):
+        layout = PackedLayout(tuple(f"m{i}" for i in range(len(tokens))), tuple(tokens), nb)
+        N, M = layout.total_rows, len(tokens)
+        x, y = torch.randn(N, B, C), torch.randn(N, B, C)
+        keep = (torch.rand(B, M) > 0.5).float()
+        for mode, kp in ((2, keep), (1, None), (0, keep)):
+            out["residual_mean_fwd"].append((x, y, kp, tokens, nb, mode))
+            out["residual_mean_bwd"].append((torch.randn(N, B, C), kp, tokens, nb, mode, torch.float32))
+        rw, w, b = layout.row_weight(), torch.randn(M, C), torch.randn(M, C)
+        for res in (None, torch.randn(N, B, C)):
+            out["segment_layernorm_fwd"].append((x, w, b, rw, 1e-6, res))
+        o, mean, rstd = ops.segment_layernorm_fwd(x, w, b, rw, 1e-6, None)
+        for gs in (None, torch.randn(N, B, C)):
+            out["segment_layernorm_bwd"].append((x, w, rw, mean, rstd, torch.randn(N, B, C), gs))
+        out["bias_gelu_fwd"].append((x, b, rw))
+        out["bias_gelu_bwd"].append((x, b, rw, torch.randn(N, B, C)))
+    return out
+
+
+def test_opcheck_every_triton_op():
+    import mbt_fast.kernels.attention, mbt_fast.kernels.bias_gelu, mbt_fast.kernels.residual_mean  # noqa: F401
+    import mbt_fast.kernels.segment_layernorm  # noqa: F401  (the imports register the ops)
+
+    names = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mbt_fast_triton::"))
+    samples = _triton_samples()
+    assert names and set(names) == set(samples), f"ops without samples: {set(names) - set(samples)}"
+    for name in names:
+        for args in samples[name]:
+            torch.library.opcheck(getattr(torch.ops.mbt_fast_triton, name).default, args)

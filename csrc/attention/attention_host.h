@@ -3,6 +3,10 @@
 
 #include <algorithm>
 #include <array>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "../common/torch_glue.h"
@@ -43,6 +47,7 @@ using Segment = std::array<int, 4>;
 inline std::vector<Segment> segments(const at::Tensor& seg, int64_t nq, int64_t nk) {
     TORCH_CHECK(seg.device().is_cpu() && seg.scalar_type() == at::kInt && seg.dim() == 2 && seg.size(1) == 4,
                 "seg: expected a CPU int32 tensor [S, 4], got ", seg.scalar_type(), " ", seg.sizes(), " on ", seg.device());
+    TORCH_CHECK(seg.size(0) >= 1, "seg: expected at least one (q_start, q_end, k_start, k_end) row, got none");
     auto s = seg.contiguous();
     const int32_t* p = s.data_ptr<int32_t>();
     std::vector<Segment> out;
@@ -68,11 +73,23 @@ inline std::vector<Segment> tile_table(const std::vector<Segment>& segs, int til
     return table;
 }
 
-// The table as an int32 [n, 4] tensor on `device` (read by the kernel as int4).
+// The table as an int32 [n, 4] tensor on `device` (read by the kernel as int4). Built and copied once
+// per (contents, device) and kept: a layer's tables repeat every step, so no call after the first
+// copies to the device or waits for the copy (CUDA graphs can capture the launch). Keyed by contents,
+// a cached table is always the right one; the cache is leaked on purpose (no device frees at exit).
 inline at::Tensor table_tensor(const std::vector<Segment>& table, const at::Device& device) {
+    using Key = std::pair<std::vector<Segment>, std::string>;
+    static std::mutex mutex;
+    static auto* cache = new std::map<Key, at::Tensor>();
+    Key key{table, device.str()};
+    std::lock_guard<std::mutex> lock(mutex);
+    if (auto it = cache->find(key); it != cache->end()) return it->second;
+    if (cache->size() >= 1024) cache->clear();  // bounded: only a sweep over many layouts gets here
     auto t = at::empty({static_cast<int64_t>(table.size()), 4}, at::TensorOptions().dtype(at::kInt));
     std::copy(&table[0][0], &table[0][0] + 4 * table.size(), t.data_ptr<int32_t>());
-    return device.is_cpu() ? t : t.to(device, /*non_blocking=*/false);
+    if (!device.is_cpu()) t = t.to(device, /*non_blocking=*/false);
+    cache->emplace(std::move(key), t);
+    return t;
 }
 
 }  // namespace attn_host

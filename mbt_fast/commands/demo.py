@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+from mbt_fast.commands import argtypes
+
 
 def run(args) -> int:
     from mbt_fast.train.demo import VARIANTS, format_table, run_demo
@@ -21,12 +23,12 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="train the tiny preset 4 ways on synthetic AV data (CPU, a few minutes)",
                        description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output folder (summary.json, demo.png, one run per variant)")
-    p.add_argument("--steps", type=int, default=300, help="training steps per variant")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-size", type=int, default=512, help="held-out examples")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is robust on a busy small CPU)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=300, help="training steps per variant")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=32)
+    p.add_argument("--lr", type=argtypes.positive_float, default=2e-3, help="AdamW learning rate")
+    p.add_argument("--seed", type=argtypes.nonneg_int, default=0)
+    p.add_argument("--val-size", type=argtypes.positive_int, default=512, help="held-out examples")
+    p.add_argument("--threads", type=argtypes.positive_int, default=1, help="torch CPU threads (1 is robust on a busy small CPU)")
     p.add_argument("--variants", default=None, help="comma-separated subset of unimodal_rgb,unimodal_spectrogram,late_fusion,bottleneck_fusion")
     p.add_argument("--backend", default="torch")
     p.add_argument("--no-progress", action="store_true")

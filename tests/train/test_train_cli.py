@@ -203,3 +203,33 @@ def test_cli_resume_after_sigkill_is_exact(tmp_path):
     assert cli_main(argv + ["--out", str(out), "--resume"]) == 0
     assert _steps_losses(tmp_path / "a") == _steps_losses(out)  # no lost step, no duplicate line
     assert not list(out.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("argv, flag, expected", [
+    (["demo", "--steps", "0"], "--steps", "an integer >= 1"),
+    (["demo", "--lr", "nan"], "--lr", "a finite number > 0"),
+    (["demo", "--val-size", "-3"], "--val-size", "an integer >= 1"),
+    (["demo", "--seed", "-1"], "--seed", "an integer >= 0"),
+])
+def test_demo_flags_are_range_checked(capsys, argv, flag, expected):
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2
+    assert f"argument {flag}: expected {expected}, got {argv[-1]!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("bench_attention", ["--reps", "0"]), ("bench_block", ["--batch", "0"]),
+    ("bench_train", ["--max-seconds", "-1"]), ("bench_train", ["--warmup", "-2"]),
+])
+def test_bench_flags_are_range_checked(capsys, script, argv):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    module = importlib.import_module(f"bench.{script}")
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code == 2
+    assert f"argument {argv[0]}: expected" in capsys.readouterr().err
