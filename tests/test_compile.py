@@ -30,7 +30,7 @@ CONFIGS = {
 BATCH = 3
 
 
-def _setup(backend, overrides, train):
+def _setup(backend, overrides, train, device="cpu"):
     cfg = dataclasses.replace(BASE, **overrides)
     torch.manual_seed(0)
     model = mbt_fast.MBT(cfg, backend=backend)
@@ -38,12 +38,12 @@ def _setup(backend, overrides, train):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     # the CUDA attention runs on tensor cores only (fp16/bf16): cuda-emu runs the model in bf16
-    dtype = torch.bfloat16 if backend == "cuda-emu" else torch.float32
-    model = model.to(dtype).train(train)
+    dtype = torch.bfloat16 if backend in ("cuda", "cuda-emu") else torch.float32
+    model = model.to(device, dtype).train(train)
     g = torch.Generator().manual_seed(1)
     inputs = {"rgb": torch.rand(BATCH, 3, *cfg.rgb_shape, generator=g) * 2 - 1,
               "spectrogram": torch.randn(BATCH, *cfg.spectrogram_shape, generator=g)}
-    return model, {m: inputs[m].to(dtype) for m in cfg.modality_fusion}
+    return model, {m: inputs[m].to(device, dtype) for m in cfg.modality_fusion}
 
 
 def _step(model, fn, inputs):
@@ -52,8 +52,8 @@ def _step(model, fn, inputs):
     torch.manual_seed(7)  # stochastic depth draws the same masks in both runs
     out = fn(**inputs)
     out.float().square().sum().backward()
-    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-    return out.detach().float(), grads
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float().clone(), grads  # clone: CUDA-graph outputs are overwritten by the next replay
 
 
 def _assert_same(eager, compiled, tol):
@@ -103,6 +103,24 @@ def test_inductor_compile_matches_eager_torch_backend():
     eager = _step(model, model, inputs)
     compiled = _step(model, torch.compile(model, fullgraph=True), inputs)
     _assert_same(eager, compiled, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_cuda_graphs_capture_a_training_step(backend):
+    """mode="reduce-overhead": the whole forward/backward replays as CUDA graphs (no skipped capture)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, inputs = _setup(backend, dict(stochastic_droplayer_rate=0.0), True, device="cuda")
+    eager = _step(model, model, inputs)
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        compiled = _step(model, step, inputs)
+    assert not counters["inductor"]["cudagraph_skips"], f"CUDA graph capture skipped: {dict(counters['inductor'])}"
+    _assert_same(eager, compiled, 5e-2 if backend == "cuda" else 1e-4)
 
 
 def test_segment_tables_are_not_read_on_the_host_per_call(monkeypatch):
