@@ -153,12 +153,21 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     """(tensors, metadata) of a checkpoint; only safetensors and JSON are parsed (no pickle)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(META_KEY)
-        if raw is None:
-            raise ValueError(f"{path}: not an mbt_fast training checkpoint (no {META_KEY} metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(raw)
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"{path}: {what}; expected a checkpoint.safetensors written by mbt-fast train")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if raw is not None else {}
+    except Exception as e:  # safetensors raises its own error type for every malformed file
+        raise ValueError(f"{path}: not a readable safetensors file (truncated, empty or another format?): {e}") from None
+    if raw is None:
+        raise ValueError(f"{path}: not an mbt_fast training checkpoint (no {META_KEY} metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the {META_KEY} metadata is not valid JSON: {e}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return tensors, meta

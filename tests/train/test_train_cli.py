@@ -233,3 +233,14 @@ def test_bench_flags_are_range_checked(capsys, script, argv):
         module.main(argv)
     assert e.value.code == 2
     assert f"argument {argv[0]}: expected" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, os.urandom(2000)], ids=["empty", "truncated", "random"])
+def test_cli_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path, capsys, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(content)
+    message = _error(capsys, _args(out, "--resume"))
+    assert message.startswith(f"mbt-fast train: {out / 'checkpoint.safetensors'}: not a readable safetensors file "
+                              f"(truncated, empty or another format?)"), message
+    assert (out / "checkpoint.safetensors").read_bytes() == content  # nothing overwritten
