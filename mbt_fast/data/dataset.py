@@ -54,6 +54,8 @@ def parse_labels(text: str) -> list[int]:
 def read_csv(csv_path, root=None) -> list[tuple[str, list[int]]]:
     csv_path = Path(csv_path)
     base = Path(root) if root is not None else csv_path.parent
+    if not csv_path.is_file():
+        raise ValueError(f"CSV {str(csv_path)!r} {'is a directory' if csv_path.is_dir() else 'does not exist'}")
     items = []
     with open(csv_path, newline="") as f:
         for i, row in enumerate(csv.reader(f)):
@@ -65,6 +67,8 @@ def read_csv(csv_path, root=None) -> list[tuple[str, list[int]]]:
                 raise ValueError(f"{csv_path}:{i + 1}: expected 'path,labels', got {row!r}")
             path = Path(row[0].strip())
             items.append((str(path if path.is_absolute() else base / path), parse_labels(",".join(row[1:]))))
+    if not items:
+        raise ValueError(f"CSV {str(csv_path)!r} lists no clip (expected rows 'path,labels')")
     return items
 
 

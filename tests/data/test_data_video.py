@@ -114,6 +114,13 @@ def test_folder_csv_and_loader_epoch(clips, tmp_path):
     with pytest.raises(ValueError, match="labels"):
         (tmp_path / "bad.csv").write_text("x.mp4,dog\n")
         read_csv(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match=f"CSV '{tmp_path / 'none.csv'}' does not exist"):
+        read_csv(tmp_path / "none.csv")
+    with pytest.raises(ValueError, match=f"CSV '{tmp_path}' is a directory"):
+        read_csv(tmp_path)
+    (tmp_path / "header.csv").write_text("path,labels\n\n")
+    with pytest.raises(ValueError, match=r"lists no clip \(expected rows 'path,labels'\)"):
+        read_csv(tmp_path / "header.csv")
     with pytest.raises(ValueError, match="outside"):
         VideoDataset([("x.mp4", [600])], num_classes=527)
     ds = VideoDataset.from_folder(root, rgb_shape=RGB, spectrogram_shape=SPEC, mode="train")
