@@ -10,12 +10,26 @@ Examples::
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from mbt_fast.commands.argtypes import finite_float, fraction, nonneg_float, nonneg_int, positive_float, positive_int
+
+
+def workers(text: str):
+    """``auto`` or an integer >= 0 (``--num-workers``)."""
+    if text == "auto":
+        return text
+    try:
+        return nonneg_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}") from None
+
+
+workers.__name__ = "'auto' or int>=0"
 
 
 def build_datasets(args, cfg):
@@ -99,6 +113,7 @@ def run(args) -> int:
                          weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
                          label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, seed=args.seed,
                          backend=args.backend, compile=args.compile, device=args.device, num_workers=args.num_workers,
+                         prefetch_factor=args.prefetch_factor,
                          ckpt_every=args.ckpt_every, eval_every=args.eval_every, log_every=args.log_every,
                          progress=not args.no_progress, stop_after=args.stop_after,
                          max_nonfinite=args.max_nonfinite, run_args=run_args(args))
@@ -160,7 +175,11 @@ def register(sub) -> None:
     d.add_argument("--spec-mean", type=finite_float, default=1.102, help="log-mel normalisation mean (Scenic's)")
     d.add_argument("--spec-std", type=positive_float, default=2.762, help="log-mel normalisation std (Scenic's)")
     d.add_argument("--no-spec-augment", action="store_true", help="disable SpecAugment frequency masking")
-    d.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader worker processes")
+    d.add_argument("--num-workers", type=workers, default="auto",
+                   help="DataLoader worker processes, one core each (default auto: the cores this process may use, "
+                        "shared by the ranks of a node, at most 8; 0: load in the training process)")
+    d.add_argument("--prefetch-factor", type=positive_int, default=2,
+                   help="batches each worker loads ahead (memory: workers x factor x batch)")
     o = p.add_argument_group("optimisation (defaults: Scenic's balanced AudioSet recipe)")
     o.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
     o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
