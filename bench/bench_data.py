@@ -175,7 +175,7 @@ def write_markdown(rows: list[dict], resize: dict, path: Path, env: dict, cmd: s
                      f"{r['frames_decoded']}/{r['frames_in_file']} | "
                      + " | ".join(f"{r[f'{s}_ms']:.1f}" for s in STAGES) + " |")
     lines += ["", "Prepared cache (`mbt-fast prepare`, then `train --prepared`): the same items, seeds and rounds, "
-              "read from the cache instead of the video (ms per item with collate).", "",
+              "read from the cache instead of the video (ms per item with collate; the cache sits in a temporary folder, warm in the page cache: from a cold disk add reading ~11 MB per MBT-B clip).", "",
               "| clip | mode | ms/item | clips/s | speed-up vs video item | prepare s (once) |", "|" + " --- |" * 6]
     for r in rows:
         if r["op"] == "prepared":
