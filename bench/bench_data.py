@@ -5,7 +5,8 @@ The clip is generated with PyAV into a temporary folder (default: 10 s, 854x480,
 every 2 s, H.264 with B-frames + AAC 48 kHz stereo, moving texture). Reports ms and clips/s per core,
 a per-stage breakdown (demux/seek, decode, resize/crop, audio + log-mel, collate) and the ratio
 item time / full-decode time; the rounds of full decode, train and eval items are interleaved, so load
-from other processes slows them alike. Also the resize filter against ``tf.image.resize`` (bilinear,
+from other processes slows them alike. The same items read from a prepared cache (``mbt-fast prepare``,
+made once per clip and timed apart) run in the same rounds: clips/s and speed-up over the video item. Also the resize filter against ``tf.image.resize`` (bilinear,
 half-pixel centres). Everything here is a CPU measurement.
 
     python bench/bench_data.py                         # the default clip
@@ -35,7 +36,7 @@ from bench import common
 STAGES = ("demux/seek", "decode", "resize/crop", "audio+log-mel", "collate")
 COLUMNS = ["op", "clip", "mode", "rgb_shape", "spectrogram_shape", "median_ms", "p20_ms", "p80_ms", "reps",
            "clips_per_s", "full_decode_ms", "ratio_vs_full_decode", "frames_decoded", "frames_in_file",
-           *[f"{s}_ms" for s in STAGES], "decode_path", *common.ENV_COLUMNS]
+           *[f"{s}_ms" for s in STAGES], "decode_path", "prepare_s", "speedup_vs_video_item", *common.ENV_COLUMNS]
 SWEEP = [  # (width, height, fps, keyframe every s): other resolutions, frame rates and GOP lengths
     (640, 360, 25, 2.0), (1280, 720, 30, 2.0), (854, 480, 60, 2.0), (854, 480, 30, 0.5), (854, 480, 30, 10.0)]
 
@@ -71,9 +72,18 @@ def bench_clip(path, name: str, rgb_shape, spec_shape, reps: int, warmup: int, b
     from mbt_fast.data import VideoDataset, collate_skip_bad
     from mbt_fast.data.video import read_clips
 
+    from mbt_fast.data.prepared import PreparedDataset, prepare
+
     sets = {m: VideoDataset([(str(path), [0])], num_classes=527, rgb_shape=rgb_shape, spectrogram_shape=spec_shape,
                             mode=m) for m in ("train", "eval")}
-    times = {"full": [], "train": [], "eval": []}
+    csv = path.with_suffix(".csv")
+    csv.write_text(f"{path},0\n")
+    t0 = time.perf_counter()
+    prepare(csv, path.with_suffix(".prepared"), crop=min(rgb_shape[1:]), num_mel=spec_shape[1], progress=False)
+    prepare_s = time.perf_counter() - t0
+    prep = {m: PreparedDataset(path.with_suffix(".prepared"), num_classes=527, rgb_shape=rgb_shape,
+                               spectrogram_shape=spec_shape, mode=m) for m in ("train", "eval")}
+    times = {"full": [], "train": [], "eval": [], "prepared train": [], "prepared eval": []}
     for r in range(warmup + reps):
         if r == warmup:
             for ds in sets.values():
@@ -85,6 +95,9 @@ def bench_clip(path, name: str, rgb_shape, spec_shape, reps: int, warmup: int, b
             t0 = time.perf_counter()
             ds[(0, 1000 + r)]  # a new seed each round: another clip offset / crop
             times[m].append(1e3 * (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            prep[m][(0, 1000 + r)]  # the same item from the prepared cache
+            times[f"prepared {m}"].append(1e3 * (time.perf_counter() - t0))
     times = {k: v[warmup:] for k, v in times.items()}
     full = statistics.median(times["full"])
     rows = [{"op": "full_decode", "clip": name, "mode": "-", **_summary(times["full"]),
@@ -108,6 +121,17 @@ def bench_clip(path, name: str, rgb_shape, spec_shape, reps: int, warmup: int, b
                      "full_decode_ms": full, "ratio_vs_full_decode": item_ms / full,
                      "frames_decoded": getattr(probe, "frames_decoded", n_frames), "frames_in_file": n_frames, **stages,
                      "decode_path": " ".join(f"{k}={v}" for k, v in sorted(paths.items())), "status": "ok"})
+        items = [prep[m][(0, 5000 + i)] for i in range(batch)]
+        t0 = time.perf_counter()
+        collate_skip_bad(items)
+        p_collate = 1e3 * (time.perf_counter() - t0) / batch
+        sp = _summary(times[f"prepared {m}"])
+        p_ms = sp["median_ms"] + p_collate
+        rows.append({"op": "prepared", "clip": name, "mode": m, "rgb_shape": "x".join(map(str, rgb_shape)),
+                     "spectrogram_shape": "x".join(map(str, spec_shape)), **sp, "clips_per_s": 1e3 / p_ms,
+                     "collate_ms": p_collate, "full_decode_ms": full, "ratio_vs_full_decode": p_ms / full,
+                     "prepare_s": prepare_s, "speedup_vs_video_item": item_ms / p_ms, "decode_path": "prepared",
+                     "status": "ok"})
     return rows
 
 
@@ -150,6 +174,13 @@ def write_markdown(rows: list[dict], resize: dict, path: Path, env: dict, cmd: s
                      f"{r['full_decode_ms']:.1f} | {r['ratio_vs_full_decode']:.2f} | "
                      f"{r['frames_decoded']}/{r['frames_in_file']} | "
                      + " | ".join(f"{r[f'{s}_ms']:.1f}" for s in STAGES) + " |")
+    lines += ["", "Prepared cache (`mbt-fast prepare`, then `train --prepared`): the same items, seeds and rounds, "
+              "read from the cache instead of the video (ms per item with collate; the cache sits in a temporary folder, warm in the page cache: from a cold disk add reading ~11 MB per MBT-B clip).", "",
+              "| clip | mode | ms/item | clips/s | speed-up vs video item | prepare s (once) |", "|" + " --- |" * 6]
+    for r in rows:
+        if r["op"] == "prepared":
+            lines.append(f"| {r['clip']} | {r['mode']} | {r['median_ms'] + r['collate_ms']:.1f} | "
+                         f"{r['clips_per_s']:.1f} | {r['speedup_vs_video_item']:.1f}x | {r['prepare_s']:.1f} |")
     lines += ["", f"Resize vs tf.image.resize (bilinear, half-pixel centres), {resize['image']}, levels of 255: "
               f"this pipeline (uint8 bilinear) max {resize['uint8_bilinear_max']:.2f} mean {resize['uint8_bilinear_mean']:.3f}; "
               f"FFmpeg swscale BILINEAR (antialiased) max {resize['swscale_bilinear_max']:.2f} "
@@ -193,7 +224,7 @@ def run(args) -> list[dict]:
             for r in bench_clip(path, name, rgb_shape, spec_shape, reps, args.warmup, args.batch):
                 rows.append({**env, **r})
             if not args.json:
-                for r in rows[-3:]:
+                for r in rows[-5:]:
                     print(f"  {name:28s} {r['op']:11s} {r['mode']:5s} {r['median_ms']:8.1f} ms "
                           f"{r.get('ratio_vs_full_decode') or 0:5.2f}x full decode", flush=True)
     resize = resize_check()

@@ -10,12 +10,26 @@ Examples::
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from mbt_fast.commands.argtypes import finite_float, fraction, nonneg_float, nonneg_int, positive_float, positive_int
+
+
+def workers(text: str):
+    """``auto`` or an integer >= 0 (``--num-workers``)."""
+    if text == "auto":
+        return text
+    try:
+        return nonneg_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}") from None
+
+
+workers.__name__ = "'auto' or int>=0"
 
 
 def build_datasets(args, cfg):
@@ -25,7 +39,7 @@ def build_datasets(args, cfg):
     mods = cfg.modality_fusion
     rgb_shape = cfg.rgb_shape if "rgb" in cfg.input_shapes else (32, 224, 224)
     spec_shape = cfg.spectrogram_shape if "spectrogram" in cfg.input_shapes else (800, 128)
-    kind = args.data or ("csv" if args.csv else "folder" if args.data_dir else "synthetic")
+    kind = _kind(args)
     if kind == "synthetic":
         train_ds = SyntheticAVDataset(args.train_size, rgb_shape, spec_shape, seed=args.seed, split="train",
                                       modalities=mods)
@@ -36,6 +50,21 @@ def build_datasets(args, cfg):
                   spec_std=args.spec_std, spec_augment=not args.no_spec_augment)
     eval_mode = "test" if args.num_test_clips > 1 else "eval"
     eval_kw = dict(common, num_clips=args.num_test_clips)
+    if kind == "prepared":
+        from mbt_fast.data.prepared import PreparedDataset, read_index
+
+        src = read_index(args.prepared)["source"]
+        multi = src["kind"] != "folder" and not args.single_label
+        n_cls = None if src["kind"] == "folder" else args.num_classes
+        train_ds = PreparedDataset(args.prepared, num_classes=n_cls, multi_label=multi, mode="train", **common)
+        if args.val_dir:
+            val_ds = VideoDataset.from_folder(args.val_dir, mode=eval_mode, **eval_kw)
+        elif args.val_csv:
+            val_ds = VideoDataset.from_csv(args.val_csv, mode=eval_mode, num_classes=train_ds.num_classes,
+                                           multi_label=multi, root=args.data_dir, **eval_kw)
+        else:
+            val_ds = None
+        return dataclasses.replace(cfg, num_classes=train_ds.num_classes), train_ds, val_ds
     if kind == "folder":
         if not args.data_dir:
             raise ValueError("--data folder needs --data-dir DIR (DIR/<class>/<clip>.mp4)")
@@ -52,7 +81,15 @@ def build_datasets(args, cfg):
         train_ds = VideoDataset.from_csv(args.csv, mode="train", **kw, **common)
         val_ds = VideoDataset.from_csv(args.val_csv, mode=eval_mode, **kw, **eval_kw) if args.val_csv else None
         return dataclasses.replace(cfg, num_classes=args.num_classes), train_ds, val_ds
-    raise ValueError(f"--data must be synthetic, folder or csv, got {kind!r}")
+    raise ValueError(f"--data must be synthetic, folder, csv or prepared, got {kind!r}")
+
+
+def _kind(args) -> str:
+    if args.data:
+        if args.data == "prepared" and not args.prepared:
+            raise ValueError("--data prepared needs --prepared DIR (made by `mbt-fast prepare`)")
+        return args.data
+    return "prepared" if args.prepared else "csv" if args.csv else "folder" if args.data_dir else "synthetic"
 
 
 def run_args(args) -> dict:
@@ -61,7 +98,7 @@ def run_args(args) -> dict:
     def path(p):
         return str(Path(p).resolve()) if p else None
 
-    kind = args.data or ("csv" if args.csv else "folder" if args.data_dir else "synthetic")
+    kind = _kind(args)
     d = {"preset": args.preset, "data": kind}
     if kind == "synthetic":
         return {**d, "train_size": args.train_size, "val_size": args.val_size}
@@ -69,6 +106,9 @@ def run_args(args) -> dict:
              spec_std=args.spec_std, no_spec_augment=args.no_spec_augment)
     if kind == "folder":
         return {**d, "val_dir": path(args.val_dir)}
+    if kind == "prepared":
+        return {**d, "prepared": path(args.prepared), "val_dir": path(args.val_dir), "val_csv": path(args.val_csv),
+                "num_classes": args.num_classes, "single_label": args.single_label}
     return {**d, "csv": path(args.csv), "val_csv": path(args.val_csv), "num_classes": args.num_classes,
             "single_label": args.single_label}
 
@@ -99,6 +139,7 @@ def run(args) -> int:
                          weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
                          label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, seed=args.seed,
                          backend=args.backend, compile=args.compile, device=args.device, num_workers=args.num_workers,
+                         prefetch_factor=args.prefetch_factor,
                          ckpt_every=args.ckpt_every, eval_every=args.eval_every, log_every=args.log_every,
                          progress=not args.no_progress, stop_after=args.stop_after,
                          max_nonfinite=args.max_nonfinite, run_args=run_args(args))
@@ -146,8 +187,10 @@ def register(sub) -> None:
                         "no graph break); the first step pays the compile time")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
     d = p.add_argument_group("data")
-    d.add_argument("--data", choices=("synthetic", "folder", "csv"), default=None,
-                   help="default: csv with --csv, folder with --data-dir, else synthetic")
+    d.add_argument("--data", choices=("synthetic", "folder", "csv", "prepared"), default=None,
+                   help="default: prepared with --prepared, csv with --csv, folder with --data-dir, else synthetic")
+    d.add_argument("--prepared", help="training set from `mbt-fast prepare` (its CSV: also --num-classes, "
+                                      "--single-label); validation still from --val-dir / --val-csv videos")
     d.add_argument("--data-dir", help="folder DIR/<class>/<clip> (single label); with --csv: root of relative paths")
     d.add_argument("--csv", help="CSV of path,labels (labels: class indices separated by ';')")
     d.add_argument("--val-dir", help="validation folder (same classes as --data-dir)")
@@ -160,7 +203,11 @@ def register(sub) -> None:
     d.add_argument("--spec-mean", type=finite_float, default=1.102, help="log-mel normalisation mean (Scenic's)")
     d.add_argument("--spec-std", type=positive_float, default=2.762, help="log-mel normalisation std (Scenic's)")
     d.add_argument("--no-spec-augment", action="store_true", help="disable SpecAugment frequency masking")
-    d.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader worker processes")
+    d.add_argument("--num-workers", type=workers, default="auto",
+                   help="DataLoader worker processes, one core each (default auto: the cores this process may use, "
+                        "shared by the ranks of a node, at most 8; 0: load in the training process)")
+    d.add_argument("--prefetch-factor", type=positive_int, default=2,
+                   help="batches each worker loads ahead (memory: workers x factor x batch)")
     o = p.add_argument_group("optimisation (defaults: Scenic's balanced AudioSet recipe)")
     o.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
     o.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")

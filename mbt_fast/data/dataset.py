@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from mbt_fast.data import audio as audio_lib
 from mbt_fast.data.augment import spec_augment_freq
-from mbt_fast.data.video import read_clips
+from mbt_fast.data.video import DecodedClips, read_clips
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,21 @@ class VideoDataset(Dataset):
     def __len__(self):
         return len(self.items)
 
-    def _spectrogram(self, waveform, start_proportions, rng_torch) -> list[torch.Tensor]:
+    def _decode(self, index: int, rng: np.random.Generator, want_rgb: bool, want_audio: bool) -> DecodedClips:
+        """The clip(s) of item ``index``, every random choice drawn from ``rng`` (PreparedDataset reads a
+        prepared cache instead, with the same draws)."""
+        return read_clips(self.items[index][0], self.rgb_shape[0], self.rgb_shape[1:], self.mode, self.num_clips,
+                          rng, want_rgb=want_rgb, want_audio=want_audio, seek=self.seek, stages=self.stage_seconds)
+
+    def _spectrogram(self, clips: DecodedClips, rng_torch) -> list[torch.Tensor]:
         t, mel = self.spectrogram_shape
-        if waveform is None:
+        start_proportions = clips.start_proportions
+        if clips.logmel is not None:  # computed by `mbt-fast prepare` with the same function
+            logmel = clips.logmel
+        elif clips.waveform is None:
             return [torch.zeros(t, mel) for _ in start_proportions]
-        logmel = audio_lib.log_mel_spectrogram(waveform, audio_lib.SAMPLE_RATE, num_mel=mel)
+        else:
+            logmel = audio_lib.log_mel_spectrogram(clips.waveform, audio_lib.SAMPLE_RATE, num_mel=mel)
         spec = audio_lib.normalize_spectrogram(logmel, self.spec_mean, self.spec_std)
         out = []
         for p in start_proportions:
@@ -174,9 +184,7 @@ class VideoDataset(Dataset):
         want_rgb, want_audio = "rgb" in self.modalities, "spectrogram" in self.modalities
         self.stats["items"] += 1
         try:
-            clips = read_clips(path, self.rgb_shape[0], self.rgb_shape[1:], self.mode, self.num_clips, rng,
-                               want_rgb=want_rgb, want_audio=want_audio, seek=self.seek,
-                               stages=self.stage_seconds)
+            clips = self._decode(index, rng, want_rgb, want_audio)
         except Exception as e:  # noqa: BLE001 -- any decoding failure means "skip this file"
             self.stats["skipped"] += 1
             log.warning("skipping unreadable video %s (%s: %s); %d skipped so far in this process",
@@ -184,7 +192,7 @@ class VideoDataset(Dataset):
             return {"skipped": f"{path}: {type(e).__name__}: {e}", "index": index}
         fallback = clips.decode.startswith("full")
         if want_rgb:
-            self.stats["decode_fallback" if fallback else "seek"] += 1
+            self.stats["decode_fallback" if fallback else clips.decode] += 1  # "seek" or "prepared"
         if fallback and self.seek:
             self.stats[f"fallback: {clips.decode[len('full: '):]}"] += 1
             log.info("%s: decoded from the start (%s)", path, clips.decode)
@@ -192,17 +200,18 @@ class VideoDataset(Dataset):
             self.stats["frames_substituted"] += clips.frames_substituted
             log.warning("%s: %d wanted frame(s) could not be decoded (truncated file?); nearest decoded frame used",
                         path, clips.frames_substituted)
-        item = {"index": index, "audio_missing": want_audio and clips.waveform is None,
+        no_audio = clips.waveform is None and clips.logmel is None
+        item = {"index": index, "audio_missing": want_audio and no_audio,
                 "decode_fallback": want_rgb and fallback}
         if want_rgb:
             item["rgb"] = clips.rgb[0] if self.num_clips == 1 else torch.stack(clips.rgb)
         if want_audio:
-            if clips.waveform is None:
+            if no_audio:
                 self.stats["audio_missing"] += 1
                 log.warning("%s has no audio track; using a zero spectrogram (%d such files so far in this process)",
                             path, self.num_audio_missing)
             t0 = time.perf_counter()
-            specs = self._spectrogram(clips.waveform, clips.start_proportions, rng_torch)
+            specs = self._spectrogram(clips, rng_torch)
             if self.stage_seconds is not None:
                 self.stage_seconds["log-mel"] = self.stage_seconds.get("log-mel", 0.0) + time.perf_counter() - t0
             item["spectrogram"] = specs[0] if self.num_clips == 1 else torch.stack(specs)

@@ -317,6 +317,7 @@ class DecodedClips:
     decode: str = "none"                    # "seek", or "full: <why the seek path was not used>"
     frames_substituted: int = 0             # wanted frames no decode produced, replaced by the nearest
     frames_decoded: int = 0                 # video frames decoded (the last pass, when a seek fell back)
+    logmel: torch.Tensor | None = None      # un-normalised log-mel of the whole track (prepared cache only)
 
 
 def read_clips(path: str, num_frames: int, crop: tuple[int, int], mode: str, num_clips: int = 1,

@@ -34,6 +34,20 @@ class RunFolderError(ValueError):
     """The run folder cannot be used as asked (holds another run, nothing to resume, ...)."""
 
 
+_HELD: set = set()  # the RunLocks this process holds
+
+
+def _close_inherited_locks() -> None:
+    # a forked child (a DataLoader worker) shares the lock's open file; if it kept it, a killed run's lock
+    # would outlive the run until its workers noticed. Closing the child's copy does not unlock the parent.
+    for lock in list(_HELD):
+        lock._f.close()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class RunLock:
     """An exclusive lock on ``folder/.lock`` held while this object is open."""
 
@@ -55,9 +69,11 @@ class RunLock:
         self._f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self._f.flush()
+        _HELD.add(self)
 
     def release(self) -> None:
         if not self._f.closed:
+            _HELD.discard(self)
             self._f.close()  # closing releases the flock; the file stays (deleting it would race)
 
     def __enter__(self):

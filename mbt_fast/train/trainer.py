@@ -59,7 +59,8 @@ class TrainConfig:
     backend: str = "torch"
     compile: bool = False                # torch.compile(fullgraph=True) of the training forward/backward
     device: str = "auto"                 # "auto": cuda if available (cuda:LOCAL_RANK under torchrun)
-    num_workers: int = 0
+    num_workers: int | str = "auto"      # DataLoader workers; "auto": this process's cores (resolve_num_workers)
+    prefetch_factor: int = 2             # batches each worker loads ahead (workers > 0)
     ckpt_every: int = 500                # 0: only at the end / on a signal
     eval_every: int = 0                  # 0: only at the end (when there is a validation set)
     log_every: int = 1
@@ -83,9 +84,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "max_nonfinite"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 fail(name, "an integer >= 1")
-        for name in ("num_workers", "ckpt_every", "eval_every", "seed"):
+        for name in ("ckpt_every", "eval_every", "seed"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
                 fail(name, "an integer >= 0")
+        if not (self.num_workers == "auto" or (is_int(self.num_workers) and self.num_workers >= 0)):
+            fail("num_workers", "'auto' or an integer >= 0")
+        if not (is_int(self.prefetch_factor) and self.prefetch_factor >= 1):
+            fail("prefetch_factor", "an integer >= 1")
         if self.stop_after is not None and not (is_int(self.stop_after) and self.stop_after >= 1):
             fail("stop_after", "None or an integer >= 1")
         if self.warmup_steps is not None and not (is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.steps):
@@ -108,6 +113,73 @@ class TrainConfig:
 
     def warmup(self) -> int:
         return int(round(0.05 * self.steps)) if self.warmup_steps is None else self.warmup_steps
+
+
+MAX_AUTO_WORKERS = 8
+DATA_WAIT_WINDOW = 50        # steps over which the data-wait fraction is judged
+DATA_WAIT_WARN = 0.2         # warn once when the loader's share of the step time exceeds this
+
+
+def resolve_num_workers(num_workers: int | str) -> int:
+    """``"auto"``: the cores this process may run on (its affinity mask, not the machine's count), shared
+    among the ranks of this node, capped at ``MAX_AUTO_WORKERS``; an int is taken as is."""
+    if num_workers != "auto":
+        return int(num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_AUTO_WORKERS, per_rank))
+
+
+def _worker_init(worker_id: int) -> None:
+    # one worker = one core: intra-op threads in every worker would oversubscribe the machine
+    # (PyAV decodes with one thread already, see mbt_fast.data.video._open)
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset, batch_size: int, sampler, num_workers: int, prefetch_factor: int, pin_memory: bool,
+                drop_last: bool = False, persistent: bool = True, generator=None) -> DataLoader:
+    """A DataLoader of collated batches. The order is the sampler's alone (it runs in this process and
+    hands each example its seed), so results do not depend on ``num_workers``."""
+    extra = dict(persistent_workers=persistent, prefetch_factor=prefetch_factor,
+                 worker_init_fn=_worker_init) if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_skip_bad, drop_last=drop_last, generator=generator,
+                      pin_memory=pin_memory, **extra)
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    """End persistent workers now: left to the garbage collector (which an exception's traceback delays)
+    they would outlive the run, holding memory and the files they inherited."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
+class DataWait:
+    """Time spent waiting for batches vs computing, over the last ``window`` steps; warns once when the
+    data wait exceeds ``DATA_WAIT_WARN`` of the step time."""
+
+    def __init__(self, window: int, num_workers: int):
+        import collections
+
+        self.window, self.num_workers = window, num_workers
+        self.recent: collections.deque = collections.deque(maxlen=window)
+        self.warned = False
+
+    def add(self, data_s: float, step_s: float) -> None:
+        self.recent.append((data_s, step_s))
+        if not self.warned and len(self.recent) == self.window and self.fraction() > DATA_WAIT_WARN:
+            self.warned = True
+            log.warning("the training loop waited for data %.0f%% of the step time over the last %d steps: the "
+                        "loader cannot keep up. Fix: more --num-workers (now %d; 'auto' uses this process's cores), "
+                        "or decode the videos once with `mbt-fast prepare` and train with --prepared DIR",
+                        100 * self.fraction(), self.window, self.num_workers)
+
+    def fraction(self) -> float:
+        data = sum(d for d, _ in self.recent)
+        total = data + sum(s for _, s in self.recent)
+        return data / total if total > 0 else 0.0
 
 
 # ---- distributed -------------------------------------------------------------------------------------
@@ -166,8 +238,8 @@ def evaluate(model, dataset, multi_label: bool, batch_size: int = 32, device="cp
     was_training = model.training
     model.eval()
     mods = model.cfg.modality_fusion
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=eval_sampler(dataset, world, rank),
-                        num_workers=num_workers, collate_fn=collate_skip_bad)
+    loader = make_loader(dataset, batch_size, eval_sampler(dataset, world, rank), num_workers, prefetch_factor=2,
+                         pin_memory=torch.device(device).type == "cuda", persistent=False)
     logits_all, labels_all, skipped = [], [], 0
     for batch in loader:
         skipped += batch["num_skipped"]
@@ -287,7 +359,7 @@ COMPILE_CLEAN_BACKENDS = ("reference", "eager_sdpa", "torch", "cuda", "cuda-emu"
 
 # ---- resume checks ------------------------------------------------------------------------------------
 # TrainConfig fields a resume may change: they do not change what the run computes, or (steps) extend it
-SAFE_TO_CHANGE = ("steps", "log_every", "num_workers", "ckpt_every", "eval_every", "backend", "compile", "device",
+SAFE_TO_CHANGE = ("steps", "log_every", "num_workers", "prefetch_factor", "ckpt_every", "eval_every", "backend", "compile", "device",
                   "max_nonfinite")
 PER_INVOCATION = ("out_dir", "stop_after", "progress", "plot", "extra")  # not part of the run
 
@@ -481,11 +553,13 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
     per_rank = tc.batch_size // world
     sampler = ResumableSampler(train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
     drop_last = sampler.num_samples >= per_rank
-    loader = DataLoader(train_dataset, batch_size=per_rank, sampler=sampler, num_workers=tc.num_workers,
-                        collate_fn=collate_skip_bad, drop_last=drop_last,
-                        # a dedicated generator: creating an iterator must not draw from the global RNG
-                        generator=torch.Generator().manual_seed(tc.seed),
-                        persistent_workers=False, pin_memory=device.type == "cuda")
+    num_workers = resolve_num_workers(tc.num_workers)
+    # persistent workers: an epoch boundary does not restart the worker processes
+    loader = make_loader(train_dataset, per_rank, sampler, num_workers, tc.prefetch_factor,
+                         pin_memory=device.type == "cuda", drop_last=drop_last,
+                         # a dedicated generator: creating an iterator must not draw from the global RNG
+                         generator=torch.Generator().manual_seed(tc.seed))
+    data_wait = DataWait(DATA_WAIT_WINDOW, num_workers)
     warmup, base_lr = tc.warmup(), tc.scaled_lr()
 
     def trainer_state():
@@ -509,7 +583,7 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
         if val_dataset is None:
             return None
         res = evaluate(model, val_dataset, multi_label, batch_size=max(per_rank, 1), device=device,
-                       num_workers=tc.num_workers, rank=rank, world=world)
+                       num_workers=num_workers, rank=rank, world=world)
         res["step"] = state["step"]
         if rank == 0:
             with open(out / "eval.jsonl", "a") as f:
@@ -530,6 +604,7 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
                 sampler.set_position(state["epoch"], state["batch_in_epoch"] * per_rank)
                 # an epoch read from its start that gives no usable batch would repeat forever
                 whole_epoch, usable, skipped_here, reasons = state["batch_in_epoch"] == 0, 0, 0, []
+                t_data = time.perf_counter()  # data_s: from here to a usable batch (skipped ones included)
                 for batch in loader:
                     flags = torch.tensor([float("label" not in batch), float(stop.set)], device=device)
                     if world > 1:  # every rank skips together and stops together
@@ -548,6 +623,7 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
                         continue
                     usable += 1
                     t0 = time.perf_counter()
+                    data_s = t0 - t_data
                     step = state["step"]
                     lr = compound_lr(step, base_lr, warmup, tc.steps)
                     for g in optimizer.param_groups:
@@ -589,6 +665,8 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
                     state["step"] += 1
                     dt = time.perf_counter() - t0
                     state["train_seconds"] += dt
+                    if state["step"] > start_step + 1 and rank == 0:  # the first batch also waits for worker start-up
+                        data_wait.add(data_s, dt)
                     loss_v = loss.detach()
                     if world > 1:
                         loss_v = _all_reduce(loss_v.clone()) / world
@@ -599,12 +677,13 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
                            ("prec@1" if multi_label else "accuracy"):
                                precision_at_1(y, first) if multi_label else topk_accuracy(y, first, 1),
                            "examples_per_s": len(y) * world / max(dt, 1e-9),
+                           "step_s": dt, "data_s": data_s,
                            "num_skipped": state["num_skipped"], "num_audio_missing": state["num_audio_missing"]}
                     if metrics_f is not None and (state["step"] % tc.log_every == 0 or state["step"] == tc.steps):
                         metrics_f.write(json.dumps(rec) + "\n")
                         metrics_f.flush()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.3g}")
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.3g}", data=f"{data_wait.fraction():.0%}")
                     if on_step is not None:
                         on_step(state["step"], rec)
                     done = state["step"] >= tc.steps
@@ -615,6 +694,7 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
                         save()
                     if done or paused:
                         break
+                    t_data = time.perf_counter()  # after eval and checkpoints: those are not data wait
                 else:
                     # (a resume at an epoch's last batch legitimately finds nothing left of that epoch)
                     if whole_epoch and len(loader) == 0:
@@ -629,6 +709,7 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
         bar.close()
         if metrics_f is not None:
             metrics_f.close()
+        _stop_workers(loader)
     if state["step"] >= tc.steps:
         if not eval_done or state["step"] > start_step:
             last_eval = run_eval()

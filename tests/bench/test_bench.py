@@ -257,7 +257,8 @@ def test_bench_data_tiny(tmp_path):
     res = json.loads(out.getvalue())
     assert res["measurement"] == "CPU measurement"
     rows = {(r["op"], r["mode"]): r for r in res["rows"]}
-    assert set(rows) == {("full_decode", "-"), ("item", "train"), ("item", "eval")}
+    assert set(rows) == {("full_decode", "-"), ("item", "train"), ("item", "eval"), ("prepared", "train"),
+                         ("prepared", "eval")}
     full = rows[("full_decode", "-")]
     assert full["frames_in_file"] == 30 and full["median_ms"] > 0
     for m in ("train", "eval"):
@@ -266,7 +267,12 @@ def test_bench_data_tiny(tmp_path):
         assert 0 < r["frames_decoded"] < r["frames_in_file"]  # a 1.2 s clip of a 2 s file, keyframes every 0.5 s
         assert all(r[f"{s}_ms"] > 0 for s in bench_data.STAGES), r
         assert math.isclose(r["ratio_vs_full_decode"], (r["median_ms"] + r["collate_ms"]) / full["median_ms"])
+        p = rows[("prepared", m)]
+        assert p["decode_path"] == "prepared" and p["prepare_s"] > 0 and p["clips_per_s"] > 0
+        assert math.isclose(p["speedup_vs_video_item"], (r["median_ms"] + r["collate_ms"]) /
+                            (p["median_ms"] + p["collate_ms"]))
     assert res["resize"]["uint8_bilinear_max"] <= 1.0 + 1e-9 < res["resize"]["swscale_bilinear_max"]
     cols, csv_rows = _read(tmp_path / "data.csv")
-    assert cols == bench_data.COLUMNS and len(csv_rows) == 3
-    assert "CPU measurement" in (tmp_path / "data.md").read_text()
+    assert cols == bench_data.COLUMNS and len(csv_rows) == 5
+    md = (tmp_path / "data.md").read_text()
+    assert "CPU measurement" in md and "Prepared cache" in md

@@ -57,7 +57,8 @@ def _deadline(seconds):
     ("--steps", "0", "an integer >= 1"), ("--steps", "1.5", "an integer >= 1"),
     ("--batch-size", "0", "an integer >= 1"), ("--num-classes", "0", "an integer >= 1"),
     ("--num-test-clips", "0", "an integer >= 1"), ("--train-size", "0", "an integer >= 1"),
-    ("--val-size", "-1", "an integer >= 0"), ("--num-workers", "-1", "an integer >= 0"),
+    ("--val-size", "-1", "an integer >= 0"), ("--num-workers", "-1", "'auto' or an integer >= 0"),
+    ("--prefetch-factor", "0", "an integer >= 1"),
     ("--warmup-steps", "-1", "an integer >= 0"), ("--fusion-layer", "-1", "an integer >= 0"),
     ("--seed", "x", "an integer >= 0"), ("--ckpt-every", "-1", "an integer >= 0"),
     ("--eval-every", "-1", "an integer >= 0"), ("--stop-after", "0", "an integer >= 1"),
@@ -143,7 +144,7 @@ def test_cli_resume_extends_the_run_and_a_finished_run_is_a_no_op(tmp_path, caps
     assert cli_main(_args(out, "--stop-after", "2")) == 0
     assert cli_main(_args(out, "--resume", "--steps", "6", "--log-every", "2", "--num-workers", "0")) == 0
     assert ("--resume: applying changed arguments that are safe to change: steps: 4 -> 6 (the warmup + cosine "
-            "schedule now spans 6 steps); log_every: 1 -> 2") in caplog.messages
+            "schedule now spans 6 steps); num_workers: 'auto' -> 0; log_every: 1 -> 2") in caplog.messages
     assert _steps_losses(out)[0] == [1, 2, 4, 6]
     assert "done: 6 steps" in capsys.readouterr().out
     evals = (out / "eval.jsonl").read_text()

@@ -255,7 +255,8 @@ def test_a_second_ctrl_c_during_the_checkpoint_loses_nothing(tmp_path, monkeypat
 
 # ---- failures are loud ---------------------------------------------------------------------------------
 class NaNAfter(torch.utils.data.Dataset):
-    """``SyntheticAVDataset`` whose spectrogram turns NaN for the items fetched in ``bad`` (call order)."""
+    """``SyntheticAVDataset`` whose spectrogram turns NaN for the items fetched in ``bad`` (call order: the
+    runs using it load in the main process, ``num_workers=0``, where there is one call order)."""
 
     multi_label = False
 
@@ -278,7 +279,7 @@ def test_nonfinite_steps_stop_the_run_without_touching_the_parameters(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError) as e:
-        train(_tc(out, ckpt_every=1, mixup_alpha=0.0), CFG, NaNAfter(40, bad=range(10**6)), model=model)
+        train(_tc(out, ckpt_every=1, mixup_alpha=0.0, num_workers=0), CFG, NaNAfter(40, bad=range(10**6)), model=model)
     assert str(e.value) == (
         "training stopped at step 1: the loss or the gradient was not finite for 3 consecutive steps "
         "(--max-nonfinite 3; last loss nan, grad norm nan); those steps did not update the parameters; no "
@@ -295,7 +296,7 @@ def test_nonfinite_keeps_the_last_finite_checkpoint(tmp_path):
     model = mbt_fast.MBT(CFG)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError) as e:  # batches 1, 2 fine, then NaN from the 3rd batch on
-        train(_tc(out, ckpt_every=1, max_nonfinite=2), CFG, NaNAfter(40, bad=range(16, 10**6)), model=model)
+        train(_tc(out, ckpt_every=1, max_nonfinite=2, num_workers=0), CFG, NaNAfter(40, bad=range(16, 10**6)), model=model)
     assert (f"training stopped at step 3: the loss or the gradient was not finite for 2 consecutive steps "
             f"(--max-nonfinite 2; last loss nan, grad norm nan); those steps did not update the parameters; the "
             f"last finite checkpoint is {out / 'checkpoint.safetensors'} (step 2). Likely causes: bad data:") \
@@ -310,7 +311,7 @@ def test_nonfinite_keeps_the_last_finite_checkpoint(tmp_path):
 def test_one_nonfinite_step_is_skipped_and_the_run_goes_on(tmp_path, caplog):
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="mbt_fast.train.trainer"):
-        res = train(_tc(out, steps=4), CFG, NaNAfter(48, bad=range(16, 24)))  # the 3rd batch only
+        res = train(_tc(out, steps=4, num_workers=0), CFG, NaNAfter(48, bad=range(16, 24)))  # the 3rd batch only
     assert res["step"] == 4 and res["num_nonfinite"] == 1
     assert ("step 3: loss nan, grad norm nan: not finite; the update was skipped (1 in a row, --max-nonfinite 3)"
             in caplog.messages)

@@ -1,0 +1,98 @@
+"""The training DataLoader: workers (auto count, exact resume), data_s in every step row, the data-wait warning."""
+import json
+import logging
+import os
+import time
+
+import pytest
+import torch
+
+import mbt_fast
+from mbt_fast.data import SyntheticAVDataset
+from mbt_fast.train import TrainConfig, train
+from mbt_fast.train import trainer as trainer_mod
+
+CFG = mbt_fast.MBTConfig.preset("tiny", num_classes=8, stochastic_droplayer_rate=0.3, dropout_rate=0.1)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tc(out, **kw):
+    base = dict(out_dir=str(out), steps=6, batch_size=8, ckpt_every=0, progress=False, plot=False, seed=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class SlowDataset(torch.utils.data.Dataset):
+    """Wraps a dataset; every item costs ``delay`` seconds more (a loader that cannot keep up)."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay, self.multi_label = inner, delay, inner.multi_label
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, key):
+        time.sleep(self.delay)
+        return self.inner[key]
+
+
+def test_workers_resume_exactly_and_match_the_main_process(tmp_path):
+    # 20 examples / batch 8: the runs cross an epoch boundary (persistent workers, a new sampler position)
+    data = SyntheticAVDataset(20, seed=1)
+    straight = train(_tc(tmp_path / "w0", num_workers=0), CFG, data)
+    paused = train(_tc(tmp_path / "w2", num_workers=2, stop_after=3), CFG, data)
+    assert paused["paused"] and paused["step"] == 3
+    resumed = train(_tc(tmp_path / "w2", num_workers=2), CFG, data, resume=True)
+    assert resumed["step"] == 6
+    a, b = _rows(tmp_path / "w0"), _rows(tmp_path / "w2")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b], "2 workers + resume differ from 0 workers straight"
+    wa, wb = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_every_step_row_records_data_and_step_seconds(tmp_path):
+    train(_tc(tmp_path / "run", steps=4, num_workers=0), CFG, SyntheticAVDataset(16))
+    rows = _rows(tmp_path / "run")
+    assert len(rows) == 4
+    for r in rows:
+        assert r["data_s"] >= 0 and r["step_s"] > 0, r
+
+
+def test_slow_data_warns_once_naming_the_fix(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(trainer_mod, "DATA_WAIT_WINDOW", 4)
+    slow = SlowDataset(SyntheticAVDataset(64), delay=0.05)  # 0.4 s per batch of 8: far above a tiny step
+    with caplog.at_level(logging.WARNING, logger="mbt_fast.train.trainer"):
+        train(_tc(tmp_path / "slow", steps=7, num_workers=0), CFG, slow)
+    msgs = [r.getMessage() for r in caplog.records if "waited for data" in r.getMessage()]
+    assert len(msgs) == 1, msgs
+    assert "--num-workers" in msgs[0] and "mbt-fast prepare" in msgs[0]
+    rows = _rows(tmp_path / "slow")
+    assert all(r["data_s"] >= 0.35 for r in rows), [r["data_s"] for r in rows]  # 8 items x 0.05 s each
+
+
+def test_fast_data_does_not_warn(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(trainer_mod, "DATA_WAIT_WINDOW", 3)
+    with caplog.at_level(logging.WARNING, logger="mbt_fast.train.trainer"):
+        train(_tc(tmp_path / "fast", steps=5, num_workers=0, batch_size=2), CFG, SyntheticAVDataset(16))
+    assert not [r for r in caplog.records if "waited for data" in r.getMessage()]
+
+
+def test_auto_workers_follow_the_affinity_mask(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert trainer_mod.resolve_num_workers("auto") == max(1, min(8, cores))
+    assert trainer_mod.resolve_num_workers(0) == 0 and trainer_mod.resolve_num_workers(3) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert trainer_mod.resolve_num_workers("auto") == 8  # capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # 16 ranks on the node share the 64 cores
+    assert trainer_mod.resolve_num_workers("auto") == 4
+    with pytest.raises(ValueError, match="num_workers: expected 'auto' or an integer >= 0, got -1"):
+        TrainConfig(num_workers=-1)
+    with pytest.raises(ValueError, match="prefetch_factor"):
+        TrainConfig(prefetch_factor=0)
