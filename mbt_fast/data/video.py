@@ -261,9 +261,13 @@ def _decode_after_seek(container, vstream, index: VideoIndex, col: _Collector, s
         return f"seek failed ({type(e).__name__})"
     stages.lap("demux/seek")
     first_out = True
+    wanted_pts = {int(index.pts[j]) for j in col.wanted}
+    ctx = vstream.codec_context
     try:
         for packet in container.demux(vstream):
             stages.lap("demux/seek")
+            # a frame no other frame references and the clip does not want need not be decoded at all
+            ctx.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted_pts else "NONREF"
             frames = packet.decode()
             stages.lap("decode")
             for frame in frames:
