@@ -344,14 +344,26 @@ def _tables(segments: tuple, kind: str, block_m: int, block_n: int, device: str)
 
 
 @lru_cache(maxsize=256)
-def _covers(segments: tuple, n: int, col: int) -> bool:
-    """Whether the ranges in columns ``col, col+1`` cover all ``n`` rows (else outputs start at zero)."""
-    reached = 0
+def _gaps(segments: tuple, n: int, col: int) -> tuple:
+    """The row ranges of ``[0, n)`` that no segment's columns ``col, col+1`` cover: their outputs and
+    gradients are zero, and only they are zero-filled (a unimodal layer's bottleneck rows, not the
+    whole buffer)."""
+    gaps, reached = [], 0
     for start, end in sorted((row[col], row[col + 1]) for row in segments):
         if start > reached:
-            return False
+            gaps.append((reached, start))
         reached = max(reached, end)
-    return reached >= n
+    if reached < n:
+        gaps.append((reached, n))
+    return tuple(gaps)
+
+
+def _new_rows(shape, dtype, device, gaps: tuple, dim: int = 0) -> torch.Tensor:
+    """An empty tensor whose rows (along ``dim``) in ``gaps`` are zero."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    for a, b in gaps:
+        t.narrow(dim, a, b - a).zero_()
+    return t
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -372,8 +384,9 @@ def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | N
     q, k, v = map(_unit_last_stride, (q, k, v))
     nq, B, H, D = q.shape
     table = _tables(segments, "q", cfg["BLOCK_M"], 0, str(q.device))
-    out = (torch.empty if _covers(segments, nq, 0) else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.zeros(B, H, nq, dtype=torch.float32, device=q.device)
+    q_gaps = _gaps(segments, nq, 0)
+    out = _new_rows(q.shape, q.dtype, q.device, q_gaps)
+    lse = _new_rows((B, H, nq), torch.float32, q.device, q_gaps, dim=2)  # never read for gap rows; defined anyway
     _mbt_attention_fwd_kernel[(table.shape[0], B * H)](
         q, k, v, out, lse, table,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -398,10 +411,9 @@ def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, con
         out, do, delta, *_strides(out), *_strides(do), H, nq,
         BLOCK_M=pre["BLOCK_M"], BLOCK_D=D, num_warps=pre["num_warps"], num_stages=pre["num_stages"])
 
-    key_rows_covered = _covers(segments, nk, 2)
-    new_k = torch.empty if key_rows_covered else torch.zeros
-    dk = new_k(k.shape, dtype=k.dtype, device=k.device)
-    dv = new_k(v.shape, dtype=v.dtype, device=v.device)
+    k_gaps = _gaps(segments, nk, 2)
+    dk = _new_rows(k.shape, k.dtype, k.device, k_gaps)
+    dv = _new_rows(v.shape, v.dtype, v.device, k_gaps)
     assert dk.stride() == dv.stride()
     c = cfgs["dkdv"]
     kblocks, seg_q = _tables(segments, "k", 0, c["BLOCK_N"], dev)
@@ -412,7 +424,7 @@ def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, con
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, DOT_FP32=interpreting,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    dq = (torch.empty if _covers(segments, nq, 0) else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    dq = _new_rows(q.shape, q.dtype, q.device, _gaps(segments, nq, 0))
     c = cfgs["dq"]
     qblocks = _tables(segments, "q", c["BLOCK_M"], 0, dev)
     _mbt_attention_bwd_dq_kernel[(qblocks.shape[0], B * H)](

@@ -181,7 +181,9 @@ def test_block_tables():
     assert seg_q == [(0, 20), (60, 64), (0, 20), (0, 20), (25, 60), (25, 60)]
     assert blocks == [(0, 5, 0, 2), (5, 10, 2, 3), (10, 30, 3, 5), (26, 30, 3, 5), (30, 64, 5, 6),
                       (46, 64, 5, 6), (62, 64, 5, 6)]
-    assert attn._covers(seg, 64, 2) and not attn._covers(seg, 64, 0)  # query rows 20..25 are in no segment
+    assert attn._gaps(seg, 64, 2) == () and attn._gaps(seg, 64, 0) == ((20, 25),)  # query rows 20..25: no segment
+    assert attn._gaps(((3, 5, 0, 4), (8, 9, 6, 7)), 12, 0) == ((0, 3), (5, 8), (9, 12))
+    assert attn._gaps(((3, 5, 0, 4), (8, 9, 6, 7)), 12, 2) == ((4, 6), (7, 12))
 
 
 @pytest.mark.slow
