@@ -166,3 +166,22 @@ def test_empty_batch_gives_empty_logits_on_every_backend(backend, train):
     assert out.shape == (0, cfg.num_classes)
     out.sum().backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_rows_in_no_segment_are_zero_on_dirty_memory(backend):
+    """Only uncovered rows are zero-filled (not whole buffers): they must be exactly 0 even when the
+    allocator returns memory full of NaN from a freed tensor."""
+    dtype = torch.bfloat16 if backend == "cuda-emu" else torch.float32
+    seg = LAYOUT.attn_segments(fused=False)  # the bottleneck rows are in no segment
+    q, k, v = (t.to(dtype).requires_grad_() for t in _qkv())
+    for _ in range(3):  # leave NaN-filled blocks of the sizes the op will ask for
+        [torch.full_like(t, float("nan")) for t in (q, k, v, q, q, q)]
+        torch.full((B, 2, N), float("nan"))
+    out = ops.mbt_attention(q, k, v, seg, backend=backend)
+    out.float().sum().backward()
+    gaps = [LAYOUT.bottleneck_rows(m) for m in range(LAYOUT.num_modalities)]
+    for name, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        for rows in gaps:
+            assert torch.equal(t[rows].float(), torch.zeros_like(t[rows].float())), f"{name}[{rows}] is not zero"
+        assert torch.isfinite(t.float()).all(), f"{name} has non-finite values outside the gaps"

@@ -265,9 +265,11 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& 
     MBT_DEVICE_GUARD(q);
     const auto segs = segments(seg, nq, nk);
 
-    auto dq = at::zeros_like(q, at::MemoryFormat::Contiguous);  // rows in no segment: zero gradient
-    auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
-    auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+    // rows in no segment: zero gradient (only they are zero-filled; the kernels write every other row)
+    const auto q_gaps = gaps(segs, nq, /*by_keys=*/false), k_gaps = gaps(segs, nk, /*by_keys=*/true);
+    auto dq = empty_but_gaps(at::empty_like(q, at::MemoryFormat::Contiguous), q_gaps);
+    auto dk = empty_but_gaps(at::empty_like(k, at::MemoryFormat::Contiguous), k_gaps);
+    auto dv = empty_but_gaps(at::empty_like(v, at::MemoryFormat::Contiguous), k_gaps);
     auto delta = at::empty({B, H, nq}, q.options().dtype(at::kFloat));
     Params p{};
     p.q = ref(q); p.k = ref(k); p.v = ref(v); p.o = ref(out); p.dout = ref(dout);

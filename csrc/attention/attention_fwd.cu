@@ -150,8 +150,9 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, 
     const auto table = tile_table(segs, Shape<64>::kBlockM, /*by_keys=*/false);
     auto blocks = table_tensor(table, q.device());
 
-    auto out = at::zeros_like(q, at::MemoryFormat::Contiguous);  // rows in no segment stay 0
-    auto lse = at::zeros({B, H, nq}, q.options().dtype(at::kFloat));
+    const auto q_gaps = gaps(segs, nq, /*by_keys=*/false);  // rows in no segment output 0
+    auto out = empty_but_gaps(at::empty_like(q, at::MemoryFormat::Contiguous), q_gaps);
+    auto lse = empty_but_gaps(at::empty({B, H, nq}, q.options().dtype(at::kFloat)), q_gaps, 2);
     Params p{};
     p.q = ref(q); p.k = ref(k); p.v = ref(v); p.o = ref(out);
     p.lse = lse.data_ptr<float>();

@@ -60,6 +60,27 @@ inline std::vector<Segment> segments(const at::Tensor& seg, int64_t nq, int64_t 
     return out;
 }
 
+// The row ranges of [0, n) that no segment covers (query rows: columns 0-1; key rows: columns 2-3).
+inline std::vector<std::pair<int64_t, int64_t>> gaps(std::vector<Segment> segs, int64_t n, bool by_keys) {
+    const int c = by_keys ? 2 : 0;
+    std::sort(segs.begin(), segs.end(), [c](const Segment& a, const Segment& b) { return a[c] < b[c]; });
+    std::vector<std::pair<int64_t, int64_t>> out;
+    int64_t reached = 0;
+    for (const auto& g : segs) {
+        if (g[c] > reached) out.emplace_back(reached, g[c]);
+        reached = std::max<int64_t>(reached, g[c + 1]);
+    }
+    if (reached < n) out.emplace_back(reached, n);
+    return out;
+}
+
+// `t` uninitialised but for the rows (along `dim`) no segment covers, which are zero: the kernels write
+// every covered row, so zero-filling the whole buffer (a unimodal layer's) would be wasted traffic.
+inline at::Tensor empty_but_gaps(at::Tensor t, const std::vector<std::pair<int64_t, int64_t>>& rows, int64_t dim = 0) {
+    for (const auto& r : rows) t.narrow(dim, r.first, r.second - r.first).zero_();
+    return t;
+}
+
 // One entry per tile of `rows` (tile size `tile`), each with the segment's `other` range; the longest
 // `other` ranges (most work) first, so the last wave of blocks is short.
 inline std::vector<Segment> tile_table(const std::vector<Segment>& segs, int tile, bool by_keys) {
