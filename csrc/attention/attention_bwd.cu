@@ -262,6 +262,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& 
     const int64_t nq = q.size(0), nk = k.size(0), B = q.size(1), H = q.size(2), D = q.size(3);
     TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == at::IntArrayRef({B, H, nq}),
                 "lse: expected contiguous float32 [B, H, Nq]");
+    TORCH_CHECK(B * H <= 65535, "q: batch x heads must be at most 65535 (grid dimension y), got ", B * H);
     MBT_DEVICE_GUARD(q);
     const auto segs = segments(seg, nq, nk);
 

@@ -136,6 +136,28 @@ def test_rejects_fp32_and_bad_head_dim(backend):
         ops.mbt_attention(y, y, y, segs, backend=backend)
 
 
+def test_rejects_more_than_65535_batch_heads_forward_and_backward(backend):
+    from mbt_fast import cuda_ext
+
+    lib = cuda_ext.build(emulated=backend == "cuda-emu")
+    x = torch.zeros(2, 65536, 1, 32, dtype=torch.float16, device=_device(backend))
+    seg = torch.tensor([(0, 2, 0, 2)], dtype=torch.int32)
+    lse = torch.zeros(65536, 1, 2, device=x.device)
+    with pytest.raises(RuntimeError, match="batch x heads must be at most 65535"):
+        lib.attention_fwd(x, x, x, seg, 1.0)
+    with pytest.raises(RuntimeError, match="batch x heads must be at most 65535"):
+        lib.attention_bwd(x, x, x, x, x, lse, seg, 1.0)
+
+
+def test_rejects_an_empty_segment_table(backend):
+    from mbt_fast import cuda_ext
+
+    lib = cuda_ext.build(emulated=backend == "cuda-emu")
+    x = torch.zeros(4, 1, 1, 32, dtype=torch.float16, device=_device(backend))
+    with pytest.raises(RuntimeError, match="seg: expected at least one"):
+        lib.attention_fwd(x, x, x, torch.zeros(0, 4, dtype=torch.int32), 1.0)
+
+
 @pytest.mark.slow
 def test_mbt_b_token_counts(backend):
     # the real packed fusion layer: spectrogram 401 + 4 bottlenecks, rgb 3137 + 4 (H=1, B=1 to keep the emulation bearable)
