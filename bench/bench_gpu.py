@@ -50,12 +50,17 @@ class Step:
 
 
 # ---- the steps ----------------------------------------------------------------------------------------
+def step_environ(dry_run: bool) -> dict:
+    """Variables every step runs with. The tests' conftest turns the Triton interpreter on unless told
+    otherwise: on a GPU, tell it otherwise."""
+    return {"TRITON_INTERPRET": "1" if dry_run else "0"}
+
+
 def plan(out: Path, dry_run: bool, quick: bool) -> list[Step]:
     """The steps and their budgets. GPU budgets sum to ~8 minutes; the dry run's to well under 3."""
     py = sys.executable
     bench = [py, str(common.REPO / "bench" / "bench_{}.py")]
-    # the tests' conftest turns the Triton interpreter on unless told otherwise: on a GPU, tell it otherwise
-    env = {"TRITON_INTERPRET": "1" if dry_run else "0"}
+    env = step_environ(dry_run)
     half = (lambda n: str(max(1, n // 2))) if quick else str
     if dry_run:
         cpu = ["--device", "cpu", "--warmup", "0", "--reps", "2", "--interpreter", "--out", str(out)]
@@ -175,14 +180,14 @@ def _nvidia_smi(field: str) -> str | None:
         return None
 
 
-def step_env(out: Path, dry_run: bool, quick: bool, step_env_vars: dict) -> None:
+def step_env(out: Path, dry_run: bool, quick: bool) -> None:
     """env.json before anything else can fail, then again with ``mbt-fast info`` (a subprocess: seconds;
     run with the steps' environment variables, so that it says what the steps will see)."""
     env = environment(dry_run, quick)
     _write_json(out / "env.json", env)
     try:
         r = subprocess.run([sys.executable, "-m", "mbt_fast.cli", "info"], cwd=common.REPO, capture_output=True,
-                           text=True, timeout=20, env={**os.environ, **step_env_vars})
+                           text=True, timeout=20, env={**os.environ, **step_environ(dry_run)})
         env["mbt_fast_info"] = (r.stdout + r.stderr).splitlines()
     except (OSError, subprocess.SubprocessError) as e:
         env["mbt_fast_info"] = [f"mbt-fast info failed: {common.short_error(e)}"]
@@ -243,7 +248,7 @@ def run(args) -> int:
             t0 = time.perf_counter()
             try:
                 if s.cmd is None:
-                    step_env(out, args.dry_run, args.quick, steps[-1].env)
+                    step_env(out, args.dry_run, args.quick)
                     env = json.loads((out / "env.json").read_text())
                 else:
                     run_subprocess(s, out)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -350,3 +351,29 @@ def test_bench_gpu_plan_parses_and_fits(tmp_path, quick):
         args = ap.parse_args(cmd[2:])
         assert args.out == str(tmp_path) and args.device is None and args.reps == (reps // 2 if quick else reps)
     assert "eager_sdpa" in by_name["train"].cmd and by_name["pytest_gpu"].env == {"TRITON_INTERPRET": "0"}
+
+
+def test_bench_gpu_a_failing_step_loses_only_itself(tmp_path, monkeypatch):
+    """A step past its budget is killed, a crashing step is reported with its last log line, and the
+    steps after them still run and are summarised (real subprocesses; only the plan is replaced)."""
+    from bench import bench_gpu
+    from mbt_fast.cli import main
+
+    py = sys.executable
+    write_csv = "import sys; open(sys.argv[1], 'w').write('status\\nok\\nunavailable: no GPU\\n')"
+
+    def plan(out, dry_run, quick):
+        return [bench_gpu.Step("env", 20, None, ["env.json"]),
+                bench_gpu.Step("attention", 1, [py, "-c", "import time; time.sleep(60)"], ["attention.csv"]),
+                bench_gpu.Step("block", 20, [py, "-c", "print('boom'); raise SystemExit(3)"], ["block.csv"]),
+                bench_gpu.Step("train", 20, [py, "-c", write_csv, str(out / "train.csv")], ["train.csv"])]
+
+    monkeypatch.setattr(bench_gpu, "plan", plan)
+    t0 = time.perf_counter()
+    assert main(["bench", "gpu", "--dry-run", "--out", str(tmp_path)]) == 1  # 1: a step failed
+    assert time.perf_counter() - t0 < 40  # the sleeper was killed at its 1 s budget
+    md = (tmp_path / "summary.md").read_text()
+    assert _summary_statuses(md) == {"env": "ok", "attention": "failed", "block": "failed", "train": "ok"}, md
+    assert "timed out after its budget of 1 s" in md and "exit status 3: boom" in md
+    assert "2 rows (1 ok, 1 unavailable)" in md
+    assert (tmp_path / "env.json").is_file() and (tmp_path / "block.log").read_text().splitlines()[-1] == "boom"
