@@ -76,7 +76,8 @@ def plan(out: Path, dry_run: bool, quick: bool) -> list[Step]:
         train = ["--preset", "mbt_base_16x2", "--batch", "8", "--reps", half(20), "--max-seconds", "5",
                  "--out", str(out)]
         budgets = dict(env=30, build_cuda=100, pytest_gpu=90, attention=75, block=45, train=140)  # 480 s
-    pytest = [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs",
+    # -v: a run killed at its budget writes no junit xml, but its log still names every test that finished
+    pytest = [py, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rs", "--durations=10",
               f"--junitxml={out / 'pytest_gpu.xml'}", "tests"]
     # explicit provider lists, so that a failed build can drop "cuda" from them (see run)
     attention = ["--providers", *bench_attention.PROVIDERS, *attention]

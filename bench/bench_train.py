@@ -141,8 +141,10 @@ def run(args) -> list[dict]:
     rows = []
     for preset in presets:
         cfg = config(preset)
-        for backend in args.backends:
-            for compile_ in ((False,) if args.no_compile else (False, True)):
+        # every eager row first, then the compiled ones: compiling is the slow part, and a run stopped at
+        # its time budget (``mbt-fast bench gpu``) should still have every backend's eager step
+        for compile_ in ((False,) if args.no_compile else (False, True)):
+            for backend in args.backends:
                 r = bench_one(preset, cfg, backend, compile_, batch, device, args)
                 interp = backend == "triton" and device.type == "cpu"
                 rows.append({**common.env_row(device, dtype, interpreter=interp), **r})

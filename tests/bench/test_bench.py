@@ -317,6 +317,7 @@ def test_bench_gpu_dry_run(tmp_path):
         assert {r["measurement"] for r in rows} <= {"CPU measurement", "interpreter"} and {r["device"] for r in rows} == {"cpu"}
     _, train = _read(out / "train.csv")
     assert {r["backend"] for r in train} == set(bench_train.BACKENDS)
+    assert [r["compile"] for r in train] == ["False"] * 5 + ["True"] * 5  # eager rows first (see bench_train.run)
     assert _by(train, backend="eager_sdpa", compile="False")[0]["status"] == "ok"
     assert _by(train, backend="triton", compile="False")[0]["measurement"] == "interpreter"
 
