@@ -250,6 +250,7 @@ def run(args) -> list[dict]:
         warmup, reps = args.warmup if args.warmup is not None else 5, args.reps or 30
     args.warmup, args.reps = warmup, reps
     env = common.env_row(device, dtype)
+    out = common.out_dir(device, args.out)
     rows = []
     for tok in tokens:
         for b in batches:
@@ -260,7 +261,7 @@ def run(args) -> list[dict]:
                         r = {**r, **common.env_row(device, dtype, interpreter=True)}
                     rows.append({**env, **r} if "measurement" not in r else {**env, **r})
                     _echo(rows[-1])
-    out = common.out_dir(device, args.out)
+                    common.write_csv(rows, out / "attention.csv", COLUMNS)  # a run killed at its time budget keeps its rows
     label = rows[0]["measurement"] if rows else ""
     common.publish(rows, out, "attention", COLUMNS,
                    ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb", "status"],

@@ -200,6 +200,7 @@ def run(args) -> list[dict]:
         args.warmup = 5 if args.warmup is None else args.warmup
         args.reps = args.reps or 20
     env = common.env_row(device, dtype)
+    out = common.out_dir(device, args.out)
     rows = []
     for tok in tokens:
         for b in batches:
@@ -210,7 +211,7 @@ def run(args) -> list[dict]:
                     e = common.env_row(device, dtype, interpreter=True) if p == "triton" and device.type == "cpu" else env
                     rows.append({**e, **r})
                     ba._echo(rows[-1])
-    out = common.out_dir(device, args.out)
+                    common.write_csv(rows, out / "block.csv", COLUMNS)  # a run killed at its time budget keeps its rows
     label = rows[0]["measurement"] if rows else ""
     common.publish(rows, out, "block", COLUMNS,
                    ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb", "status"],

@@ -1,11 +1,12 @@
 """One MBT training step per backend: forward, per-modality cross-entropy, backward, SGD(momentum) step.
 
-Backends ``reference``, ``torch``, ``triton``, ``cuda``, each eager and under ``torch.compile`` (compile
+Backends ``reference``, ``eager_sdpa`` (the baseline a user would write: Scenic's structure with SDPA),
+``torch``, ``triton``, ``cuda``, each eager and under ``torch.compile`` (compile
 failures are caught and reported). On a GPU the step runs under bf16 autocast; on a CPU in fp32, with
 the ``tiny`` preset and a mid-size config (``torch.compile`` on a CPU only with ``--compile``: its C++
 build takes minutes; the CPU rows of a preset are timed round-robin, so that load from other processes
 slows them alike and their ratio stays meaningful). Reports step time (median, p20, p80), samples/s, peak memory and the speedup of
-each row over the eager ``reference`` and eager ``torch`` steps.
+each row over the eager ``reference``, ``eager_sdpa`` and ``torch`` steps.
 
     python bench/bench_train.py                            # GPU: mbt_base_16x2, batch 8; CPU: tiny + mid
     python bench/bench_train.py --preset tiny --batch 4    # any preset
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from bench import common
 from mbt_fast.commands import argtypes
 
-BACKENDS = ("reference", "torch", "triton", "cuda")
+BACKENDS = ("reference", "eager_sdpa", "torch", "triton", "cuda")
 COLUMNS = ["op", "preset", "backend", "compile", "batch", "amp", "median_ms", "p20_ms", "p80_ms", "reps",
-           "samples_per_s", "peak_mem_mb", "mem_method", "speedup_vs_reference", "speedup_vs_torch", "status",
+           "samples_per_s", "peak_mem_mb", "mem_method", "speedup_vs_reference", "speedup_vs_eager_sdpa", "speedup_vs_torch",
+           "status",
            *common.ENV_COLUMNS]
 
 
@@ -101,9 +103,9 @@ def bench_one(preset, cfg, backend, compile_, batch, device, args) -> dict:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Speedup of each row over the eager reference and eager torch steps of the same preset and batch."""
+    """Speedup of each row over the eager reference, eager_sdpa and torch steps of the same preset and batch."""
     for r in rows:
-        for base in ("reference", "torch"):
+        for base in ("reference", "eager_sdpa", "torch"):
             b = next((x for x in rows if x["preset"] == r["preset"] and x["batch"] == r["batch"]
                       and x["backend"] == base and not x["compile"] and x.get("median_ms")), None)
             if b and r.get("median_ms"):
@@ -135,16 +137,21 @@ def run(args) -> list[dict]:
     args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
     args.reps = args.reps or (10 if cpu else 20)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = common.out_dir(device, args.out)
     rows = []
     for preset in presets:
         cfg = config(preset)
-        for backend in args.backends:
-            for compile_ in ((False,) if args.no_compile else (False, True)):
+        # every eager row first, then the compiled ones: compiling is the slow part, and a run stopped at
+        # its time budget (``mbt-fast bench gpu``) should still have every backend's eager step
+        for compile_ in ((False,) if args.no_compile else (False, True)):
+            for backend in args.backends:
                 r = bench_one(preset, cfg, backend, compile_, batch, device, args)
                 interp = backend == "triton" and device.type == "cpu"
                 rows.append({**common.env_row(device, dtype, interpreter=interp), **r})
                 t = f"{r['median_ms']:.2f} ms" if r.get("median_ms") else r["status"]
                 print(f"  {preset:14s} {backend:10s} compile={str(compile_):5s} B={batch}: {t}", flush=True)
+                if device.type == "cuda":  # a run killed at its time budget keeps the rows it finished
+                    common.write_csv(rows, out / "train.csv", COLUMNS)
         # CPU: the steps of one preset run round-robin, so load from other processes hits them alike
         pending = {i: r.pop("_step") for i, r in enumerate(rows) if "_step" in r}
         if pending:
@@ -153,13 +160,12 @@ def run(args) -> list[dict]:
                 print(f"  {preset:14s} {rows[i]['backend']:10s} compile={str(rows[i]['compile']):5s} B={batch}: "
                       f"{t['median_ms']:.2f} ms (interleaved)", flush=True)
     add_speedups(rows)
-    out = common.out_dir(device, args.out)
     env = rows[0] if rows else common.env_row(device, dtype)
     for r in rows:
         r["label"] = f"{r['backend']}{'+compile' if r['compile'] else ''}"
     common.publish(rows, out, "train", COLUMNS,
                    ["preset", "backend", "compile", "batch", "median_ms", "p20_ms", "p80_ms", "samples_per_s",
-                    "peak_mem_mb", "speedup_vs_reference", "speedup_vs_torch", "status"],
+                    "peak_mem_mb", "speedup_vs_reference", "speedup_vs_eager_sdpa", "speedup_vs_torch", "status"],
                    title=f"\ntraining step on {env['device']} ({env['measurement']}; {env['dtype']}, "
                          f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})",
                    plot_args=None if args.no_plot else dict(

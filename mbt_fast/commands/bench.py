@@ -1,5 +1,6 @@
-"""``mbt-fast bench {attention,block,train,data,model}``: the benchmark scripts of ``bench/`` and the
-performance model (``mbt_fast.perf_model``, a model estimate that runs anywhere in seconds)."""
+"""``mbt-fast bench {attention,block,train,data,gpu,model}``: the benchmark scripts of ``bench/``, the
+one-shot GPU run (``gpu``), and the performance model (``mbt_fast.perf_model``, a model estimate that
+runs anywhere in seconds)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,8 @@ _SCRIPTS = {
     "block": ("bench_block", "one fusion layer: reference path vs packed_block per backend"),
     "train": ("bench_train", "one training step per backend, eager and torch.compile"),
     "data": ("bench_data", "data loading per core: a VideoDataset item vs decoding every frame (CPU measurement)"),
+    "gpu": ("bench_gpu", "the one prepared run for a lent GPU: environment, gpu-marked tests, every benchmark "
+                         "(--dry-run: the same on the CPU at tiny sizes)"),
 }
 
 
@@ -27,14 +30,15 @@ def _bench_module(name: str):
 
 
 class _LazyScript:
-    """Runs a bench script's ``run(args)`` (its arguments were added by ``add_arguments``)."""
+    """Runs a bench script's ``run(args)`` (its arguments were added by ``add_arguments``); an int it
+    returns is the exit status, anything else (the rows) means 0."""
 
     def __init__(self, module: str):
         self.module = module
 
     def __call__(self, args) -> int:
-        _bench_module(self.module).run(args)
-        return 0
+        rc = _bench_module(self.module).run(args)
+        return rc if isinstance(rc, int) else 0
 
 
 def _run_model(args) -> int:

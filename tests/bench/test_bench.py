@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,104 @@ def test_bench_data_tiny(tmp_path):
     assert cols == bench_data.COLUMNS and len(csv_rows) == 5
     md = (tmp_path / "data.md").read_text()
     assert "CPU measurement" in md and "Prepared cache" in md
+
+
+# ---- mbt-fast bench gpu ---------------------------------------------------------------------------------
+def _summary_statuses(md: str) -> dict:
+    from bench import bench_gpu
+
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in md.splitlines() if ln.startswith("|")]
+    return {r[0]: r[1] for r in rows if r[0] in bench_gpu.STEPS}
+
+
+def test_bench_gpu_dry_run(tmp_path):
+    """``mbt-fast bench gpu --dry-run`` through the CLI: every step runs (or is skipped with its reason) on
+    the CPU, with the real scripts, and leaves env.json, summary.md and one result file per bench step."""
+    import xml.etree.ElementTree as ET
+
+    from bench import bench_gpu
+    from mbt_fast.cli import main
+
+    out = tmp_path / "gpu"
+    assert main(["bench", "gpu", "--dry-run", "--out", str(out)]) == 0  # 0: no step failed
+    env = json.loads((out / "env.json").read_text())
+    assert env["dry_run"] is True and env["label"] == bench_gpu.DRY_LABEL and env["gpu"] is None
+    assert env["torch"] == torch.__version__ and env["commit"] and env["commit_full"]
+    assert any(ln.startswith("backends:") for ln in env["mbt_fast_info"]), env["mbt_fast_info"]
+    md = (out / "summary.md").read_text()
+    assert bench_gpu.DRY_LABEL in md.splitlines()[0]
+    status = _summary_statuses(md)
+    assert list(status) == list(bench_gpu.STEPS), md
+    assert status["build_cuda"] == "skipped" and all(status[s] == "ok" for s in bench_gpu.STEPS if s != "build_cuda"), md
+    suite = ET.parse(out / "pytest_gpu.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    assert int(suite.get("tests")) > 0 and int(suite.get("failures")) == int(suite.get("errors")) == 0
+    for stem, module in (("attention", bench_attention), ("block", bench_block), ("train", bench_train)):
+        cols, rows = _read(out / f"{stem}.csv")
+        assert cols == module.COLUMNS and (out / f"{stem}.log").is_file()
+        assert any(r["status"] == "ok" for r in rows), rows
+        assert not [r for r in rows if r["status"].startswith("error")], [r["status"] for r in rows]
+        assert {r["measurement"] for r in rows} <= {"CPU measurement", "interpreter"} and {r["device"] for r in rows} == {"cpu"}
+    _, train = _read(out / "train.csv")
+    assert {r["backend"] for r in train} == set(bench_train.BACKENDS)
+    assert [r["compile"] for r in train] == ["False"] * 5 + ["True"] * 5  # eager rows first (see bench_train.run)
+    assert _by(train, backend="eager_sdpa", compile="False")[0]["status"] == "ok"
+    assert _by(train, backend="triton", compile="False")[0]["measurement"] == "interpreter"
+
+
+def test_bench_gpu_without_a_gpu_exits_2(tmp_path, monkeypatch, capsys):
+    from mbt_fast.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "gpu", "--out", str(tmp_path / "gpu")]) == 2
+    assert "no CUDA device visible; use --dry-run to check the command on the CPU" in capsys.readouterr().err
+    assert not (tmp_path / "gpu").exists()
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_bench_gpu_plan_parses_and_fits(tmp_path, quick):
+    """The GPU steps' arguments are valid for the scripts they call (a typo would cost a lent GPU), and
+    the budgets fit: ~8 minutes on a GPU, under 3 for the dry run."""
+    import argparse
+
+    from bench import bench_gpu
+
+    steps = bench_gpu.plan(tmp_path, dry_run=False, quick=quick)
+    assert [s.name for s in steps] == list(bench_gpu.STEPS)
+    assert sum(s.budget_s for s in steps) <= 8 * 60
+    assert sum(s.budget_s for s in bench_gpu.plan(tmp_path, dry_run=True, quick=quick)) <= 3 * 60
+    by_name = {s.name: s for s in steps}
+    for name, module, reps in (("attention", bench_attention, 30), ("block", bench_block, 20), ("train", bench_train, 20)):
+        cmd = by_name[name].cmd
+        assert cmd[1] == str(REPO / "bench" / f"bench_{name}.py")
+        ap = argparse.ArgumentParser()
+        module.add_arguments(ap)
+        args = ap.parse_args(cmd[2:])
+        assert args.out == str(tmp_path) and args.device is None and args.reps == (reps // 2 if quick else reps)
+    assert "eager_sdpa" in by_name["train"].cmd and by_name["pytest_gpu"].env == {"TRITON_INTERPRET": "0"}
+
+
+def test_bench_gpu_a_failing_step_loses_only_itself(tmp_path, monkeypatch):
+    """A step past its budget is killed, a crashing step is reported with its last log line, and the
+    steps after them still run and are summarised (real subprocesses; only the plan is replaced)."""
+    from bench import bench_gpu
+    from mbt_fast.cli import main
+
+    py = sys.executable
+    write_csv = "import sys; open(sys.argv[1], 'w').write('status\\nok\\nunavailable: no GPU\\n')"
+
+    def plan(out, dry_run, quick):
+        return [bench_gpu.Step("env", 20, None, ["env.json"]),
+                bench_gpu.Step("attention", 1, [py, "-c", "import time; time.sleep(60)"], ["attention.csv"]),
+                bench_gpu.Step("block", 20, [py, "-c", "print('boom'); raise SystemExit(3)"], ["block.csv"]),
+                bench_gpu.Step("train", 20, [py, "-c", write_csv, str(out / "train.csv")], ["train.csv"])]
+
+    monkeypatch.setattr(bench_gpu, "plan", plan)
+    t0 = time.perf_counter()
+    assert main(["bench", "gpu", "--dry-run", "--out", str(tmp_path)]) == 1  # 1: a step failed
+    assert time.perf_counter() - t0 < 40  # the sleeper was killed at its 1 s budget
+    md = (tmp_path / "summary.md").read_text()
+    assert _summary_statuses(md) == {"env": "ok", "attention": "failed", "block": "failed", "train": "ok"}, md
+    assert "timed out after its budget of 1 s" in md and "exit status 3: boom" in md
+    assert "2 rows (1 ok, 1 unavailable)" in md
+    assert (tmp_path / "env.json").is_file() and (tmp_path / "block.log").read_text().splitlines()[-1] == "boom"
