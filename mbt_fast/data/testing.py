@@ -64,16 +64,7 @@ def write_clip(path, seconds: float = 1.5, fps: int = 10, size=(64, 48), audio: 
                 sample_rate = 48000
             a_s = out.add_stream(acodec, rate=sample_rate)
             a_s.layout = "stereo" if channels == 2 else "mono"
-        for i in range(n_frames):
-            img = (np.full((h, w, 3), frame_level(i), dtype=np.uint8) if pattern == "flat"
-                   else texture_frame(i, w, h, fps))
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            frame.time_base = Fraction(1, fps)
-            for packet in vs.encode(frame):
-                out.mux(packet)
-        for packet in vs.encode():
-            out.mux(packet)
+        _write_frames(out, vs, n_frames, fps, pattern)
         if audio:
             n = int(seconds * sample_rate)
             t = np.arange(n) / sample_rate
@@ -92,6 +83,21 @@ def write_clip(path, seconds: float = 1.5, fps: int = 10, size=(64, 48), audio: 
             for packet in a_s.encode():
                 out.mux(packet)
     return path
+
+
+def _write_frames(out, vs, n_frames: int, fps: int, pattern: str = "flat") -> None:
+    """Encode frames ``0 .. n_frames-1`` (flat grey levels or the moving texture) into ``vs`` and flush it."""
+    import av
+
+    w, h = vs.width, vs.height
+    for i in range(n_frames):
+        img = np.full((h, w, 3), frame_level(i), dtype=np.uint8) if pattern == "flat" else texture_frame(i, w, h, fps)
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts, frame.time_base = i, Fraction(1, fps)
+        for packet in vs.encode(frame):
+            out.mux(packet)
+    for packet in vs.encode():
+        out.mux(packet)
 
 
 def _to_format(block: np.ndarray, fmt: str) -> np.ndarray:
@@ -124,13 +130,7 @@ def write_raw_h264(path, seconds: float = 1.5, fps: int = 10, size=(64, 48)) -> 
         vs = out.add_stream("libx264", rate=fps)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         vs.options = {"preset": "ultrafast", "crf": "10"}
-        for i in range(int(round(seconds * fps))):
-            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), frame_level(i), dtype=np.uint8), format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            for packet in vs.encode(frame):
-                out.mux(packet)
-        for packet in vs.encode():
-            out.mux(packet)
+        _write_frames(out, vs, int(round(seconds * fps)), fps)
     return path
 
 
@@ -163,13 +163,7 @@ def write_empty_audio_track(path, seconds: float = 1.5, fps: int = 10, size=(64,
         vs.width, vs.height, vs.pix_fmt, vs.bit_rate = w, h, "yuv420p", 2_000_000
         a_s = out.add_stream("pcm_s16le", rate=16000)
         a_s.layout = "mono"
-        for i in range(int(round(seconds * fps))):
-            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), frame_level(i), dtype=np.uint8), format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            for packet in vs.encode(frame):
-                out.mux(packet)
-        for packet in vs.encode():
-            out.mux(packet)
+        _write_frames(out, vs, int(round(seconds * fps)), fps)
         for packet in a_s.encode():  # nothing was encoded: the track stays empty
             out.mux(packet)
     return path
