@@ -182,8 +182,11 @@ _ARCH_TEST_FAKES = {
 
 
 def _ops(emulated: bool):
-    """The op namespace, as a literal ``torch.ops`` attribute so that torch.compile traces the calls
-    (the extension is loaded before any trace: ``backends.resolved_backend`` builds it)."""
+    """The op namespace, as a literal ``torch.ops`` attribute so that torch.compile traces the calls.
+    Eager calls load the extension on first use; under compile it is already loaded
+    (``backends.resolved_backend`` builds it before any trace)."""
+    if not torch.compiler.is_compiling():
+        build(emulated)
     return torch.ops.mbt_fast_emu if emulated else torch.ops.mbt_fast
 
 
@@ -263,8 +266,6 @@ def mbt_attention(q, k, v, seg, scale, emulated: bool = False):
                             f"bfloat16, got {t.dtype}; use backend 'torch' or 'triton' for float32")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"q: the {_BACKEND[emulated]} attention kernel supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
-    if not torch.compiler.is_compiling():
-        build(emulated)
     seg = _table(seg, "cpu")  # a host table: the C++ launcher builds its block tables from it
     return MBTAttentionFunction.apply(_aligned(q), _aligned(k), _aligned(v), seg, float(scale), emulated)
 
@@ -297,8 +298,6 @@ def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str, emulated: b
         _check_device(name, t, emulated)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x: the {_BACKEND[emulated]} residual_mean kernel supports float32, float16, bfloat16, got {x.dtype}")
-    if not torch.compiler.is_compiling():
-        build(emulated)
     row_mod, slot_start = _layout_tables(layout, x.device)
     keep = keep.to(device=x.device, dtype=torch.float32).contiguous() if keep is not None else None
     return ResidualMeanFunction.apply(x.contiguous(), y.to(x.dtype).contiguous(), keep, row_mod, slot_start,
@@ -348,8 +347,6 @@ def segment_layernorm(x, weight, bias, row_weight, eps, emulated: bool = False):
                          f"channels, got {x.shape[-1]}; use backend 'torch' or 'triton'")
     if bias.shape != weight.shape:
         raise ValueError(f"bias: expected the shape of weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
-    if not torch.compiler.is_compiling():
-        build(emulated)
     rw = row_weight.to(device=x.device, dtype=torch.int32).contiguous()
     return SegmentLayerNormFunction.apply(x.contiguous(), weight, bias, rw, float(eps), emulated)
 
@@ -375,7 +372,5 @@ class BiasGeluFunction(torch.autograd.Function):
 def bias_gelu(x, bias, row_weight, emulated: bool = False):
     """Contract of ``mbt_fast.ops.bias_gelu`` (shapes already validated there); output in x's dtype."""
     _check_rows("bias_gelu", x, emulated, (("bias", bias),))
-    if not torch.compiler.is_compiling():
-        build(emulated)
     rw = row_weight.to(device=x.device, dtype=torch.int32).contiguous()
     return BiasGeluFunction.apply(x.contiguous(), bias, rw, emulated)
