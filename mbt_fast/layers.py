@@ -114,22 +114,25 @@ def packed_block(blocks: list[EncoderBlock], x: torch.Tensor, layout: PackedLayo
     training = blk0.training
     first_mode = "add" if plan.bottleneck in ("mean", "add") else "keep"
 
-    h = ops.segment_layernorm(x, _stack(blocks, lambda b: b.norm1.weight), _stack(blocks, lambda b: b.norm1.bias),
-                              row_weight, LN_EPS, backend=backend)
     qkv_w, qkv_b = [b.attn.qkv.weight for b in blocks], [b.attn.qkv.bias for b in blocks]
     if plan.cross_weights:
         # Scenic's vanilla fusion runs each modality's block over [other modalities ; own]: the keys and
         # values of every row come from the target modality's LayerNorm and projections.
         qs, ks, vs = [], [], []
+        M = len(blocks)
         for m, blk in enumerate(blocks):
-            hm = ops.segment_layernorm(x, blk.norm1.weight[None], blk.norm1.bias[None], torch.zeros_like(row_weight),
-                                       LN_EPS, backend=backend)
+            # modality m's LayerNorm on every row: its weights repeated for the model's row table
+            hm = ops.segment_layernorm(x, blk.norm1.weight.expand(M, -1).contiguous(),
+                                       blk.norm1.bias.expand(M, -1).contiguous(), row_weight, LN_EPS, segments=rows,
+                                       backend=backend)
             q, k, v = ops.segment_linear(hm, [qkv_w[m]], [qkv_b[m]], [(0, N, 0)]).view(N, B, 3, H, D).unbind(2)
             qs.append(q[layout.block_rows(m)])
             ks.append(k)
             vs.append(v)
         q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
     else:
+        h = ops.segment_layernorm(x, _stack(blocks, lambda b: b.norm1.weight), _stack(blocks, lambda b: b.norm1.bias),
+                                  row_weight, LN_EPS, segments=rows, backend=backend)
         q, k, v = ops.segment_linear(h, qkv_w, qkv_b, rows).view(N, B, 3, H, D).unbind(2)
     o = ops.mbt_attention(q, k, v, plan.segments, dropout_p=blk0.attn.attn_drop if training else 0.0, backend=backend)
     y = ops.segment_linear(o.reshape(N, B, C), [b.attn.proj.weight for b in blocks],
@@ -138,9 +141,9 @@ def packed_block(blocks: list[EncoderBlock], x: torch.Tensor, layout: PackedLayo
     x = ops.residual_mean(x, y, _keep(blocks, B, training, x.device, shared_draw), layout, first_mode, backend=backend)
 
     h = ops.segment_layernorm(x, _stack(blocks, lambda b: b.norm2.weight), _stack(blocks, lambda b: b.norm2.bias),
-                              row_weight, LN_EPS, backend=backend)
-    h = ops.segment_linear(h, [b.mlp.fc1.weight for b in blocks], None, rows)
-    h = ops.bias_gelu(h, _stack(blocks, lambda b: b.mlp.fc1.bias).to(h.dtype), row_weight, backend=backend)
+                              row_weight, LN_EPS, segments=rows, backend=backend)
+    h = ops.linear_bias_gelu(h, [b.mlp.fc1.weight for b in blocks], [b.mlp.fc1.bias for b in blocks], rows, row_weight,
+                             backend=backend)
     h = F.dropout(h, blk0.dropout, training)
     y = ops.segment_linear(h, [b.mlp.fc2.weight for b in blocks], [b.mlp.fc2.bias for b in blocks], rows)
     y = F.dropout(y, blk0.dropout, training)

@@ -49,7 +49,13 @@ def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str):
     return out
 
 
-def segment_layernorm(x, weight, bias, row_weight, eps: float):
+def segment_layernorm(x, weight, bias, row_weight, eps: float, segments: tuple | None = None):
+    """``segments`` (validated ``(start, end, m)`` rows matching ``row_weight``): one affine LayerNorm per
+    segment, as ``nn.LayerNorm`` runs it, instead of per-row gathers of the weight and bias tables."""
+    if segments is not None:
+        pieces = [F.layer_norm(x[s:e], x.shape[-1:], weight[m].to(x.dtype), bias[m].to(x.dtype), eps)
+                  for s, e, m in segments]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     y = F.layer_norm(x, x.shape[-1:], eps=eps)
     idx = row_weight.to(x.device).long()
     return y * weight[idx].unsqueeze(1).to(y.dtype) + bias[idx].unsqueeze(1).to(y.dtype)

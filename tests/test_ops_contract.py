@@ -185,3 +185,43 @@ def test_rows_in_no_segment_are_zero_on_dirty_memory(backend):
         for rows in gaps:
             assert torch.equal(t[rows].float(), torch.zeros_like(t[rows].float())), f"{name}[{rows}] is not zero"
         assert torch.isfinite(t.float()).all(), f"{name} has non-finite values outside the gaps"
+
+
+# ---- the torch backend's per-segment paths -----------------------------------------------------------
+
+def test_layernorm_segments_give_the_gathered_result_and_must_match_row_weight():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(N, B, C, dtype=torch.float64), torch.randn(2, C, dtype=torch.float64), torch.randn(2, C, dtype=torch.float64)
+    rw = LAYOUT.row_weight()
+    gathered = ops.segment_layernorm(x, w, b, rw, 1e-6)
+    per_segment = ops.segment_layernorm(x, w, b, rw, 1e-6, segments=LAYOUT.row_segments())
+    err = (per_segment - gathered).abs().max().item()
+    assert err < 1e-12, f"per-segment LayerNorm differs from the gathered one by {err}"
+    wrong = tuple((s, e, 1 - m) for s, e, m in LAYOUT.row_segments())
+    with pytest.raises(ValueError, match=r"segments: expected the weight index of row_weight on every row; row 0 has "
+                                         r"row_weight 0, segments name 1"):
+        ops.segment_layernorm(x, w, b, rw, 1e-6, segments=wrong)
+    with pytest.raises(ValueError, match=r"segments: every row of x must be covered exactly once"):
+        ops.segment_layernorm(x, w, b, rw, 1e-6, segments=((0, 5, 0),))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("grad", [False, True])
+def test_linear_bias_gelu_is_fc1_with_its_epilogue(backend, grad):
+    torch.manual_seed(1)
+    F_ = 12
+    x = torch.randn(N, B, C, requires_grad=grad)
+    ws = [torch.randn(F_, C, requires_grad=grad) for _ in range(2)]
+    bs = [torch.randn(F_, requires_grad=grad) for _ in range(2)]
+    rows = LAYOUT.row_segments()
+    with torch.set_grad_enabled(grad):
+        out = ops.linear_bias_gelu(x, ws, bs, rows, LAYOUT.row_weight(), backend=backend)
+        ref = torch.cat([torch.nn.functional.gelu(x[s:e].double() @ ws[m].double().t() + bs[m].double(), approximate="tanh")
+                         for s, e, m in rows])
+    err = (out.double() - ref).abs().max().item()
+    assert err < 1e-5, f"{backend}: max error {err} against the float64 reference"
+    if grad:
+        out.sum().backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in [x, *ws, *bs])
+    with pytest.raises(ValueError, match=r"biases: expected 2 \(one per weight\), got 1"):
+        ops.linear_bias_gelu(x, ws, bs[:1], rows, LAYOUT.row_weight(), backend=backend)

@@ -13,9 +13,9 @@ path reads tensor data on the host, so ``torch.compile(model, fullgraph=True)`` 
 but ``triton`` without a graph break.
 """
 from mbt_fast.ops.attention import mbt_attention
-from mbt_fast.ops.bias_gelu import bias_gelu
+from mbt_fast.ops.bias_gelu import bias_gelu, linear_bias_gelu
 from mbt_fast.ops.residual_mean import BOTTLENECK_MODES, residual_mean
 from mbt_fast.ops.segment_layernorm import segment_layernorm
 from mbt_fast.ops.segment_linear import segment_linear
 
-__all__ = ["mbt_attention", "residual_mean", "segment_layernorm", "bias_gelu", "segment_linear", "BOTTLENECK_MODES"]
+__all__ = ["mbt_attention", "residual_mean", "segment_layernorm", "bias_gelu", "linear_bias_gelu", "segment_linear", "BOTTLENECK_MODES"]

@@ -139,3 +139,29 @@ def check_row_weight(row_weight, x: torch.Tensor, table: torch.Tensor) -> None:
     if len(_CHECKED_ROW_WEIGHTS) > 4096:
         _CHECKED_ROW_WEIGHTS.clear()
     _CHECKED_ROW_WEIGHTS[id(row_weight)] = (weakref.ref(row_weight), row_weight._version, M)
+
+
+# (id(table), version, segments) of row_weight tables whose values were checked against a segment table
+_MATCHED_SEGMENTS: dict[tuple, weakref.ref] = {}
+
+
+def check_row_weight_segments(segments, row_weight: torch.Tensor, table: torch.Tensor) -> tuple:
+    """``segments``: ``(start, end, m)`` rows covering the ``row_weight`` rows exactly once and naming the
+    same weight as ``row_weight`` on every row (compared once per table version, never under compile)."""
+    seg = row_segments(segments, row_weight.shape[0], table.shape[0])
+    if torch.compiler.is_compiling() or row_weight.numel() == 0 or row_weight.device.type == "meta":
+        return seg
+    key = (id(row_weight), row_weight._version, seg)
+    ref = _MATCHED_SEGMENTS.get(key)
+    if ref is not None and ref() is row_weight:
+        return seg
+    expected = torch.cat([torch.full((e - s,), m, dtype=torch.int32) for s, e, m in sorted(seg)])
+    bad = (row_weight.cpu() != expected).nonzero()
+    if bad.numel():
+        n = int(bad[0, 0])
+        raise ValueError(f"segments: expected the weight index of row_weight on every row; row {n} has "
+                         f"row_weight {int(row_weight[n])}, segments name {int(expected[n])}")
+    if len(_MATCHED_SEGMENTS) > 4096:
+        _MATCHED_SEGMENTS.clear()
+    _MATCHED_SEGMENTS[key] = weakref.ref(row_weight)
+    return seg

@@ -65,6 +65,14 @@ def _distinct(weights, biases, seg):
             tuple((s, e, remap[m]) for s, e, m in seg))
 
 
+def autocast_dtype(device_type: str):
+    """The autocast dtype the GEMMs run in on ``device_type``, or None outside autocast (meta: never;
+    ``mbt_fast.perf_model`` replaces this to emulate autocast there)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def segment_linear(x, weights, biases, segments):
     check_tensor("x", x, 3)
     weights, biases = list(weights), list(biases) if biases is not None else []
@@ -84,9 +92,9 @@ def segment_linear(x, weights, biases, segments):
     seg = row_segments(segments, x.shape[0], len(weights))
     weights, biases, seg = _distinct(weights, biases, seg)
     device_type = x.device.type
-    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)  # meta: never
+    dtype = autocast_dtype(device_type)
+    autocast = dtype is not None
     if autocast:
-        dtype = torch.get_autocast_dtype(device_type)
         x, weights, biases = x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases]
     elif any(t.dtype != x.dtype for t in weights + biases):
         raise TypeError(f"x: expected the dtype of the weights and biases, got x {x.dtype}, "

@@ -207,6 +207,15 @@ def test_a_bad_line_inside_a_log_is_an_error_naming_the_line(tmp_path):
 
 
 # ---- checkpoint writes and signals --------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _python_sigint_handler():
+    """Python's own Ctrl-C handler for every test here: a shell that starts a job in the background
+    starts it with SIGINT ignored, and the code under test (rightly) keeps an inherited SIG_IGN."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _signal_during_write(monkeypatch, sig, only_once=True):
     real = safetensors.torch.save_file
     fired = []
