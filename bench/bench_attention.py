@@ -231,9 +231,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--reps", type=argtypes.positive_int, default=None)
     ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
     ap.add_argument("--no-plot", action="store_true")
+    common.add_threads_argument(ap)
 
 
 def run(args) -> list[dict]:
+    common.pin_threads(args.threads)
     common.set_interpreter(args.interpreter)
     device = common.pick_device(args.device)
     quick = args.quick or device.type == "cpu"

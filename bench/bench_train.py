@@ -1,4 +1,5 @@
-"""One MBT training step per backend: forward, per-modality cross-entropy, backward, SGD(momentum) step.
+"""One MBT training step per backend: forward, per-modality cross-entropy, backward, SGD(momentum) step
+(``--mode eval``: the inference forward instead, ``model.eval()`` under ``torch.no_grad()``).
 
 Backends ``reference``, ``eager_sdpa`` (the baseline a user would write: Scenic's structure with SDPA),
 ``torch``, ``triton``, ``cuda``, each eager and under ``torch.compile`` (compile
@@ -10,6 +11,7 @@ each row over the eager ``reference``, ``eager_sdpa`` and ``torch`` steps.
 
     python bench/bench_train.py                            # GPU: mbt_base_16x2, batch 8; CPU: tiny + mid
     python bench/bench_train.py --preset tiny --batch 4    # any preset
+    python bench/bench_train.py --preset mbt_base_16x2 --batch 1 --mode eval --backends eager_sdpa torch --threads 1
 """
 from __future__ import annotations
 
@@ -54,11 +56,20 @@ def make_batch(cfg, batch: int, device, seed: int = 0):
     return inputs, labels
 
 
-def make_step(cfg, backend: str, batch: int, device, amp: bool, compile_: bool):
+def make_step(cfg, backend: str, batch: int, device, amp: bool, compile_: bool, mode: str = "train"):
     from mbt_fast.model import MBT
 
     torch.manual_seed(0)
-    model = MBT(cfg, backend=backend).to(device).train()
+    model = MBT(cfg, backend=backend).to(device).train(mode == "train")
+    if mode == "eval":
+        inputs, _ = make_batch(cfg, batch, device)
+
+        def forward(inputs):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return model(**inputs)
+
+        fn = torch.compile(forward) if compile_ else forward
+        return lambda: fn(inputs)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     inputs, labels = make_batch(cfg, batch, device)
 
@@ -80,7 +91,8 @@ def make_step(cfg, backend: str, batch: int, device, amp: bool, compile_: bool):
 
 def bench_one(preset, cfg, backend, compile_, batch, device, args) -> dict:
     amp = device.type == "cuda"
-    row = {"op": "train_step", "preset": preset, "backend": backend, "compile": compile_, "batch": batch,
+    row = {"op": "train_step" if args.mode == "train" else "eval_forward", "preset": preset, "backend": backend,
+           "compile": compile_, "batch": batch,
            "amp": "bf16 autocast" if amp else "none (fp32)"}
     from mbt_fast.backends import unavailable_reasons
 
@@ -90,7 +102,7 @@ def bench_one(preset, cfg, backend, compile_, batch, device, args) -> dict:
     if compile_ and device.type == "cpu" and not args.compile:
         return {**row, **common.unavailable_row("skipped: torch.compile on a CPU builds C++ for minutes (pass --compile)")}
     try:
-        step = make_step(cfg, backend, batch, device, amp, compile_)
+        step = make_step(cfg, backend, batch, device, amp, compile_, args.mode)
         step()  # first call: compilation, lazy init
         if device.type == "cpu":  # timed later, interleaved with the other CPU rows (see run)
             return {**row, "status": "ok", "_step": step, "mem_method": common.peak_memory(step, device)[1]}
@@ -117,6 +129,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", nargs="+", default=None, help="presets (or 'mid'); GPU default mbt_base_16x2, CPU tiny mid")
     ap.add_argument("--batch", type=argtypes.positive_int, default=None, help="GPU default 8, CPU default 4")
     ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    ap.add_argument("--mode", choices=("train", "eval"), default="train",
+                    help="train: a training step (default); eval: the inference forward")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--compile", action="store_true", help="CPU: also run the torch.compile rows")
     ap.add_argument("--interpreter", action="store_true", help="CPU: triton under TRITON_INTERPRET=1 (labelled)")
@@ -126,10 +140,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-seconds", type=argtypes.positive_float, default=20.0, help="stop timing a row after this long (>= 3 reps)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-plot", action="store_true")
+    common.add_threads_argument(ap)
 
 
 def run(args) -> list[dict]:
     common.set_interpreter(args.interpreter)
+    common.pin_threads(args.threads)
     device = common.pick_device(args.device)
     cpu = device.type == "cpu" or args.quick
     presets = args.preset or (["tiny", "mid"] if cpu else ["mbt_base_16x2"])
@@ -151,7 +167,7 @@ def run(args) -> list[dict]:
                 t = f"{r['median_ms']:.2f} ms" if r.get("median_ms") else r["status"]
                 print(f"  {preset:14s} {backend:10s} compile={str(compile_):5s} B={batch}: {t}", flush=True)
                 if device.type == "cuda":  # a run killed at its time budget keeps the rows it finished
-                    common.write_csv(rows, out / "train.csv", COLUMNS)
+                    common.write_csv(rows, out / f"{'train' if args.mode == 'train' else 'eval'}.csv", COLUMNS)
         # CPU: the steps of one preset run round-robin, so load from other processes hits them alike
         pending = {i: r.pop("_step") for i, r in enumerate(rows) if "_step" in r}
         if pending:
@@ -163,14 +179,15 @@ def run(args) -> list[dict]:
     env = rows[0] if rows else common.env_row(device, dtype)
     for r in rows:
         r["label"] = f"{r['backend']}{'+compile' if r['compile'] else ''}"
-    common.publish(rows, out, "train", COLUMNS,
+    what = "training step" if args.mode == "train" else "eval forward"
+    common.publish(rows, out, "train" if args.mode == "train" else "eval", COLUMNS,
                    ["preset", "backend", "compile", "batch", "median_ms", "p20_ms", "p80_ms", "samples_per_s",
                     "peak_mem_mb", "speedup_vs_reference", "speedup_vs_eager_sdpa", "speedup_vs_torch", "status"],
-                   title=f"\ntraining step on {env['device']} ({env['measurement']}; {env['dtype']}, "
+                   title=f"\n{what} on {env['device']} ({env['measurement']}; {env['dtype']}, "
                          f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})",
                    plot_args=None if args.no_plot else dict(
                        x="batch", y="samples_per_s", series=["label"], panels="preset",
-                       title=f"training step samples/s, {env['device']} ({env['measurement']})"))
+                       title=f"{what} samples/s, {env['device']} ({env['measurement']})"))
     return rows
 
 

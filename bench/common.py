@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from mbt_fast.commands import argtypes
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-ENV_COLUMNS = ["device", "measurement", "torch", "triton", "commit", "dtype"]
+ENV_COLUMNS = ["device", "measurement", "threads", "torch", "triton", "commit", "dtype"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -56,8 +58,23 @@ def device_slug(device: torch.device) -> str:
 
 def env_row(device: torch.device, dtype: torch.dtype, interpreter: bool = False) -> dict:
     label = "interpreter" if interpreter else ("GPU measurement" if device.type == "cuda" else "CPU measurement")
-    return {"device": device_name(device), "measurement": label, "torch": torch.__version__,
+    return {"device": device_name(device), "measurement": label,
+            "threads": torch.get_num_threads() if device.type == "cpu" else "", "torch": torch.__version__,
             "triton": version("triton"), "commit": git_commit(), "dtype": str(dtype).replace("torch.", "")}
+
+
+def add_threads_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--threads", type=argtypes.positive_int, default=None,
+                    help="CPU: intra-op threads, pinned for the whole run and recorded in every row "
+                         "(default: the cores this process may use)")
+
+
+def pin_threads(threads: int | None) -> int:
+    """Fix torch's intra-op thread count for the run (a CPU timing depends on it) and return it."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
 
 
 def pick_device(name: str | None) -> torch.device:

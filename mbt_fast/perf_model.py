@@ -1,41 +1,55 @@
 """Performance model of one MBT training step per backend (DESIGN.md section 7). **Model estimate.**
 
 For one step (forward, backward, optimizer step) of a preset it counts FLOPs, HBM bytes read + written
-and kernel launches, and turns them into a roofline time for A100 and H100 from ONE table of peaks
-(``PEAKS``, ``LAUNCH_US``). Nothing here runs on a GPU and nothing is measured.
+and kernel launches, and turns them into a time for A100 and H100 from ONE table of peaks (``PEAKS``)
+and ONE table of efficiencies (``EFFICIENCY``, ``ATTENTION_ANCHORS``, ``ATTENTION_DESIGNS``), each a
+range: every estimate is reported as low / central / high. Nothing here runs on a GPU or is measured.
 
 How the counts are made:
 
 * the model runs **at its real shapes on the ``meta`` device** (no data, no arithmetic: a
-  ``mbt_base_16x2`` step at batch 8 takes a few seconds on a CPU) with parameters and activations in
-  ``dtype`` (bf16 by default: a pure-bf16 step; the fp32 master-weight casts and fp32 LayerNorm
-  outputs of ``torch.autocast`` are not modelled);
+  ``mbt_base_16x2`` step at batch 8 takes seconds on a CPU). By default (``--dtype amp``) it runs as
+  training runs: fp32 parameters and inputs under bf16 autocast, emulated op by op as CUDA autocast
+  casts (``AutocastEmulation``: GEMMs, convolutions and attention in bf16, LayerNorm, softmax and the
+  losses in fp32, weight casts cached per step as autocast caches them, everything else in the dtype
+  it is given), so every cast copy and every fp32 LayerNorm output is counted; ``--dtype bf16`` is a
+  pure-bf16 step;
 * a ``TorchDispatchMode`` sees every aten op executed (forward, autograd backward, optimizer) and
   costs it with ``aten_cost``: GEMM/conv FLOPs from shapes, bytes = every input + every output once
   (a broadcast input counts its distinct elements), one launch per op, views and allocations free;
 * ops the meta device cannot run as on a GPU are replaced by declared per-op formulas, each op
   counted once per call (forward) and once per backward:
-  - ``F.scaled_dot_product_attention`` (the ``torch`` backend): PyTorch's flash kernels
+  - ``F.scaled_dot_product_attention`` (``eager_sdpa`` and ``torch``): PyTorch's flash kernels
     (FlashAttention-2) — no N x N matrix in HBM (meta would run the math fallback instead);
   - the fused ops of ``mbt_fast.ops`` (``mbt_attention``, ``segment_layernorm``, ``bias_gelu``,
     ``residual_mean``) on the ``triton``/``cuda`` backends: one launch per fused kernel, bytes = its
     inputs and outputs once (``fused_cost``; partial-sum buffers and their reductions included);
-* per kernel, ``time = max(tc_flops / tensor_peak + vec_flops / fp32_peak, bytes / bandwidth) + launch``.
-  GEMMs and attention at 100 % of the tensor peak and every kernel at 100 % of the bandwidth are
-  ideal: the estimates are lower bounds of each backend's time, and speedups are ratios of lower
-  bounds. K/V re-reads of the attention kernels are assumed to hit L2 (counted once).
+* per kernel, ``time = max(tensor FLOPs / (peak x efficiency) + vector FLOPs / fp32 peak,
+  bytes / (bandwidth x efficiency)) + launches x launch cost``; attention kernels run at the TFLOP/s of
+  their implementation's design class at the segment lengths (``ATTENTION_DESIGNS``: the anchor it is
+  measured against and the fraction of it the design is expected to reach). K/V re-reads of the
+  attention kernels are assumed to hit L2 (counted once);
+* ``eager_sdpa_compile`` (``torch.compile`` of ``eager_sdpa``) is approximated from the eager op list:
+  GEMMs and attention stay as they are (Inductor calls the same cuBLAS and SDPA kernels), and every run
+  of consecutive elementwise / LayerNorm / softmax / copy / reduction ops between them becomes one
+  kernel (one more per reduction in the run) that reads the run's external inputs once and writes only
+  the outputs something outside the run reads later (``compile_fusion``);
+* a speedup's range is the smallest and largest ratio over the efficiency scenarios: the shared
+  efficiencies (GEMM, bandwidth, launch) low, central or high for both backends alike, and each
+  attention design independently at the low or high end of its range.
 
 Backend differences this captures: ``reference`` = Scenic's concat/split/stack/mean copies and an
-eager attention that writes and reads the N x N scores (and softmax) per modality; ``torch`` = the
-packed layout with SDPA (flash, no N x N) but unfused LayerNorm/GELU/residual and the slice/scatter
-copies of the per-segment attention; ``triton``/``cuda`` = the fused kernels. The ``cuda`` backend is
-modelled with the Triton kernels' design (same contract and algorithm); it differs only where its
-launcher is known to differ (the forward zero-fills the output and LSE: two memsets).
+eager attention that writes and reads the N x N scores (and softmax) per modality; ``eager_sdpa`` =
+the same structure with SDPA (the port a user would write); ``torch`` = the packed layout with SDPA
+per segment, per-segment LayerNorm and the bias inside the GEMMs; ``triton``/``cuda`` = the fused
+kernels, each at its own attention design class.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import itertools
 import json
 import math
 import time
@@ -43,26 +57,61 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from unittest import mock
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 LABEL = "model estimate"
-BACKENDS = ("reference", "torch", "triton", "cuda")
+BACKENDS = ("reference", "eager_sdpa", "torch", "triton", "cuda")
+COMPILED = {"eager_sdpa_compile": "eager_sdpa"}  # approximated from the eager op list (compile_fusion)
+BASELINES = ("reference", "eager_sdpa", "eager_sdpa_compile", "torch")
 
 # ---- the one table of peaks (vendors' dense figures, DESIGN.md section 7) -----------------------------
 PEAKS = {
     "a100": {"name": "A100 SXM 80GB", "tensor_tflops": 312.0, "fp32_tflops": 19.5, "hbm_tbps": 2.04},
     "h100": {"name": "H100 SXM", "tensor_tflops": 989.0, "fp32_tflops": 67.0, "hbm_tbps": 3.35},
 }
-LAUNCH_US = 4.0  # per kernel launch (host overhead + kernel ramp), the same for every backend
 SMS = 132  # H100 SXM SMs: sizes the partial-sum buffers of the fused backward kernels (A100: 108)
-# FlashAttention-3 paper anchors (H100, fp16, head dim 64, forward, non-causal), TFLOP/s at 512/1k/2k tokens
-ANCHORS_TFLOPS = {
-    "FA2": (282.0, 306.0, 318.0), "Triton": (340.0, 382.0, 396.0),
-    "cuDNN": (335.0, 373.0, 395.0), "FA3": (333.0, 392.0, 460.0),
+
+# ---- the one table of efficiencies: (low, central, high) = (pessimistic, central, optimistic) ---------
+SCENARIOS = ("low", "central", "high")
+EFFICIENCY = {
+    "gemm": {"range": (0.60, 0.70, 0.80), "unit": "fraction of dense tensor peak",
+             "source": "assumed: large bf16 cuBLAS GEMMs reach 60-80 % of dense peak (issue 9's range); "
+                       "not yet calibrated by a GPU run here"},
+    "bandwidth": {"range": (0.80, 0.85, 0.90), "unit": "fraction of peak HBM bandwidth",
+                  "source": "assumed: streaming elementwise kernels reach 80-90 % of HBM peak"},
+    "launch_us": {"range": (5.0, 4.0, 2.5), "unit": "us per kernel launch",
+                  "source": "assumed: host launch + kernel ramp of an eager PyTorch op, 2.5-5 us"},
 }
+# Attention anchors, H100 SXM, fp16/bf16, head dim 64, non-causal, TFLOP/s at 512 / 1k / 2k tokens:
+# FlashAttention-3 paper (Shah et al. 2024), forward and backward figures. The paper has no Triton
+# backward: it is taken as Triton's forward times FA2's backward/forward ratio at each length.
+ATTENTION_ANCHORS = {
+    "fwd": {"FA2": (282.0, 306.0, 318.0), "Triton": (340.0, 382.0, 396.0),
+            "cuDNN": (335.0, 373.0, 395.0), "FA3": (333.0, 392.0, 460.0)},
+    "bwd": {"FA2": (198.0, 238.0, 264.0), "cuDNN": (266.0, 348.0, 395.0), "FA3": (272.0, 363.0, 422.0)},
+}
+ATTENTION_ANCHORS["bwd"]["Triton"] = tuple(t * b / f for t, b, f in zip(
+    ATTENTION_ANCHORS["fwd"]["Triton"], ATTENTION_ANCHORS["bwd"]["FA2"], ATTENTION_ANCHORS["fwd"]["FA2"]))
 ANCHOR_TOKENS = (512, 1024, 2048)
+ANCHORS_TFLOPS = ATTENTION_ANCHORS["fwd"]  # the forward anchors (kernel_fractions)
+# A100: FlashAttention-2 reaches 50-73 % of the A100's peak in its paper's forward benchmarks; every
+# design is scaled from its H100 anchor by FA2's A100/H100 ratio (0.62 x 312 vs 318 TFLOP/s at 2k), and
+# the Hopper-only designs (wgmma, TMA) get no more than FA2 there.
+A100_SCALE = 0.62 * 312.0 / 318.0
+# Each backend's attention: the anchor of its design class and the fraction of it expected (low, central, high)
+ATTENTION_DESIGNS = {
+    "sdpa_flash": {"anchor": "FA2", "range": (0.85, 1.0, 1.2),
+                   "why": "PyTorch SDPA's flash backend is FlashAttention-2; high end: SDPA picks cuDNN (up to 1.25x FA2)"},
+    "triton": {"anchor": "Triton", "range": (0.60, 0.80, 0.95),
+               "why": "Triton tutorial design class, short of it today: masks in every iteration, wgmma waited on "
+                      "at once, one config for every architecture (issue 12)"},
+    "cuda": {"anchor": "FA2", "range": (0.35, 0.50, 0.70),
+             "why": "mma.sync without cp.async pipelining, 64-row tiles, serialised loads: about half of FA2 (issue 13)"},
+}
 
 
 def _esize(dtype) -> int:
@@ -72,6 +121,18 @@ def _esize(dtype) -> int:
 # ----------------------------------------------------------------------------------------------------
 # cost records
 # ----------------------------------------------------------------------------------------------------
+def scenario(level: str = "central", attention: dict | None = None) -> dict:
+    """Efficiencies of one scenario: the shared ones at ``level``, each attention design at its own level
+    (``attention[impl]``, default ``level``)."""
+    i = SCENARIOS.index(level)
+    att = {impl: d["range"][SCENARIOS.index((attention or {}).get(impl, level))] for impl, d in ATTENTION_DESIGNS.items()}
+    return {"gemm": EFFICIENCY["gemm"]["range"][i], "bandwidth": EFFICIENCY["bandwidth"]["range"][i],
+            "launch_us": EFFICIENCY["launch_us"]["range"][i], "attention": att}
+
+
+CENTRAL = scenario()
+
+
 @dataclass
 class OpCost:
     """One kernel (or a group of identical kernels): what it computes and moves."""
@@ -82,14 +143,21 @@ class OpCost:
     vec_flops: float = 0.0  # CUDA-core FLOPs (elementwise, reductions), an estimate per element
     bytes: float = 0.0  # HBM bytes read + written
     launches: int = 1
+    impl: str = ""  # attention: its design class (ATTENTION_DESIGNS)
+    anchor_tflops: dict = field(default_factory=dict)  # attention: anchor TFLOP/s per GPU at its segment lengths
+    reads: tuple = ()  # aten ops: ((storage key, bytes), ...) read, for compile_fusion
+    writes: tuple = ()
 
-    def time_s(self, gpu: str, fp32_gemm: bool = False) -> tuple[float, str]:
-        """Roofline time and the term that dominates it: ``compute``, ``memory`` or ``launch``."""
+    def time_s(self, gpu: str, fp32_gemm: bool = False, eff: dict = CENTRAL) -> tuple[float, str]:
+        """Time under the efficiencies ``eff`` and the term that dominates it: ``compute``, ``memory``, ``launch``."""
         p = PEAKS[gpu]
-        tc_peak = (p["fp32_tflops"] if fp32_gemm else p["tensor_tflops"]) * 1e12
-        compute = self.tc_flops / tc_peak + self.vec_flops / (p["fp32_tflops"] * 1e12)
-        memory = self.bytes / (p["hbm_tbps"] * 1e12)
-        launch = self.launches * LAUNCH_US * 1e-6
+        if self.cls == "attention" and self.impl and not fp32_gemm:
+            rate = self.anchor_tflops[gpu] * eff["attention"][self.impl] * 1e12
+        else:
+            rate = (p["fp32_tflops"] if fp32_gemm else p["tensor_tflops"]) * eff["gemm"] * 1e12
+        compute = self.tc_flops / rate + self.vec_flops / (p["fp32_tflops"] * 1e12)
+        memory = self.bytes / (p["hbm_tbps"] * eff["bandwidth"] * 1e12)
+        launch = self.launches * eff["launch_us"] * 1e-6
         dominant = max((compute, "compute"), (memory, "memory"), (launch, "launch"))[1]
         return max(compute, memory) + launch, dominant
 
@@ -97,6 +165,7 @@ class OpCost:
 @dataclass
 class Counter:
     ops: list = field(default_factory=list)
+    keep: list = field(default_factory=list, repr=False)  # storages kept alive so their keys stay unique
 
     def add(self, cost: OpCost):
         self.ops.append(cost)
@@ -107,11 +176,38 @@ class Counter:
                 "hbm_bytes": sum(o.bytes for o in self.ops),
                 "launches": sum(o.launches for o in self.ops)}
 
-    def est_ms(self, gpu: str, fp32_gemm: bool = False) -> float:
-        return 1e3 * sum(o.time_s(gpu, fp32_gemm)[0] for o in self.ops)
+    def _arrays(self, gpu: str, fp32_gemm: bool):
+        key = (gpu, fp32_gemm, len(self.ops))
+        if getattr(self, "_cache", (None,))[0] != key:
+            impls = list(ATTENTION_DESIGNS)
+            att = [o.cls == "attention" and bool(o.impl) and not fp32_gemm for o in self.ops]
+            self._cache = (key, {
+                "tc": np.array([o.tc_flops for o in self.ops]), "vec": np.array([o.vec_flops for o in self.ops]),
+                "bytes": np.array([o.bytes for o in self.ops]), "launches": np.array([o.launches for o in self.ops]),
+                "anchor": np.array([o.anchor_tflops.get(gpu, 1.0) if a else 0.0 for o, a in zip(self.ops, att)]),
+                "impl": np.array([impls.index(o.impl) if a else -1 for o, a in zip(self.ops, att)])})
+        return self._cache[1]
+
+    def est_ms(self, gpu: str, fp32_gemm: bool = False, eff: dict = CENTRAL) -> float:
+        """The step's time in ms under ``eff`` (vectorised ``OpCost.time_s`` summed over the ops)."""
+        a, p = self._arrays(gpu, fp32_gemm), PEAKS[gpu]
+        tc_rate = np.full(a["tc"].shape, (p["fp32_tflops"] if fp32_gemm else p["tensor_tflops"]) * eff["gemm"] * 1e12)
+        for i, impl in enumerate(ATTENTION_DESIGNS):
+            sel = a["impl"] == i
+            tc_rate[sel] = a["anchor"][sel] * eff["attention"][impl] * 1e12
+        compute = a["tc"] / tc_rate + a["vec"] / (p["fp32_tflops"] * 1e12)
+        memory = a["bytes"] / (p["hbm_tbps"] * eff["bandwidth"] * 1e12)
+        return 1e3 * float(np.sum(np.maximum(compute, memory) + a["launches"] * eff["launch_us"] * 1e-6))
+
+    def est_range_ms(self, gpu: str, fp32_gemm: bool = False) -> list[float]:
+        """[low, high]: every efficiency at its optimistic end, and at its pessimistic end."""
+        return [self.est_ms(gpu, fp32_gemm, scenario("high")), self.est_ms(gpu, fp32_gemm, scenario("low"))]
+
+    def impls(self) -> set:
+        return {o.impl for o in self.ops if o.cls == "attention" and o.impl}
 
     def by_class(self, gpu: str, fp32_gemm: bool = False) -> dict:
-        """Per op class: counts, time, and the dominant term (the one holding most of its time)."""
+        """Per op class: counts, central time, and the dominant term (the one holding most of its time)."""
         out = defaultdict(lambda: {"flops": 0.0, "hbm_bytes": 0.0, "launches": 0, "ms": 0.0,
                                    "by_term": defaultdict(float)})
         for o in self.ops:
@@ -125,6 +221,18 @@ class Counter:
         for c in out.values():
             c["dominant"] = max(c.pop("by_term").items(), key=lambda kv: kv[1])[0]
         return dict(out)
+
+
+def speedup_range(base: Counter, x: Counter, gpu: str, fp32_gemm: bool = False) -> list[float]:
+    """[min, max] of ``time(base) / time(x)`` over the scenarios: shared efficiencies low/central/high for
+    both, each attention design used by either independently at its low or high end."""
+    impls = sorted(base.impls() | x.impls())
+    ratios = []
+    for level in SCENARIOS:
+        for ends in itertools.product(("low", "high"), repeat=len(impls)):
+            eff = scenario(level, dict(zip(impls, ends)))
+            ratios.append(base.est_ms(gpu, fp32_gemm, eff) / x.est_ms(gpu, fp32_gemm, eff))
+    return [min(ratios), max(ratios)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,8 +356,16 @@ class AtenCounter(TorchDispatchMode):
         if not self.paused:
             cost = aten_cost(func, args, kwargs, out)
             if cost is not None:
+                ins = [t for t in _tensors(args)] + [t for v in (kwargs or {}).values() for t in _tensors(v)]
+                cost.reads = tuple(self._io(t) for t in ins)
+                cost.writes = tuple(self._io(t) for t in _tensors(out))
                 self.counter.add(cost)
         return out
+
+    def _io(self, t: torch.Tensor) -> tuple:
+        storage = t.untyped_storage()
+        self.counter.keep.append(storage)  # alive until the count ends: no key is reused by a new tensor
+        return storage._cdata, tensor_bytes(t)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,10 +393,8 @@ def attention_cost(segments, batch: int, heads: int, head_dim: int, esize: int, 
     if direction == "fwd":
         nbytes = (nq + 2 * nk) * bhd * esize + nq * bhd * esize + lse
         launches = 1
-        if impl == "cuda":  # the launcher zero-fills out and lse first
-            nbytes += nq * bhd * esize + lse
-            launches += 2
-        return OpCost(name, "attention", tc_flops=fl, vec_flops=0.0, bytes=nbytes, launches=launches)
+        return OpCost(name, "attention", tc_flops=fl, vec_flops=0.0, bytes=nbytes, launches=launches, impl=impl,
+                      anchor_tflops=design_tflops(impl, "fwd", segments))
     q_b, kv_b = nq * bhd * esize, 2 * nk * bhd * esize
     pre = 2 * q_b + lse  # read o, dO; write delta
     dkdv = 2 * q_b + kv_b + 2 * lse + kv_b  # read q, dO, k, v, lse, delta; write dk, dv
@@ -290,7 +404,21 @@ def attention_cost(segments, batch: int, heads: int, head_dim: int, esize: int, 
         acc = 4 * nq * bhd
         nbytes = pre + (2 * q_b + kv_b + 2 * lse + kv_b) + 3 * acc + q_b
         launches = 4
-    return OpCost(name, "attention", tc_flops=2.5 * fl, bytes=nbytes, launches=launches)
+    return OpCost(name, "attention", tc_flops=2.5 * fl, bytes=nbytes, launches=launches, impl=impl,
+                  anchor_tflops=design_tflops(impl, "bwd", segments))
+
+
+def design_tflops(impl: str, direction: str, segments) -> dict:
+    """Per GPU, the anchor TFLOP/s of ``impl``'s design class over ``segments`` (each segment at its own
+    length, weighted by its FLOPs so that times add up); the design's fraction is applied per scenario."""
+    anchor = ATTENTION_DESIGNS[impl]["anchor"]
+    work = [(qe - qs) * (ke - ks) for qs, qe, ks, ke in segments]
+    t = sum(w / anchor_tflops(qe - qs, anchor, direction) for w, (qs, qe, _, _) in zip(work, segments))
+    h100 = sum(work) / t if t else 1.0
+    if anchor in ("Triton", "FA3"):  # Hopper features: no more than FA2 on an A100
+        fa2 = sum(work) / sum(w / anchor_tflops(qe - qs, "FA2", direction) for w, (qs, qe, _, _) in zip(work, segments))
+        return {"h100": h100, "a100": min(h100, fa2) * A100_SCALE}
+    return {"h100": h100, "a100": h100 * A100_SCALE}
 
 
 def layernorm_cost(rows: int, C: int, M: int, esize: int, wsize: int, direction: str) -> OpCost:
@@ -373,7 +501,7 @@ def declared_kernels(counter: Counter, impl: str):
         return _declared(counter, attention_cost(seg, B, H, D, es, "fwd", impl),
                          attention_cost(seg, B, H, D, es, "bwd", impl), q.shape, q.dtype, q, k, v)
 
-    def segment_layernorm(x, weight, bias, row_weight, eps=1e-6, *, backend=None):
+    def segment_layernorm(x, weight, bias, row_weight, eps=1e-6, *, segments=None, backend=None):
         N, B, C = x.shape
         es, ws, M = x.element_size(), weight.element_size(), weight.shape[0]
         return _declared(counter, layernorm_cost(N * B, C, M, es, ws, "fwd"), layernorm_cost(N * B, C, M, es, ws, "bwd"),
@@ -393,7 +521,8 @@ def declared_kernels(counter: Counter, impl: str):
                          x.shape, x.dtype, x, y)
 
     with mock.patch.multiple(ops, mbt_attention=mbt_attention, segment_layernorm=segment_layernorm,
-                             bias_gelu=bias_gelu, residual_mean=residual_mean):
+                             bias_gelu=bias_gelu, residual_mean=residual_mean), \
+            mock.patch.object(importlib.import_module("mbt_fast.ops.bias_gelu"), "bias_gelu", bias_gelu):  # linear_bias_gelu's
         yield
 
 
@@ -402,6 +531,7 @@ def declared_sdpa(counter: Counter):
     """``F.scaled_dot_product_attention`` as PyTorch's flash kernels on a GPU (meta runs the math path)."""
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        q, k, v = (AutocastEmulation.cast_lower(t) for t in (q, k, v))  # SDPA is on autocast's bf16 list
         B, H, nq, D = q.shape
         nk = k.shape[-2]
         seg = [(0, nq, 0, nk)]
@@ -411,6 +541,57 @@ def declared_sdpa(counter: Counter):
 
     with mock.patch.object(F, "scaled_dot_product_attention", sdpa):
         yield
+
+
+class AutocastEmulation(TorchFunctionMode):
+    """CUDA autocast (bf16) for meta tensors, which have no autocast of their own: the functions on
+    autocast's lower-precision list get their fp32 floating inputs cast to bf16 (casts of parameters
+    cached for the step, as autocast caches them), those on its fp32 list get half inputs cast to fp32,
+    everything else runs in the dtypes it is given. The casts are ordinary ``.to`` calls, so the counter
+    sees their kernels and autograd records them as autocast's do."""
+
+    active: "AutocastEmulation | None" = None
+    LOWER = {F.linear, torch.conv2d, torch.conv3d, F.conv2d, F.conv3d, torch.addmm, torch.mm, torch.bmm, torch.baddbmm,
+             torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+    FP32 = {F.layer_norm, torch.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax,
+            torch.log_softmax, torch.Tensor.log_softmax, F.cross_entropy, F.binary_cross_entropy_with_logits,
+            F.mse_loss}
+
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__()
+        self.dtype, self.cache = dtype, {}
+
+    def __enter__(self):
+        AutocastEmulation.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        AutocastEmulation.active = None
+        return super().__exit__(*exc)
+
+    @staticmethod
+    def cast_lower(t):
+        self = AutocastEmulation.active
+        if self is None or not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            return t
+        if t.is_leaf and t.requires_grad:  # autocast's cache: one cast per parameter per step
+            if id(t) not in self.cache:
+                self.cache[id(t)] = (t, t.to(self.dtype))
+            return self.cache[id(t)][1]
+        return t.to(self.dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.LOWER:
+            cast = self.cast_lower
+        elif func in self.FP32:
+            def cast(t):
+                return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+        else:
+            return func(*args, **kwargs)
+        args = tuple(cast(a) for a in args)
+        kwargs = {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,39 +614,40 @@ def _inputs(cfg, batch: int, dtype):
     return out
 
 
-_IS_AUTOCAST_ENABLED = torch.is_autocast_enabled
-
-
-def _autocast_enabled(*args):
-    return False if args and args[0] == "meta" else _IS_AUTOCAST_ENABLED(*args)
-
-
 _AUTOCAST = torch.autocast
 
 
-def _autocast(device_type, *args, **kwargs):
-    return contextlib.nullcontext() if device_type == "meta" else _AUTOCAST(device_type, *args, **kwargs)
-
-
 @contextlib.contextmanager
-def counting(counter: Counter, backend: str):
-    """Count everything run inside on meta tensors as ``backend`` would run it on a GPU."""
+def counting(counter: Counter, backend: str, amp: bool = False):
+    """Count everything run inside on meta tensors as ``backend`` would run it on a GPU (``amp``: under
+    bf16 autocast, emulated)."""
+    def autocast_dtype(device_type):  # meta has no autocast state; under amp it reports the emulated one
+        return torch.bfloat16 if amp and device_type == "meta" else real_autocast_dtype(device_type)
+
+    def autocast(device_type, *args, **kwargs):  # ops.segment_linear switches autocast off around its GEMMs
+        return contextlib.nullcontext() if device_type == "meta" else _AUTOCAST(device_type, *args, **kwargs)
+
+    linear_module = importlib.import_module("mbt_fast.ops.segment_linear")  # the package re-exports the function
+    real_autocast_dtype = linear_module.autocast_dtype
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch("mbt_fast.model.resolved_backend", lambda b, device_type=None: b))
-        # the meta device has no autocast state: ops.segment_linear queries and disables it
-        stack.enter_context(mock.patch.object(torch, "is_autocast_enabled", _autocast_enabled))
-        stack.enter_context(mock.patch.object(torch, "autocast", _autocast))
+        stack.enter_context(mock.patch.object(linear_module, "autocast_dtype", autocast_dtype))
+        stack.enter_context(mock.patch.object(torch, "autocast", autocast))
         if backend in ("triton", "cuda"):
             stack.enter_context(declared_kernels(counter, backend))
         stack.enter_context(declared_sdpa(counter))
         stack.enter_context(AtenCounter(counter))
+        if amp:
+            stack.enter_context(AutocastEmulation())
         yield counter
 
 
-def count_step(cfg, batch: int, backend: str, dtype=torch.bfloat16, momentum: float = 0.9) -> Counter:
-    """Counts of one training step: forward, per-modality cross-entropy, backward, SGD (momentum) step."""
+def count_step(cfg, batch: int, backend: str, dtype=torch.bfloat16, momentum: float = 0.9, amp: bool = False) -> Counter:
+    """Counts of one training step: forward, per-modality cross-entropy, backward, SGD (momentum) step.
+    ``amp``: fp32 parameters and inputs under (emulated) bf16 autocast, as training runs; else all in ``dtype``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    dtype = torch.float32 if amp else dtype
     model = _meta_model(cfg, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1, momentum=momentum, foreach=True)
@@ -475,20 +657,70 @@ def count_step(cfg, batch: int, backend: str, dtype=torch.bfloat16, momentum: fl
     labels = torch.empty(batch, dtype=torch.long, device="meta")
     counter = Counter()
     model.backend = backend  # set directly: the fast backends cannot be resolved for meta tensors
-    with counting(counter, backend):
+    with counting(counter, backend, amp):
         logits = model.forward_per_modality(**inputs)
-        loss = sum(F.cross_entropy(v, labels) for v in logits.values()) / len(logits)
+        loss = sum(F.cross_entropy(v.float(), labels) for v in logits.values()) / len(logits)
+    with counting(counter, backend):  # backward and optimizer step outside autocast, as in training
         loss.backward()
         opt.step()
     return counter
 
 
+_FUSABLE = {"elementwise", "layernorm", "softmax", "copy", "reduction", "fill"}
+_REDUCTIONS = {"layernorm", "softmax", "reduction"}
+
+
+def compile_fusion(counter: Counter) -> Counter:
+    """The ``torch.compile`` approximation: each run of consecutive fusable aten ops (between GEMMs,
+    attention and optimizer kernels) becomes one kernel per reduction in it (at least one), reading the
+    storages the run did not produce once and writing those something outside the run reads later or
+    that existed before it (parameters, gradients, buffers); outputs nothing reads are dead code."""
+    ops = counter.ops
+    first_seen, read_at = {}, defaultdict(list)
+    for i, o in enumerate(ops):
+        for k, _ in o.reads:
+            first_seen.setdefault(k, i)
+            read_at[k].append(i)
+        for k, _ in o.writes:
+            first_seen.setdefault(k, i)
+    out = Counter(keep=counter.keep)
+    run: list[int] = []
+
+    def flush():
+        if not run:
+            return
+        lo, hi = run[0], run[-1]
+        produced, reads, writes = set(), {}, {}
+        for i in run:
+            for k, b in ops[i].reads:
+                if k not in produced:
+                    reads[k] = max(reads.get(k, 0), b)
+            for k, b in ops[i].writes:
+                produced.add(k)
+                if first_seen[k] < lo or any(j > hi for j in read_at[k]):
+                    writes[k] = max(writes.get(k, 0), b)
+        n_red = sum(ops[i].cls in _REDUCTIONS for i in run)
+        out.add(OpCost(f"compiled:{len(run)}_ops", ops[lo].cls if len(run) == 1 else "fused_pointwise",
+                       vec_flops=sum(ops[i].vec_flops for i in run), bytes=sum(reads.values()) + sum(writes.values()),
+                       launches=max(1, n_red)))
+        run.clear()
+
+    for i, o in enumerate(ops):
+        if o.cls in _FUSABLE and (o.reads or o.writes):
+            run.append(i)
+        else:
+            flush()
+            out.add(o)
+    flush()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # the fused kernels against their roofline
 # ----------------------------------------------------------------------------------------------------
-def anchor_tflops(tokens: float, provider: str = "Triton") -> float:
+def anchor_tflops(tokens: float, provider: str = "Triton", direction: str = "fwd") -> float:
     """Anchor TFLOP/s at ``tokens`` (linear in log2(tokens) between the 512/1k/2k points, clamped)."""
-    vals = ANCHORS_TFLOPS[provider]
+    vals = ATTENTION_ANCHORS[direction][provider]
     x = min(max(math.log2(max(tokens, 1)), 9.0), 11.0)
     i = min(int(x) - 9, 1)
     return vals[i] + (vals[i + 1] - vals[i]) * (x - (9 + i))
@@ -496,8 +728,8 @@ def anchor_tflops(tokens: float, provider: str = "Triton") -> float:
 
 def kernel_fractions(cfg, batch: int, dtype=torch.bfloat16, gpu: str = "h100") -> list[dict]:
     """For each fused kernel of one fusion layer at the preset's shapes: the roofline limit, the design's
-    estimated time and the fraction of the limit it reaches. Attention uses the FA3-paper Triton
-    anchors at each segment's length (forward anchors also for the backward: no backward anchor)."""
+    estimated time (central efficiencies) and the fraction of the limit it reaches. Attention runs at the
+    ``triton`` design's central rate at each segment's length."""
     from mbt_fast.layout import PackedLayout
 
     M = len(cfg.modality_fusion)
@@ -510,10 +742,11 @@ def kernel_fractions(cfg, batch: int, dtype=torch.bfloat16, gpu: str = "h100") -
     rows = []
     for direction in ("fwd", "bwd"):
         cost = attention_cost(seg, batch, H, D, es, direction)
-        rate = sum(attention_flops([s], batch, H, D) * anchor_tflops(s[1] - s[0]) for s in seg) / attention_flops(seg, batch, H, D)
-        design_s = cost.tc_flops / (rate * 1e12) + cost.launches * LAUNCH_US * 1e-6
+        rate = cost.anchor_tflops[gpu] * CENTRAL["attention"]["triton"]
+        design_s = cost.time_s(gpu)[0]
         rows.append(_fraction_row(cost, cost, design_s, p, gpu,
-                                  f"anchor Triton {rate:.0f} TFLOP/s (FA3 paper, H100 fp16 fwd, at these segment lengths)"))
+                                  f"triton design {rate:.0f} TFLOP/s ({CENTRAL['attention']['triton']:.0%} of the Triton "
+                                  f"anchor, FA3 paper, at these segment lengths)"))
     min_bytes = {  # the unavoidable traffic: each input and output once, no partial sums
         "fused:segment_layernorm_fwd": None, "fused:segment_layernorm_bwd": 3 * N * batch * C * es,
         "fused:bias_gelu_fwd": None, "fused:bias_gelu_bwd": 3 * N * batch * cfg.mlp_dim * es,
@@ -541,22 +774,38 @@ def _fraction_row(cost: OpCost, ideal: OpCost, design_s: float, p: dict, gpu: st
 # ----------------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------------
-def estimate(preset: str = "mbt_base_16x2", batch: int = 8, dtype=torch.bfloat16, backends=BACKENDS, cfg=None) -> dict:
-    """The JSON report: per backend counts and roofline ms, and speedups (model estimate)."""
+def estimate(preset: str = "mbt_base_16x2", batch: int = 8, dtype=torch.bfloat16, backends=BACKENDS, cfg=None,
+             amp: bool = True) -> dict:
+    """The JSON report: per backend counts and ms (central and [low, high]), speedups with their ranges,
+    and the efficiency table they come from (model estimate)."""
     from mbt_fast.config import MBTConfig
 
     cfg = cfg or MBTConfig.preset(preset)
-    fp32 = dtype == torch.float32
-    counters = {b: count_step(cfg, batch, b, dtype) for b in backends}
-    out = {"preset": preset, "batch": batch, "label": LABEL, "backends": {}, "speedup": {}}
+    fp32 = dtype == torch.float32 and not amp
+    counters = {b: count_step(cfg, batch, b, dtype, amp=amp) for b in backends}
+    for name, eager in COMPILED.items():
+        if eager in counters:
+            counters[name] = compile_fusion(counters[eager])
+    out = {"preset": preset, "batch": batch, "label": LABEL,
+           "precision": "bf16 autocast, fp32 parameters (emulated)" if amp else str(dtype).replace("torch.", ""),
+           "efficiency": {**{k: {"low_central_high": v["range"], "unit": v["unit"], "source": v["source"]}
+                             for k, v in EFFICIENCY.items()},
+                          "attention": {impl: {"anchor": d["anchor"], "fraction_low_central_high": d["range"], "why": d["why"]}
+                                        for impl, d in ATTENTION_DESIGNS.items()},
+                          "attention_anchors_tflops": {"tokens": ANCHOR_TOKENS, **ATTENTION_ANCHORS,
+                                                       "source": "FlashAttention-3 paper (Shah et al. 2024), H100 SXM, "
+                                                                 "head dim 64; Triton bwd derived; A100 scaled by FA2's ratio"}},
+           "backends": {}, "speedup": {}}
     for b, c in counters.items():
         out["backends"][b] = {**{k: v for k, v in c.totals().items() if k != "tc_flops"},
-                              "est_ms": {g: c.est_ms(g, fp32) for g in PEAKS}}
-    for x in backends:
-        for base in ("reference", "torch"):
-            if x != base and base in counters:
-                out["speedup"][f"{x}_over_{base}"] = {
-                    g: out["backends"][base]["est_ms"][g] / out["backends"][x]["est_ms"][g] for g in PEAKS}
+                              "est_ms": {g: c.est_ms(g, fp32) for g in PEAKS},
+                              "est_ms_range": {g: c.est_range_ms(g, fp32) for g in PEAKS}}
+    for x in counters:
+        for base in BASELINES:
+            if x != base and base in counters and not (x in COMPILED and base in ("torch",)):
+                entry = {g: out["backends"][base]["est_ms"][g] / out["backends"][x]["est_ms"][g] for g in PEAKS}
+                entry.update({f"{g}_range": speedup_range(counters[base], counters[x], g, fp32) for g in PEAKS})
+                out["speedup"][f"{x}_over_{base}"] = entry
     return out, counters, cfg
 
 
@@ -568,25 +817,34 @@ def _fmt(x: float) -> str:
 
 
 def format_report(report: dict, counters: dict, cfg, dtype) -> str:
+    fp32 = report["precision"] == "float32"
     L = [f"MBT training-step performance model ({LABEL}; nothing here is a measurement)",
-         f"preset {report['preset']}  batch {report['batch']}  dtype {str(dtype).replace('torch.', '')}  "
+         f"preset {report['preset']}  batch {report['batch']}  precision {report['precision']}  "
          f"step = forward + per-modality cross-entropy + backward + SGD(momentum) step",
          "peaks: " + "; ".join(f"{p['name']} {p['tensor_tflops']:g} TFLOP/s tensor, {p['fp32_tflops']:g} TFLOP/s fp32, "
-                               f"{p['hbm_tbps']:g} TB/s" for p in PEAKS.values())
-         + f"; launch {LAUNCH_US:g} us per kernel",
-         "per kernel: time = max(FLOPs/peak, bytes/bandwidth) + launch; ideal peaks, so every time is a lower bound",
-         "",
-         f"{'backend':10s} {'FLOPs':>9s} {'HBM bytes':>10s} {'launches':>9s} {'A100 ms':>9s} {'H100 ms':>9s}   ({LABEL})"]
+                               f"{p['hbm_tbps']:g} TB/s" for p in PEAKS.values()),
+         "per kernel: time = max(tensor FLOPs/(peak x eff) + vector FLOPs/fp32 peak, bytes/(bandwidth x eff)) + launches x launch",
+         "", f"efficiencies (low / central / high; {LABEL} inputs):"]
+    for k, v in EFFICIENCY.items():
+        L.append(f"  {k:12s} {' / '.join(f'{x:g}' for x in v['range']):>18s}  {v['unit']}; {v['source']}")
+    for impl, d in ATTENTION_DESIGNS.items():
+        L.append(f"  attn {impl:7s} {' / '.join(f'{x:g}' for x in d['range']):>18s}  x {d['anchor']} anchor; {d['why']}")
+    L.append("  attention anchors (H100, head dim 64, TFLOP/s at 512/1k/2k tokens; FlashAttention-3 paper): " + "; ".join(
+        f"{prov} {dr} {'/'.join(f'{x:.0f}' for x in v)}" for dr, t in ATTENTION_ANCHORS.items() for prov, v in t.items()))
+    L += ["", f"{'backend':19s} {'FLOPs':>9s} {'HBM bytes':>10s} {'launches':>9s} "
+              f"{'A100 ms [low, high]':>26s} {'H100 ms [low, high]':>26s}   ({LABEL})"]
     for b, r in report["backends"].items():
-        L.append(f"{b:10s} {_fmt(r['flops']):>9s} {_fmt(r['hbm_bytes']):>10s} {r['launches']:>9d} "
-                 f"{r['est_ms']['a100']:>9.2f} {r['est_ms']['h100']:>9.2f}")
-    L += ["", f"speedups ({LABEL}, ratio of roofline times)", f"{'':28s} {'A100':>7s} {'H100':>7s}"]
+        cells = [f"{r['est_ms'][g]:8.2f} [{r['est_ms_range'][g][0]:6.2f}, {r['est_ms_range'][g][1]:6.2f}]" for g in PEAKS]
+        L.append(f"{b:19s} {_fmt(r['flops']):>9s} {_fmt(r['hbm_bytes']):>10s} {r['launches']:>9d} "
+                 f"{cells[0]:>26s} {cells[1]:>26s}")
+    L += ["", f"speedups ({LABEL}: central [range over the efficiency scenarios])",
+          f"{'':36s} {'A100':>22s} {'H100':>22s}"]
     for k, v in report["speedup"].items():
-        L.append(f"{k:28s} {v['a100']:>7.2f} {v['h100']:>7.2f}")
-    fp32 = dtype == torch.float32
-    L += ["", f"per op class on H100 ({LABEL}): launches, HBM bytes, ms, dominant term"]
+        cells = [f"{v[g]:5.2f} [{v[g + '_range'][0]:4.2f}, {v[g + '_range'][1]:4.2f}]" for g in PEAKS]
+        L.append(f"{k:36s} {cells[0]:>22s} {cells[1]:>22s}")
+    L += ["", f"per op class on H100 ({LABEL}, central): launches, HBM bytes, ms, dominant term"]
     classes = sorted({c for cnt in counters.values() for c in cnt.by_class("h100", fp32)})
-    L.append(f"{'class':12s} " + " ".join(f"{b:>30s}" for b in counters))
+    L.append(f"{'class':16s} " + " ".join(f"{b:>30s}" for b in counters))
     per = {b: cnt.by_class("h100", fp32) for b, cnt in counters.items()}
     for c in classes:
         cells = []
@@ -594,14 +852,14 @@ def format_report(report: dict, counters: dict, cfg, dtype) -> str:
             d = per[b].get(c)
             cells.append(f"{d['launches']:>6d} {_fmt(d['hbm_bytes']):>7s}B {d['ms']:>6.2f}ms {d['dominant'][:7]:>7s}"
                          if d else f"{'-':>30s}")
-        L.append(f"{c:12s} " + " ".join(f"{x:>30s}" for x in cells))
+        L.append(f"{c:16s} " + " ".join(f"{x:>30s}" for x in cells))
     L += ["", f"fused kernels of one fusion layer vs their roofline limit (H100, {LABEL})",
           f"{'kernel':32s} {'bound':>8s} {'limit us':>9s} {'design us':>10s} {'fraction':>9s}  basis"]
-    for r in kernel_fractions(cfg, report["batch"], dtype):
+    for r in kernel_fractions(cfg, report["batch"], torch.bfloat16):
         L.append(f"{r['kernel']:32s} {r['bound']:>8s} {r['limit_us']:>9.1f} {r['design_us']:>10.1f} "
                  f"{r['fraction']:>9.0%}  {r['basis']}")
-    L.append("attention rows: fraction = anchor TFLOP/s / 989 (+ launch); memory-bound rows: minimum bytes at peak "
-             "bandwidth / the design's bytes at peak bandwidth + launch. All of it is a model estimate.")
+    L.append("limit = the kernel's FLOPs at 100 % of the tensor peak or its minimum bytes at 100 % of HBM bandwidth; "
+             "design = its modelled time at the central efficiencies. All of it is a model estimate.")
     return "\n".join(L)
 
 
@@ -617,16 +875,18 @@ def main(argv=None) -> int:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", default="mbt_base_16x2")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    ap.add_argument("--dtype", choices=["amp", *sorted(_DTYPES)], default="amp",
+                    help="amp (default): fp32 parameters under bf16 autocast, as training runs; else a pure step in that dtype")
     ap.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
 def run(args) -> int:
     if args.batch < 1:
         raise ValueError(f"--batch: expected a positive integer, got {args.batch}")
-    dtype = _DTYPES[args.dtype]
+    amp = args.dtype == "amp"
+    dtype = torch.float32 if amp else _DTYPES[args.dtype]
     t0 = time.perf_counter()
-    report, counters, cfg = estimate(args.preset, args.batch, dtype)
+    report, counters, cfg = estimate(args.preset, args.batch, dtype, amp=amp)
     if args.json:
         print(json.dumps(report))
     else:

@@ -142,9 +142,15 @@ def test_attention_cost_by_hand():
     # preprocess: o, dO, delta; dK/dV: q, dO, k, v, lse, delta -> dk, dv; dQ: q, dO, k, v, lse, delta -> dq
     assert bwd.bytes == (2 * t + lse) + (6 * t + 2 * lse) + (5 * t + 2 * lse)
     assert bwd.tc_flops == 2.5 * fl and bwd.launches == 3
-    # H100: compute-bound; time = flops / 989e12 + 4 us
+    # H100, central: compute-bound at the triton design's rate (0.8 x the Triton anchor at each segment's
+    # length, FLOP-weighted) + 4 us; the scenarios move it to its low / high fractions
+    a406 = 340.0  # 406 tokens: below the first anchor point (512), clamped to it
+    rate = (406 ** 2 + 3142 ** 2) / (406 ** 2 / a406 + 3142 ** 2 / 396.0)
+    assert fwd.anchor_tflops["h100"] == pytest.approx(rate)
     s, dom = fwd.time_s("h100")
-    assert dom == "compute" and s == pytest.approx(fl / 989e12 + 4e-6)
+    assert dom == "compute" and s == pytest.approx(fl / (0.8 * rate * 1e12) + 4e-6)
+    lo, hi = (fwd.time_s("h100", eff=perf_model.scenario(level))[0] for level in ("high", "low"))
+    assert lo == pytest.approx(fl / (0.95 * rate * 1e12) + 2.5e-6) and hi == pytest.approx(fl / (0.6 * rate * 1e12) + 5e-6)
 
 
 def test_layernorm_counts_by_hand():
@@ -161,7 +167,7 @@ def test_layernorm_counts_by_hand():
     assert op.name == "native_layer_norm" and op.launches == 1
     assert op.bytes == 2 * rows * C + 2 * 2 * C + 2 * rows * C + 2 * 4 * rows
     t, dom = op.time_s("h100")
-    assert dom == "memory" and t == pytest.approx(op.bytes / 3.35e12 + 4e-6)
+    assert dom == "memory" and t == pytest.approx(op.bytes / (0.85 * 3.35e12) + 4e-6)  # central bandwidth efficiency
     # fused segment LayerNorm forward: x + out once, M=2 weight/bias sets, int32 row table, fp32 stats
     fused = perf_model.layernorm_cost(rows, C, 2, 2, 2, "fwd")
     assert fused.bytes == 2 * rows * C * 2 + 2 * 2 * C * 2 + 4 * rows + 2 * 4 * rows and fused.launches == 1
@@ -206,20 +212,60 @@ def _cli_json(argv):
     return json.loads(buf.getvalue())  # exactly one JSON object, nothing else on stdout
 
 
-REQUIRED = ("triton_over_reference", "triton_over_torch", "torch_over_reference", "cuda_over_reference", "cuda_over_torch")
+REQUIRED = ("triton_over_reference", "triton_over_torch", "torch_over_reference", "cuda_over_reference", "cuda_over_torch",
+            "triton_over_eager_sdpa", "cuda_over_eager_sdpa", "triton_over_eager_sdpa_compile")
 
 
 def test_bench_model_json_structure():
     d = _cli_json(["bench", "model", "--preset", "tiny", "--batch", "2", "--json"])
     assert d["preset"] == "tiny" and d["batch"] == 2 and d["label"] == "model estimate"
-    assert set(d["backends"]) == {"reference", "torch", "triton", "cuda"}
+    assert set(d["backends"]) == {"reference", "eager_sdpa", "eager_sdpa_compile", "torch", "triton", "cuda"}
     for r in d["backends"].values():
         assert r["flops"] > 0 and r["hbm_bytes"] > 0 and r["launches"] > 0
         assert set(r["est_ms"]) == {"a100", "h100"} and all(v > 0 for v in r["est_ms"].values())
+        for g in ("a100", "h100"):
+            lo, hi = r["est_ms_range"][g]
+            assert lo <= r["est_ms"][g] <= hi, (g, lo, r["est_ms"][g], hi)
     for k in REQUIRED:
-        assert set(d["speedup"][k]) == {"a100", "h100"}
+        assert set(d["speedup"][k]) == {"a100", "h100", "a100_range", "h100_range"}
+        for g in ("a100", "h100"):
+            lo, hi = d["speedup"][k][f"{g}_range"]
+            assert lo <= d["speedup"][k][g] <= hi, (k, g, lo, d["speedup"][k][g], hi)
     s = d["speedup"]["triton_over_torch"]["h100"]
     assert s == pytest.approx(d["backends"]["torch"]["est_ms"]["h100"] / d["backends"]["triton"]["est_ms"]["h100"])
+    assert set(d["efficiency"]["attention"]) == {"sdpa_flash", "triton", "cuda"}
+    assert "autocast" in d["precision"]
+
+
+def test_autocast_emulation_runs_layernorm_in_fp32_and_gemms_in_bf16():
+    counter = perf_model.Counter()
+    lin = torch.nn.Linear(16, 32, device="meta")
+    ln = torch.nn.LayerNorm(32, device="meta")
+    x = torch.empty(8, 16, device="meta")
+    with perf_model.counting(counter, "torch", amp=True):
+        h = lin(x)
+        y = ln(h)
+        z = lin(x)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.float32
+    names = [o.name for o in counter.ops]
+    # x and the weight and bias cast once each (the parameter casts are cached for the second call)
+    assert names.count("_to_copy") == 3 + 1 + 1, names  # + x again, + h up to fp32 for the LayerNorm
+    assert z.dtype == torch.bfloat16
+
+
+def test_compile_fusion_merges_a_pointwise_run_and_drops_its_intermediates():
+    counter = perf_model.Counter()
+    a = torch.empty(1024, 1024, device="meta")
+    w = torch.empty(1024, 1024, device="meta")
+    with perf_model.AtenCounter(counter):
+        b = (a * 2 + 1).relu()  # three pointwise kernels eagerly, one compiled
+        c = b @ w
+    fused = perf_model.compile_fusion(counter)
+    assert [o.cls for o in counter.ops] == ["elementwise"] * 3 + ["gemm"]
+    assert [o.cls for o in fused.ops] == ["fused_pointwise", "gemm"] and fused.ops[0].launches == 1
+    mib4 = 1024 * 1024 * 4
+    assert fused.ops[0].bytes == 2 * mib4  # a read once, b written once (the gemm reads it); no intermediates
+    assert c.shape == (1024, 1024)
 
 
 def test_bench_model_mbt_base():
@@ -234,7 +280,11 @@ def test_bench_model_mbt_base():
     # the reference materialises N x N scores; the fused backend moves the fewest bytes in the fewest launches
     assert b["reference"]["hbm_bytes"] > b["torch"]["hbm_bytes"] > b["triton"]["hbm_bytes"]
     assert b["torch"]["launches"] > b["triton"]["launches"]
+    assert b["eager_sdpa_compile"]["launches"] < b["eager_sdpa"]["launches"]
+    assert b["eager_sdpa_compile"]["hbm_bytes"] < b["eager_sdpa"]["hbm_bytes"]
     assert d["speedup"]["triton_over_torch"]["h100"] > 1 and d["speedup"]["triton_over_reference"]["h100"] > 1
+    # the attention design classes order the fused backends: cuda's kernel is the first-version design
+    assert d["speedup"]["cuda_over_eager_sdpa"]["h100"] < d["speedup"]["triton_over_eager_sdpa"]["h100"]
 
 
 def test_bench_model_text_is_labelled(capsys):
