@@ -154,6 +154,7 @@ def run(args) -> list[dict]:
     args.reps = args.reps or (10 if cpu else 20)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = common.out_dir(device, args.out)
+    stem = "train" if args.mode == "train" else "eval"  # train.csv / eval.csv
     rows = []
     for preset in presets:
         cfg = config(preset)
@@ -167,7 +168,7 @@ def run(args) -> list[dict]:
                 t = f"{r['median_ms']:.2f} ms" if r.get("median_ms") else r["status"]
                 print(f"  {preset:14s} {backend:10s} compile={str(compile_):5s} B={batch}: {t}", flush=True)
                 if device.type == "cuda":  # a run killed at its time budget keeps the rows it finished
-                    common.write_csv(rows, out / f"{'train' if args.mode == 'train' else 'eval'}.csv", COLUMNS)
+                    common.write_csv(rows, out / f"{stem}.csv", COLUMNS)
         # CPU: the steps of one preset run round-robin, so load from other processes hits them alike
         pending = {i: r.pop("_step") for i, r in enumerate(rows) if "_step" in r}
         if pending:
@@ -180,7 +181,7 @@ def run(args) -> list[dict]:
     for r in rows:
         r["label"] = f"{r['backend']}{'+compile' if r['compile'] else ''}"
     what = "training step" if args.mode == "train" else "eval forward"
-    common.publish(rows, out, "train" if args.mode == "train" else "eval", COLUMNS,
+    common.publish(rows, out, stem, COLUMNS,
                    ["preset", "backend", "compile", "batch", "median_ms", "p20_ms", "p80_ms", "samples_per_s",
                     "peak_mem_mb", "speedup_vs_reference", "speedup_vs_eager_sdpa", "speedup_vs_torch", "status"],
                    title=f"\n{what} on {env['device']} ({env['measurement']}; {env['dtype']}, "

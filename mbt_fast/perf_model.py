@@ -97,7 +97,6 @@ ATTENTION_ANCHORS = {
 ATTENTION_ANCHORS["bwd"]["Triton"] = tuple(t * b / f for t, b, f in zip(
     ATTENTION_ANCHORS["fwd"]["Triton"], ATTENTION_ANCHORS["bwd"]["FA2"], ATTENTION_ANCHORS["fwd"]["FA2"]))
 ANCHOR_TOKENS = (512, 1024, 2048)
-ANCHORS_TFLOPS = ATTENTION_ANCHORS["fwd"]  # the forward anchors (kernel_fractions)
 # A100: FlashAttention-2 reaches 50-73 % of the A100's peak in its paper's forward benchmarks; every
 # design is scaled from its H100 anchor by FA2's A100/H100 ratio (0.62 x 312 vs 318 TFLOP/s at 2k), and
 # the Hopper-only designs (wgmma, TMA) get no more than FA2 there.
@@ -411,14 +410,16 @@ def attention_cost(segments, batch: int, heads: int, head_dim: int, esize: int, 
 def design_tflops(impl: str, direction: str, segments) -> dict:
     """Per GPU, the anchor TFLOP/s of ``impl``'s design class over ``segments`` (each segment at its own
     length, weighted by its FLOPs so that times add up); the design's fraction is applied per scenario."""
-    anchor = ATTENTION_DESIGNS[impl]["anchor"]
     work = [(qe - qs) * (ke - ks) for qs, qe, ks, ke in segments]
-    t = sum(w / anchor_tflops(qe - qs, anchor, direction) for w, (qs, qe, _, _) in zip(work, segments))
-    h100 = sum(work) / t if t else 1.0
-    if anchor in ("Triton", "FA3"):  # Hopper features: no more than FA2 on an A100
-        fa2 = sum(work) / sum(w / anchor_tflops(qe - qs, "FA2", direction) for w, (qs, qe, _, _) in zip(work, segments))
-        return {"h100": h100, "a100": min(h100, fa2) * A100_SCALE}
-    return {"h100": h100, "a100": h100 * A100_SCALE}
+
+    def rate(provider: str) -> float:
+        t = sum(w / anchor_tflops(qe - qs, provider, direction) for w, (qs, qe, _, _) in zip(work, segments))
+        return sum(work) / t if t else 1.0
+
+    anchor = ATTENTION_DESIGNS[impl]["anchor"]
+    h100 = rate(anchor)
+    a100 = min(h100, rate("FA2")) if anchor in ("Triton", "FA3") else h100  # Hopper features: no more than FA2 on an A100
+    return {"h100": h100, "a100": a100 * A100_SCALE}
 
 
 def layernorm_cost(rows: int, C: int, M: int, esize: int, wsize: int, direction: str) -> OpCost:

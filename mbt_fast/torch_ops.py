@@ -54,7 +54,7 @@ def segment_layernorm(x, weight, bias, row_weight, eps: float, segments: tuple |
     segment, as ``nn.LayerNorm`` runs it, instead of per-row gathers of the weight and bias tables."""
     if segments is not None:
         pieces = [F.layer_norm(x[s:e], x.shape[-1:], weight[m].to(x.dtype), bias[m].to(x.dtype), eps)
-                  for s, e, m in segments]
+                  for s, e, m in sorted(segments)]  # concatenated in row order, whatever order they came in
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     y = F.layer_norm(x, x.shape[-1:], eps=eps)
     idx = row_weight.to(x.device).long()

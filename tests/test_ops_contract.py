@@ -197,6 +197,9 @@ def test_layernorm_segments_give_the_gathered_result_and_must_match_row_weight()
     per_segment = ops.segment_layernorm(x, w, b, rw, 1e-6, segments=LAYOUT.row_segments())
     err = (per_segment - gathered).abs().max().item()
     assert err < 1e-12, f"per-segment LayerNorm differs from the gathered one by {err}"
+    unsorted = ops.segment_layernorm(x, w, b, rw, 1e-6, segments=tuple(reversed(LAYOUT.row_segments())))
+    err = (unsorted - gathered).abs().max().item()
+    assert err < 1e-12, f"segments given in reverse order: per-segment LayerNorm differs from the gathered one by {err}"
     wrong = tuple((s, e, 1 - m) for s, e, m in LAYOUT.row_segments())
     with pytest.raises(ValueError, match=r"segments: expected the weight index of row_weight on every row; row 0 has "
                                          r"row_weight 0, segments name 1"):
