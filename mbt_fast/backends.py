@@ -13,8 +13,6 @@ import torch
 
 # eager_sdpa is the baseline a user would write (Scenic's structure with SDPA), not an oracle
 BACKENDS = ("reference", "eager_sdpa", "torch", "triton", "cuda", "cuda-emu")
-# the order "auto" tries, fastest first
-_AUTO_ORDER = ("cuda", "triton", "torch")
 
 
 def triton_interpreting() -> bool:
@@ -66,20 +64,39 @@ def _warn_once(msg: str) -> None:
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+def _device_evidence(device: torch.device | None) -> tuple[str, dict | None]:
+    from mbt_fast import backend_evidence
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        return backend_evidence.entry_for(device.type)
+    return backend_evidence.entry_for("cuda", torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+
+
+def auto_order(device: torch.device | None = None) -> tuple[list[str], str]:
+    """The order ``auto`` tries on ``device``, fastest first by the evidence table, and the evidence in words."""
+    from mbt_fast import backend_evidence
+
+    key, entry = _device_evidence(device)
+    return backend_evidence.order(entry), backend_evidence.describe(key, entry)
+
+
 def resolve_backend(backend: str, device: torch.device | None = None) -> str:
-    """Map ``auto`` to the fastest backend that can run; check an explicit one."""
+    """Map ``auto`` to the fastest backend by evidence that can run; check an explicit one."""
     if backend != "auto":
         check_backend(backend, device)
         return backend
+    names, why = auto_order(device)
     skipped = []
-    for name in _AUTO_ORDER:
+    for name in names:
         reasons = unavailable_reasons(name, device)
         if not reasons:
             if skipped:
-                _warn_once(f"backend 'auto' picked {name!r}: " + " | ".join(skipped))
+                _warn_once(f"backend 'auto' picked {name!r} (ranking {why}); skipped faster ones: " + " | ".join(skipped))
             return name
         skipped.append(f"{name}: " + "; ".join(reasons))
-    raise AssertionError("the torch backend is always available")
+    raise AssertionError("the torch and eager_sdpa backends are always available")
 
 
 @lru_cache(maxsize=None)

@@ -1,6 +1,6 @@
-"""``mbt-fast bench {attention,block,train,data,gpu,model}``: the benchmark scripts of ``bench/``, the
-one-shot GPU run (``gpu``), and the performance model (``mbt_fast.perf_model``, a model estimate that
-runs anywhere in seconds)."""
+"""``mbt-fast bench {attention,block,train,data,gpu,model,evidence}``: the benchmark scripts of ``bench/``,
+the one-shot GPU run (``gpu``), the performance model (``mbt_fast.perf_model``, a model estimate that
+runs anywhere in seconds) and the table ``auto`` ranks backends by (``evidence``)."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,12 @@ def register(sub) -> None:
 
     perf_model.add_arguments(mp)
     mp.set_defaults(func=_run_model)
+    help_ = "regenerate the table backend 'auto' ranks by, from bench/results (--check: only compare)"
+    ep = bsub.add_parser("evidence", help=help_, description=help_)
+    from mbt_fast import backend_evidence
+
+    backend_evidence.add_arguments(ep)
+    ep.set_defaults(func=backend_evidence.run)
 
 
 def main(argv=None) -> int:

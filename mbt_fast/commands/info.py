@@ -16,7 +16,8 @@ def run(args) -> int:
     import torch
 
     from mbt_fast import __version__
-    from mbt_fast.backends import BACKENDS, unavailable_reasons
+    from mbt_fast import backend_evidence
+    from mbt_fast.backends import BACKENDS, auto_order, resolve_backend, unavailable_reasons
 
     print(f"mbt_fast {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
           f"triton {_version('triton')}  flash-attn {_version('flash-attn')}")
@@ -26,6 +27,16 @@ def run(args) -> int:
     for name in BACKENDS:
         reasons = unavailable_reasons(name)
         print(f"  {name:10s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning's reasons are the lines above
+        picked = resolve_backend("auto")
+    names, why = auto_order()
+    print(f"auto: picks {picked!r} here; it tries {', '.join(names)} in that order, fastest first by {why}")
+    print(f"auto's evidence table ({backend_evidence.TABLE.name}; a GPU measurement of the GPU itself beats the model):")
+    for key, entry in backend_evidence.table()["devices"].items():
+        print("  " + backend_evidence.describe(key, entry))
     from mbt_fast import cuda_ext
 
     aot = cuda_ext.aot_library()
