@@ -4,12 +4,15 @@ Each modality's queries (its tokens and its bottleneck copy) attend to ``[modali
 (``PackedLayout.attn_segments(fused=True)``); q, k, v are token-major ``[N, B, H, D]``.
 
 Providers: ``eager`` (masked full N x N attention in PyTorch), ``sdpa`` (the torch backend: one SDPA
-call per segment), ``flex`` (FlexAttention with a document mask; compiled on a GPU, eager on a CPU),
-``flash_attn`` (``flash_attn_varlen_func``, if installed; includes the [N,B]<->[B,N] transposes its
+call per segment, SDPA choosing its implementation), ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient``
+(the same with SDPA held to one implementation), ``flex`` (FlexAttention with a document mask;
+compiled on a GPU, eager on a CPU), ``flash_attn`` (``flash_attn_varlen_func``, if installed; includes the [N,B]<->[B,N] transposes its
 varlen layout needs), ``triton`` and ``cuda`` (the mbt_fast backends). A provider that cannot run is
 reported as ``unavailable: why``. TFLOP/s use ``4*B*H*nq*nk*D`` per segment (x2.5 backward, x3.5
-fwd+bwd); GB/s use the flash-style minimum traffic of ``mbt_fast.perf_model.attention_cost``
-(q, k, v, out, LSE once), the same for every provider.
+fwd+bwd); GB/s use the flash-style minimum traffic of ``mbt_fast.perf_model.attention_cost`` (q, k, v,
+out, LSE once), the same for every provider. Every row names the SDPA implementation that ran
+(``sdpa_backend``, from the profiler). On a CPU the providers and modes of one shape are timed
+round-robin; on a GPU with CUDA events, the L2 flushed before each repetition.
 
     python bench/bench_attention.py                 # GPU: MBT-B shapes and a sweep; CPU: --quick shapes
     python bench/bench_attention.py --quick         # small shapes (the CPU default), CPU measurement
@@ -31,10 +34,11 @@ import torch
 from bench import common
 from mbt_fast.commands import argtypes
 
-PROVIDERS = ("eager", "sdpa", "flex", "flash_attn", "triton", "cuda")
+PROVIDERS = ("eager", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn", "triton", "cuda")
+SDPA_FORCED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
 MODES = ("fwd", "bwd", "fwd+bwd")
 COLUMNS = ["op", "provider", "mode", "tokens", "n_bottleneck", "batch", "heads", "head_dim", "rows", "median_ms",
-           "p20_ms", "p80_ms", "reps", "tflops", "gbps", "peak_mem_mb", "mem_method", "status", "note",
+           "p20_ms", "p80_ms", "reps", "tflops", "gbps", "peak_mem_mb", "mem_method", "sdpa_backend", "status", "note",
            *common.ENV_COLUMNS]
 
 
@@ -68,6 +72,28 @@ def make_sdpa(segments, n, device, dtype, mode):
     from mbt_fast import ops
 
     return (lambda q, k, v: ops.mbt_attention(q, k, v, segments, backend="torch")), "torch backend: SDPA per segment"
+
+
+def make_sdpa_forced(kind: str):
+    """The torch backend with SDPA held to one implementation (``torch.nn.attention.sdpa_kernel``); one
+    that cannot take these inputs here is unavailable, with torch's reason."""
+    def make(segments, n, device, dtype, mode):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from mbt_fast import ops
+
+        impl = getattr(SDPBackend, kind)
+
+        def fn(q, k, v):
+            try:
+                with sdpa_kernel(impl):
+                    return ops.mbt_attention(q, k, v, segments, backend="torch")
+            except RuntimeError as e:
+                if any(m in str(e) for m in ("No available kernel", "No viable backend", "not supported")):
+                    raise Unavailable(f"SDPA {kind} cannot run these inputs on {device.type}: {common.short_error(e, 120)}")
+                raise
+        return fn, f"torch backend, SDPA forced to {kind}"
+    return make
 
 
 def make_flex(segments, n, device, dtype, mode, compile_cpu: bool = False):
@@ -118,14 +144,19 @@ def make_flash_attn(segments, n, device, dtype, mode):
     if sum(lens) != n:
         raise Unavailable("varlen needs the segments to cover every row")
 
+    cu_by_batch = {}  # built on the first (untimed) call of a batch size, so no host work or H2D copy is timed
+
     def fn(q, k, v):
         N, B, H, D = q.shape
         # varlen packs whole sequences: [N, B] -> [B, N] (copies), one sequence per (sample, segment)
-        cu = torch.tensor([0] + [b * N + s for b in range(B) for s in _cumsum(lens)], dtype=torch.int32, device=q.device)
+        if B not in cu_by_batch:
+            cu_by_batch[B] = torch.tensor([0] + [b * N + s for b in range(B) for s in _cumsum(lens)], dtype=torch.int32,
+                                          device=q.device)
+        cu = cu_by_batch[B]
         qv, kv, vv = (t.transpose(0, 1).reshape(B * N, H, D) for t in (q, k, v))
         o = flash_attn_varlen_func(qv, kv, vv, cu, cu, max(lens), max(lens))
         return o.view(B, N, H, D).transpose(0, 1)
-    return fn, "flash_attn_varlen_func, with [N,B]<->[B,N] copies"
+    return fn, "flash_attn_varlen_func, with [N,B]<->[B,N] copies; cu_seqlens precomputed"
 
 
 def _cumsum(xs):
@@ -150,34 +181,33 @@ def make_backend(name):
     return make
 
 
-MAKERS = {"eager": make_eager, "sdpa": make_sdpa, "flex": make_flex, "flash_attn": make_flash_attn,
-          "triton": make_backend("triton"), "cuda": make_backend("cuda")}
+MAKERS = {"eager": make_eager, "sdpa": make_sdpa, **{p: make_sdpa_forced(k) for p, k in SDPA_FORCED.items()},
+          "flex": make_flex, "flash_attn": make_flash_attn, "triton": make_backend("triton"), "cuda": make_backend("cuda")}
 
 
 # ---- one measurement ----------------------------------------------------------------------------------
-def measure(fn, q, k, v, mode: str, device, warmup: int, reps: int) -> tuple[dict, float | None, str]:
+def prepare(fn, q, k, v, mode: str):
+    """The callable a repetition runs: the forward under ``no_grad``, the backward of a kept graph, or both."""
     if mode == "fwd":
-        with torch.no_grad():
-            run = lambda: fn(q, k, v)  # noqa: E731
-            run()
-            return common.time_fn(run, device, warmup, reps), *common.peak_memory(run, device)
+        def run():
+            with torch.no_grad():
+                return fn(q, k, v)
+        return run
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     out = fn(*leaves)
     g = torch.randn_like(out)
     if mode == "bwd":
-        run = lambda: torch.autograd.grad(out, leaves, g, retain_graph=True)  # noqa: E731
-    else:
-        run = lambda: torch.autograd.grad(fn(*leaves), leaves, g)  # noqa: E731
-    return common.time_fn(run, device, warmup, reps), *common.peak_memory(run, device)
+        return lambda: torch.autograd.grad(out, leaves, g, retain_graph=True)
+    return lambda: torch.autograd.grad(fn(*leaves), leaves, g)
 
 
-def bench_case(provider, tokens, nb, batch, heads, head_dim, mode, device, dtype, args) -> dict:
-    from mbt_fast.perf_model import attention_cost, attention_flops
-
+def prepare_case(provider, tokens, nb, batch, heads, head_dim, mode, device, dtype, args) -> dict:
+    """The row of one case with ``_run`` (its callable, run once) or a status saying why it cannot run."""
     layout, seg = layout_segments(tokens, nb)
     n = layout.total_rows
     row = {"op": "mbt_attention", "provider": provider, "mode": mode, "tokens": "+".join(map(str, tokens)),
-           "n_bottleneck": nb, "batch": batch, "heads": heads, "head_dim": head_dim, "rows": n, "note": ""}
+           "n_bottleneck": nb, "batch": batch, "heads": heads, "head_dim": head_dim, "rows": n, "note": "",
+           "_segments": seg}
     try:
         maker = MAKERS[provider]
         fn, note = maker(seg, n, device, dtype, mode, args.flex_compile) if provider == "flex" else \
@@ -185,20 +215,47 @@ def bench_case(provider, tokens, nb, batch, heads, head_dim, mode, device, dtype
         row["note"] = note
         gen = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (torch.randn(n, batch, heads, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-        t, mem, how = measure(fn, q, k, v, mode, device, args.warmup, args.reps)
+        run = prepare(fn, q, k, v, mode)
+        run()  # first call: compilation, lazy init, and any Unavailable from inside
+        row["sdpa_backend"] = common.sdpa_backends(run)
+        mem, row["mem_method"] = common.peak_memory(run, device)
     except Unavailable as e:
         return {**row, **common.unavailable_row(f"unavailable: {e}")}
     except Exception as e:  # noqa: BLE001  (a benchmark reports a failing provider and goes on)
         return {**row, **common.unavailable_row(f"error: {common.short_error(e)}")}
-    fl = attention_flops(seg, batch, heads, head_dim)
+    return {**row, "peak_mem_mb": mem, "status": "ok", "_run": run}
+
+
+def finish_case(row: dict, t: dict, dtype) -> dict:
+    """Add the timing ``t`` and the TFLOP/s and GB/s it gives."""
+    from mbt_fast.perf_model import attention_cost, attention_flops
+
+    seg, b, h, d = row["_segments"], row["batch"], row["heads"], row["head_dim"]
+    fl = attention_flops(seg, b, h, d)
     es = torch.empty((), dtype=dtype).element_size()
-    fwd_b = attention_cost(seg, batch, heads, head_dim, es, "fwd").bytes
-    bwd_b = attention_cost(seg, batch, heads, head_dim, es, "bwd").bytes
-    flops = {"fwd": fl, "bwd": 2.5 * fl, "fwd+bwd": 3.5 * fl}[mode]
-    nbytes = {"fwd": fwd_b, "bwd": bwd_b, "fwd+bwd": fwd_b + bwd_b}[mode]
+    fwd_b = attention_cost(seg, b, h, d, es, "fwd").bytes
+    bwd_b = attention_cost(seg, b, h, d, es, "bwd").bytes
+    flops = {"fwd": fl, "bwd": 2.5 * fl, "fwd+bwd": 3.5 * fl}[row["mode"]]
+    nbytes = {"fwd": fwd_b, "bwd": bwd_b, "fwd+bwd": fwd_b + bwd_b}[row["mode"]]
     s = t["median_ms"] * 1e-3
-    return {**row, **t, "tflops": flops / s / 1e12, "gbps": nbytes / s / 1e9, "peak_mem_mb": mem, "mem_method": how,
-            "status": "ok"}
+    return {**row, **t, "tflops": flops / s / 1e12, "gbps": nbytes / s / 1e9}
+
+
+def bench_shape(tokens, nb, batch, heads, head_dim, device, dtype, args) -> list[dict]:
+    """Every (mode, provider) of one shape. On a CPU they are timed round-robin, one call each per round, so
+    that neither a slow first mode nor load from other processes lands on one of them; on a GPU each is
+    timed on its own with CUDA events."""
+    rows = [prepare_case(p, tokens, nb, batch, heads, head_dim, m, device, dtype, args)
+            for m in args.modes for p in args.providers]
+    runs = {i: r.pop("_run") for i, r in enumerate(rows) if "_run" in r}
+    if device.type == "cpu":
+        timings = common.time_interleaved(runs, device, args.warmup, args.reps)
+    else:
+        timings = {i: common.time_fn(run, device, args.warmup, args.reps) for i, run in runs.items()}
+    rows = [finish_case(r, timings[i], dtype) if i in timings else r for i, r in enumerate(rows)]
+    for r in rows:
+        r.pop("_segments")
+    return rows
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
@@ -244,7 +301,7 @@ def run(args) -> list[dict]:
         tokens = args.tokens or [(17, 33), (33, 97)]
         batches = args.batch or [1, 2]
         heads, head_dim = args.heads or 2, args.head_dim or 32
-        warmup, reps = args.warmup if args.warmup is not None else 1, args.reps or 5
+        warmup, reps = args.warmup if args.warmup is not None else 2, args.reps or 7
     else:
         tokens = args.tokens or [(401, 3137), (101, 401), (401, 1569), (801, 6273)]
         batches = args.batch or [1, 2, 4, 8]
@@ -254,19 +311,17 @@ def run(args) -> list[dict]:
     env = common.env_row(device, dtype)
     out = common.out_dir(device, args.out)
     rows = []
+    interp = common.env_row(device, dtype, interpreter=True) if device.type == "cpu" else {}
     for tok in tokens:
         for b in batches:
-            for mode in args.modes:
-                for p in args.providers:
-                    r = bench_case(p, tok, args.n_bottleneck, b, heads, head_dim, mode, device, dtype, args)
-                    if p == "triton" and device.type == "cpu" and r["status"] == "ok":
-                        r = {**r, **common.env_row(device, dtype, interpreter=True)}
-                    rows.append({**env, **r} if "measurement" not in r else {**env, **r})
-                    _echo(rows[-1])
-                    common.write_csv(rows, out / "attention.csv", COLUMNS)  # a run killed at its time budget keeps its rows
+            for r in bench_shape(tok, args.n_bottleneck, b, heads, head_dim, device, dtype, args):
+                rows.append({**env, **r, **(interp if r["provider"] == "triton" and r["status"] == "ok" else {})})
+                _echo(rows[-1])
+            common.write_csv(rows, out / "attention.csv", COLUMNS)  # a run killed at its time budget keeps its rows
     label = rows[0]["measurement"] if rows else ""
     common.publish(rows, out, "attention", COLUMNS,
-                   ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb", "status"],
+                   ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb",
+                    "sdpa_backend", "status"],
                    title=f"\nmbt_attention on {env['device']} ({label}; {env['dtype']}, H={heads}, D={head_dim}, "
                          f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})",
                    plot_args=None if args.no_plot else dict(

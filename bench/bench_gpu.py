@@ -3,8 +3,11 @@
 A lent GPU comes rarely and briefly (one command of at most 10 minutes), so this runs everything in
 about 8 minutes on an H100/H200 and writes as it goes: ``env.json`` first, then each step's files as
 soon as the step ends, and ``summary.md`` (status ok/failed/skipped and seconds per step) rewritten after
-every step. Each step runs in its own subprocess with a time budget: a timeout, a crash or a CUDA
-fault that poisons its process loses that step only. Commit the folder under ``bench/results/<gpu>/``.
+every step. Steps: the CUDA build, the ``gpu`` tests, ``compute-sanitizer`` on a small CUDA step,
+attention and fusion layer per provider, the training step at batch 8 and 32, one profiled step per
+backend (time per op class), and the report (``report.md``, ``report.json``, ``report.png``: see
+``bench/report.py``). Each step runs in its own subprocess with a time budget: a timeout, a crash or a
+CUDA fault that poisons its process loses that step only. Commit the folder under ``bench/results/<gpu>/``.
 
 ``--dry-run`` runs the same steps on the CPU at tiny sizes (Triton under its interpreter), labelled
 "CPU dry run — not a GPU measurement", so a bug in the command shows before a GPU is spent on it.
@@ -33,19 +36,20 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench import bench_attention, bench_block, common
+from bench import bench_attention, bench_block, common, report
 
 DRY_LABEL = "CPU dry run — not a GPU measurement"
 NO_GPU = "no CUDA device visible; use --dry-run to check the command on the CPU"
-STEPS = ("env", "build_cuda", "pytest_gpu", "attention", "block", "train")
+STEPS = ("env", "build_cuda", "pytest_gpu", "sanitizer", "attention", "block", "train", "profile", "report")
 
 
 class Step:
     """One step of the run: a subprocess with a time budget, its log, and the files it must write."""
 
     def __init__(self, name: str, budget_s: float, cmd: list[str] | None, outputs: list[str], env: dict | None = None,
-                 skip: str = ""):
+                 skip: str = "", fn=None):
         self.name, self.budget_s, self.cmd, self.outputs, self.env, self.skip = name, budget_s, cmd, outputs, env, skip
+        self.fn = fn  # in-process steps (env, report): no subprocess, budget not enforced
         self.status, self.seconds, self.note = "pending", None, ""
 
 
@@ -57,7 +61,7 @@ def step_environ(dry_run: bool) -> dict:
 
 
 def plan(out: Path, dry_run: bool, quick: bool) -> list[Step]:
-    """The steps and their budgets. GPU budgets sum to 8 minutes; the dry run's to 3 (it takes ~1)."""
+    """The steps and their budgets. GPU budgets sum to 8 minutes; the dry run's to 3 (it takes ~2)."""
     py = sys.executable
     bench = [py, str(common.REPO / "bench" / "bench_{}.py")]
     env = step_environ(dry_run)
@@ -67,31 +71,43 @@ def plan(out: Path, dry_run: bool, quick: bool) -> list[Step]:
         attention = ["--tokens", "5,9", "--batch", "2", "--n-bottleneck", "2", *cpu]
         block = ["--tokens", "5,9", "--batch", "1", "--hidden", "32", "--heads", "1", "--mlp-dim", "64",
                  "--n-bottleneck", "2", *cpu]
-        train = ["--preset", "tiny", "--batch", "2", *cpu]  # compile rows report "skipped" on a CPU (minutes of C++)
-        budgets = dict(env=20, build_cuda=0, pytest_gpu=30, attention=30, block=40, train=60)  # 180 s; here ~55 s
+        train = ["--preset", "tiny", "--batch", "2", "3", *cpu]  # compile rows say "skipped" on a CPU (minutes of C++)
+        profile = ["--device", "cpu", "--preset", "tiny", "--batch", "2", "--interpreter", "--out", str(out)]
+        sanitizer = ["--dry-run"]
+        budgets = dict(env=10, build_cuda=0, pytest_gpu=25, sanitizer=15, attention=25, block=20, train=60,
+                       profile=25, report=0)  # 180 s; here ~100 s
     else:
         # MBT-B shapes; fewer shapes than the scripts' GPU sweep so that all of it fits the budget
         attention = ["--tokens", "401,3137", "101,401", "--batch", "1", "8", "--reps", half(30), "--out", str(out)]
         block = ["--tokens", "401,3137", "--batch", "1", "8", "--reps", half(20), "--out", str(out)]
-        train = ["--preset", "mbt_base_16x2", "--batch", "8", "--reps", half(20), "--max-seconds", "5",
-                 "--out", str(out)]
-        budgets = dict(env=30, build_cuda=100, pytest_gpu=90, attention=75, block=45, train=140)  # 480 s
+        # batch 8 and 32; compiled: eager_sdpa only (the baseline a user would compile; each compile of
+        # MBT-B costs tens of seconds, and eager rows of every batch come first)
+        train = ["--preset", "mbt_base_16x2", "--batch", "8", "32", "--reps", half(20), "--max-seconds", "4",
+                 "--compile-backends", "eager_sdpa", "--out", str(out)]
+        profile = ["--preset", "mbt_base_16x2", "--batch", "8", "--out", str(out)]
+        sanitizer = ["--budget-s", "25"]  # per tool: torch's start under memcheck is slow
+        budgets = dict(env=10, build_cuda=95, pytest_gpu=90, sanitizer=55, attention=60, block=40, train=100,
+                       profile=30, report=0)  # 480 s
     # -v: a run killed at its budget writes no junit xml, but its log still names every test that finished
     pytest = [py, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rs", "--durations=10",
               f"--junitxml={out / 'pytest_gpu.xml'}", "tests"]
     # explicit provider lists, so that a failed build can drop "cuda" from them (see run)
     attention = ["--providers", *bench_attention.PROVIDERS, *attention]
     block = ["--providers", *bench_block.PROVIDERS, *block]
-    return [  # the env budget is not enforced (it runs in this process); mbt-fast info has its own timeout
-        Step("env", budgets["env"], None, ["env.json"]),
+    return [  # env and report run in this process (budgets not enforced); mbt-fast info has its own timeout
+        Step("env", budgets["env"], None, ["env.json"], fn=lambda: step_env(out, dry_run, quick)),
         Step("build_cuda", budgets["build_cuda"], [py, "-m", "mbt_fast.cli", "build", "cuda"], [], env,
              skip="CPU dry run: the nvcc build is for the GPU machine (the default tests build the CPU emulation)"
              if dry_run else ""),
         Step("pytest_gpu", budgets["pytest_gpu"], pytest, ["pytest_gpu.xml"], env),
+        Step("sanitizer", budgets["sanitizer"], [bench[0], str(common.REPO / "bench" / "sanitize_cuda.py"), "--out",
+                                                 str(out), *sanitizer], ["sanitizer.json"], env),
         Step("attention", budgets["attention"], [bench[0], bench[1].format("attention"), *attention], ["attention.csv"], env),
         Step("block", budgets["block"], [bench[0], bench[1].format("block"), *block], ["block.csv"], env),
         Step("train", budgets["train"], [bench[0], bench[1].format("train"), "--backends", "reference", "eager_sdpa",
                                          "torch", "triton", "cuda", *train], ["train.csv"], env),
+        Step("profile", budgets["profile"], [bench[0], bench[1].format("profile"), *profile], ["profile.csv"], env),
+        Step("report", budgets["report"], None, ["report.md", "report.json"], fn=lambda: report.write(out)),
     ]
 
 
@@ -156,6 +172,8 @@ def environment(dry_run: bool, quick: bool) -> dict:
                    capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                    gpu_memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count,
                    device_count=torch.cuda.device_count(), driver=_nvidia_smi("driver_version"),
+                   clocks_mhz={f: _nvidia_smi(f"clocks.{f}") for f in ("sm", "max.sm", "mem", "max.mem")},
+                   power_limit_w=_nvidia_smi("power.limit"),
                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     else:
         env.update(gpu=None, note="no GPU used: every figure of this run is a " + DRY_LABEL)
@@ -217,6 +235,8 @@ def write_summary(out: Path, steps: list[Step], label: str, env: dict) -> None:
     total = sum(s.seconds or 0 for s in steps)
     lines += ["", f"Total {total:.1f} s of a {sum(s.budget_s for s in steps):.0f} s budget."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _write_json(out / "steps.json", [{"name": s.name, "status": s.status, "seconds": s.seconds, "budget_s": s.budget_s,
+                                      "note": s.note} for s in steps])  # what the report step reads
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
@@ -248,9 +268,10 @@ def run(args) -> int:
         else:
             t0 = time.perf_counter()
             try:
-                if s.cmd is None:
-                    step_env(out, args.dry_run, args.quick)
-                    env = json.loads((out / "env.json").read_text())
+                if s.fn is not None:
+                    s.fn()
+                    if s.name == "env":
+                        env = json.loads((out / "env.json").read_text())
                 else:
                     run_subprocess(s, out)
                 missing = [f for f in s.outputs if not (out / f).is_file()]

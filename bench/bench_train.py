@@ -31,7 +31,7 @@ from mbt_fast.commands import argtypes
 BACKENDS = ("reference", "eager_sdpa", "torch", "triton", "cuda")
 COLUMNS = ["op", "preset", "backend", "compile", "batch", "amp", "median_ms", "p20_ms", "p80_ms", "reps",
            "samples_per_s", "peak_mem_mb", "mem_method", "speedup_vs_reference", "speedup_vs_eager_sdpa", "speedup_vs_torch",
-           "status",
+           "sdpa_backend", "status",
            *common.ENV_COLUMNS]
 
 
@@ -104,6 +104,7 @@ def bench_one(preset, cfg, backend, compile_, batch, device, args) -> dict:
     try:
         step = make_step(cfg, backend, batch, device, amp, compile_, args.mode)
         step()  # first call: compilation, lazy init
+        row["sdpa_backend"] = common.sdpa_backends(step)
         if device.type == "cpu":  # timed later, interleaved with the other CPU rows (see run)
             return {**row, "status": "ok", "_step": step, "mem_method": common.peak_memory(step, device)[1]}
         t = common.time_fn(step, device, args.warmup, args.reps, max_seconds=args.max_seconds)
@@ -127,12 +128,14 @@ def add_speedups(rows: list[dict]) -> None:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--preset", nargs="+", default=None, help="presets (or 'mid'); GPU default mbt_base_16x2, CPU tiny mid")
-    ap.add_argument("--batch", type=argtypes.positive_int, default=None, help="GPU default 8, CPU default 4")
+    ap.add_argument("--batch", type=argtypes.positive_int, nargs="+", default=None, help="GPU default 8, CPU default 4")
     ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     ap.add_argument("--mode", choices=("train", "eval"), default="train",
                     help="train: a training step (default); eval: the inference forward")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--compile", action="store_true", help="CPU: also run the torch.compile rows")
+    ap.add_argument("--compile-backends", nargs="+", choices=BACKENDS, default=None,
+                    help="the backends with a torch.compile row (default: every one of --backends)")
     ap.add_argument("--interpreter", action="store_true", help="CPU: triton under TRITON_INTERPRET=1 (labelled)")
     ap.add_argument("--quick", action="store_true", help="CPU-sized defaults (the default on a CPU)")
     ap.add_argument("--warmup", type=argtypes.nonneg_int, default=None)
@@ -149,33 +152,38 @@ def run(args) -> list[dict]:
     device = common.pick_device(args.device)
     cpu = device.type == "cpu" or args.quick
     presets = args.preset or (["tiny", "mid"] if cpu else ["mbt_base_16x2"])
-    batch = args.batch or (4 if cpu else 8)
+    batches = args.batch or ([4] if cpu else [8])
     args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
     args.reps = args.reps or (10 if cpu else 20)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = common.out_dir(device, args.out)
     stem = "train" if args.mode == "train" else "eval"  # train.csv / eval.csv
     rows = []
-    for preset in presets:
-        cfg = config(preset)
-        # every eager row first, then the compiled ones: compiling is the slow part, and a run stopped at
-        # its time budget (``mbt-fast bench gpu``) should still have every backend's eager step
-        for compile_ in ((False,) if args.no_compile else (False, True)):
+    cfgs = {p: config(p) for p in presets}
+    # every eager row first, then the compiled ones: compiling is the slow part, and a run stopped at its
+    # time budget (``mbt-fast bench gpu``) should still have every backend's eager step at every batch
+    for compile_ in ((False,) if args.no_compile else (False, True)):
+        for preset, batch in ((p, b) for p in presets for b in batches):
             for backend in args.backends:
-                r = bench_one(preset, cfg, backend, compile_, batch, device, args)
+                if compile_ and args.compile_backends is not None and backend not in args.compile_backends:
+                    continue
+                r = bench_one(preset, cfgs[preset], backend, compile_, batch, device, args)
                 interp = backend == "triton" and device.type == "cpu"
                 rows.append({**common.env_row(device, dtype, interpreter=interp), **r})
                 t = f"{r['median_ms']:.2f} ms" if r.get("median_ms") else r["status"]
                 print(f"  {preset:14s} {backend:10s} compile={str(compile_):5s} B={batch}: {t}", flush=True)
                 if device.type == "cuda":  # a run killed at its time budget keeps the rows it finished
                     common.write_csv(rows, out / f"{stem}.csv", COLUMNS)
-        # CPU: the steps of one preset run round-robin, so load from other processes hits them alike
-        pending = {i: r.pop("_step") for i, r in enumerate(rows) if "_step" in r}
+    # CPU: the steps of one preset and batch run round-robin, so load from other processes hits them alike
+    for preset, batch in ((p, b) for p in presets for b in batches):
+        pending = {i: r.pop("_step") for i, r in enumerate(rows)
+                   if "_step" in r and r["preset"] == preset and r["batch"] == batch}
         if pending:
             for i, t in common.time_interleaved(pending, device, args.warmup, args.reps).items():
                 rows[i].update(t, samples_per_s=batch / (t["median_ms"] * 1e-3))
                 print(f"  {preset:14s} {rows[i]['backend']:10s} compile={str(rows[i]['compile']):5s} B={batch}: "
                       f"{t['median_ms']:.2f} ms (interleaved)", flush=True)
+            del pending  # free this group's models before the next one is timed
     add_speedups(rows)
     env = rows[0] if rows else common.env_row(device, dtype)
     for r in rows:
@@ -183,7 +191,8 @@ def run(args) -> list[dict]:
     what = "training step" if args.mode == "train" else "eval forward"
     common.publish(rows, out, stem, COLUMNS,
                    ["preset", "backend", "compile", "batch", "median_ms", "p20_ms", "p80_ms", "samples_per_s",
-                    "peak_mem_mb", "speedup_vs_reference", "speedup_vs_eager_sdpa", "speedup_vs_torch", "status"],
+                    "peak_mem_mb", "speedup_vs_reference", "speedup_vs_eager_sdpa", "speedup_vs_torch", "sdpa_backend",
+                    "status"],
                    title=f"\n{what} on {env['device']} ({env['measurement']}; {env['dtype']}, "
                          f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})",
                    plot_args=None if args.no_plot else dict(

@@ -14,6 +14,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -92,8 +93,24 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+L2_FLUSH_BYTES = 256 * 2**20  # above any GPU's L2 (H100/H200: 50 MB, B200: 126 MB)
+_flush_buffers: dict = {}
+
+
+def flush_l2(device: torch.device) -> None:
+    """Evict the GPU's L2 by writing a buffer larger than it, so that a repetition does not find the last
+    one's inputs cached (a training step never does). No-op on a CPU."""
+    if device.type != "cuda":
+        return
+    key = str(device)
+    if key not in _flush_buffers:
+        _flush_buffers[key] = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    _flush_buffers[key].zero_()
+
+
 def time_fn(fn, device: torch.device, warmup: int = 3, reps: int = 10, max_seconds: float = 5.0) -> dict:
-    """Median, p20 and p80 of ``fn()`` in ms: CUDA events on a GPU, ``time.perf_counter`` on a CPU.
+    """Median, p20 and p80 of ``fn()`` in ms: CUDA events on a GPU (L2 flushed before each repetition,
+    outside the events), ``time.perf_counter`` on a CPU.
 
     Warmup runs are discarded; at least 3 timed runs, fewer than ``reps`` if ``max_seconds`` runs out.
     """
@@ -107,6 +124,7 @@ def time_fn(fn, device: torch.device, warmup: int = 3, reps: int = 10, max_secon
     for i in range(reps):
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush_l2(device)
             a.record()
             fn()
             b.record()
@@ -132,6 +150,7 @@ def time_interleaved(fns: dict, device: torch.device, warmup: int = 1, reps: int
     for _ in range(reps):
         for k, fn in fns.items():
             if device.type == "cuda":
+                flush_l2(device)
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             fn()
@@ -140,6 +159,23 @@ def time_interleaved(fns: dict, device: torch.device, warmup: int = 1, reps: int
             times[k].append(1e3 * (time.perf_counter() - t0))
     return {k: {"median_ms": statistics.median(v), "p20_ms": _quantile(v, 0.2), "p80_ms": _quantile(v, 0.8),
                 "reps": len(v)} for k, v in times.items()}
+
+
+_SDPA_KERNEL = re.compile(r"_scaled_dot_product_(flash_attention_for_cpu|flash_attention|efficient_attention|"
+                          r"cudnn_attention|fused_attention_overrideable|attention_math)")
+_SDPA_SHORT = {"flash_attention_for_cpu": "flash (CPU)", "flash_attention": "flash", "efficient_attention": "efficient",
+               "cudnn_attention": "cudnn", "fused_attention_overrideable": "overrideable", "attention_math": "math"}
+
+
+def sdpa_backends(fn) -> str:
+    """Which SDPA implementation(s) one ``fn()`` actually ran, read from the aten ops the profiler saw
+    (``flash``, ``efficient``, ``cudnn``, ``math``, ...), ``none`` if it called no SDPA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    found = {_SDPA_SHORT[m.group(1)] for e in prof.key_averages() if (m := _SDPA_KERNEL.search(e.key))}
+    return "+".join(sorted(found)) or "none"
 
 
 def peak_memory(fn, device: torch.device) -> tuple[float | None, str]:
@@ -230,9 +266,17 @@ def out_dir(device: torch.device, override: str | None = None) -> Path:
 
 
 def set_interpreter(enabled: bool) -> None:
-    """TRITON_INTERPRET must be set before any Triton kernel module is imported (decoration time)."""
-    if enabled:
-        os.environ["TRITON_INTERPRET"] = "1"
+    """Turn the Triton interpreter on for this run. Triton reads TRITON_INTERPRET when a function is
+    decorated, and ``import torch`` has already imported Triton (its own ``tl`` helpers are jit functions),
+    so a process started without it restarts itself with it set: same interpreter, same arguments."""
+    if not enabled or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:
+        if "pytest" in sys.modules:  # never replace a test process
+            raise RuntimeError("--interpreter: set TRITON_INTERPRET=1 before Triton is imported (tests: conftest.py)")
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # keeps "-m module"
 
 
 def publish(rows: list[dict], out: Path, stem: str, columns: list[str], table_columns: list[str], title: str,

@@ -1,4 +1,4 @@
-"""``mbt-fast bench {attention,block,train,data,gpu,model,evidence}``: the benchmark scripts of ``bench/``,
+"""``mbt-fast bench {attention,block,train,profile,data,gpu,model,evidence}``: the benchmark scripts of ``bench/``,
 the one-shot GPU run (``gpu``), the performance model (``mbt_fast.perf_model``, a model estimate that
 runs anywhere in seconds) and the table ``auto`` ranks backends by (``evidence``)."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ _SCRIPTS = {
     "attention": ("bench_attention", "multimodal bottleneck attention: every provider, fwd/bwd/fwd+bwd"),
     "block": ("bench_block", "one fusion layer: reference path vs packed_block per backend"),
     "train": ("bench_train", "one training step per backend, eager and torch.compile"),
+    "profile": ("bench_profile", "one profiled training step per backend: time per op class, measured and modelled"),
     "data": ("bench_data", "data loading per core: a VideoDataset item vs decoding every frame (CPU measurement)"),
     "gpu": ("bench_gpu", "the one prepared run for a lent GPU: environment, gpu-marked tests, every benchmark "
                          "(--dry-run: the same on the CPU at tiny sizes)"),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench import bench_attention, bench_block, bench_train, common  # noqa: E402
+from bench import bench_attention, bench_block, bench_profile, bench_train, common  # noqa: E402
 from mbt_fast import perf_model  # noqa: E402
 
 
@@ -118,6 +118,47 @@ def test_bench_train_smoke(tmp_path):
     assert math.isclose(float(eager["torch"]["speedup_vs_reference"]), ratio, rel_tol=1e-4)
     assert eager["cuda"]["status"].startswith("unavailable:")
     assert all(r["status"].startswith("skipped:") for r in rows if r["compile"] == "True" and r["backend"] != "cuda")
+
+
+def test_bench_attention_forced_sdpa_and_the_backend_that_ran(tmp_path):
+    """SDPA held to one implementation runs it or says why not, and every row names what ran."""
+    bench_attention.main(["--device", "cpu", "--tokens", "5,9", "--batch", "2", "--n-bottleneck", "2",
+                          "--providers", "eager", "sdpa", "sdpa_flash", "sdpa_efficient", "--modes", "fwd", "bwd",
+                          "--warmup", "0", "--reps", "3", "--no-plot", "--out", str(tmp_path)])
+    _, rows = _read(tmp_path / "attention.csv")
+    got = {(r["provider"], r["mode"]): (r["status"].split(":")[0], r["sdpa_backend"]) for r in rows}
+    for mode in ("fwd", "bwd"):
+        assert got[("eager", mode)] == ("ok", "none")
+        assert got[("sdpa", mode)] == got[("sdpa_flash", mode)] == ("ok", "flash (CPU)")  # what SDPA picks on a CPU
+        assert got[("sdpa_efficient", mode)][0] == "unavailable"  # no memory-efficient kernel on a CPU
+
+
+def test_op_classes_of_real_kernel_names():
+    """The profiler's kernel names land in the perf model's op classes (names from H100 / A100 traces and
+    from this project's kernels); a new name falls to ``other`` rather than into a wrong class."""
+    cases = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "gemm",
+             "nvjet_tst_192x128_64x4_2x1_v_bz_coopA_TNT": "gemm", "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_tn": "gemm",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+             "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention", "cudnn_generated_fort_native_sdpa_sm90": "attention",
+             "_mbt_attention_bwd_dq_kernel": "attention", "_segment_layernorm_fwd_kernel": "layernorm",
+             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>": "layernorm",
+             "_bias_gelu_bwd_kernel": "elementwise", "_residual_mean_fwd_kernel": "elementwise",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "elementwise",
+             "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>": "reduction",
+             "void at::native::(anonymous namespace)::CatArrayBatchedCopy<float>": "copy",
+             "Memcpy HtoD (Pageable -> Device)": "copy", "Memset (Device)": "fill",
+             "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<SGD>": "optimizer",
+             "triton_poi_fused_add_mul_0": "fused_pointwise", "triton_red_fused_native_layer_norm_1": "fused_pointwise",
+             "aten::addmm": "gemm", "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+             "aten::view": "host", "aten::slice_backward": "copy", "some_new_kernel": "other"}
+    got = {name: bench_profile.classify(name) for name in cases}
+    assert got == cases, {k: (v, cases[k]) for k, v in got.items() if v != cases[k]}
+
+
+def test_sdpa_backends_names_what_ran():
+    q = torch.randn(1, 2, 8, 16)
+    assert common.sdpa_backends(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == "flash (CPU)"
+    assert common.sdpa_backends(lambda: q @ q.transpose(-1, -2)) == "none"
 
 
 def test_quantiles():
@@ -366,8 +407,29 @@ def test_bench_gpu_dry_run(tmp_path):
         assert not [r for r in rows if r["status"].startswith("error")], [r["status"] for r in rows]
         assert {r["measurement"] for r in rows} <= {"CPU measurement", "interpreter"} and {r["device"] for r in rows} == {"cpu"}
     _, train = _read(out / "train.csv")
-    assert {r["backend"] for r in train} == set(bench_train.BACKENDS)
-    assert [r["compile"] for r in train] == ["False"] * 5 + ["True"] * 5  # eager rows first (see bench_train.run)
+    assert {r["backend"] for r in train} == set(bench_train.BACKENDS) and {r["batch"] for r in train} == {"2", "3"}
+    assert [r["compile"] for r in train] == ["False"] * 10 + ["True"] * 10  # eager rows first (see bench_train.run)
+    assert {r["sdpa_backend"] for r in _by(train, backend="eager_sdpa", compile="False")} == {"flash (CPU)"}
+    _, att = _read(out / "attention.csv")
+    assert _by(att, provider="sdpa_efficient")[0]["status"].startswith("unavailable: SDPA EFFICIENT_ATTENTION")
+    # the report: every section from the steps' files, labelled; the op-class table from profile.csv
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["label"] == bench_gpu.DRY_LABEL and rep["model_gpu"] == "h100" and (out / "report.png").is_file()
+    assert [s["name"] for s in rep["steps"]] == list(bench_gpu.STEPS)
+    assert {r["backend"] for r in rep["train"]} >= {"eager_sdpa", "torch", "eager_sdpa+compile"}
+    row = next(r for r in rep["train"] if r["backend"] == "eager_sdpa" and r["batch"] == 2)
+    assert row["model_ms"] and row["model_range_ms"][0] <= row["model_ms"] <= row["model_range_ms"][1]
+    assert row["measured_over_model"] == pytest.approx(row["measured_ms"] / row["model_ms"])
+    total = next(r for r in rep["profile"] if r["backend"] == "torch" and r["op_class"] == "total")
+    parts = [r for r in rep["profile"] if r["backend"] == "torch" and r["op_class"] not in ("total",)]
+    assert total["measured_ms"] == pytest.approx(sum(r["measured_ms"] for r in parts), rel=1e-3)
+    assert {"gemm", "attention", "layernorm"} <= {r["op_class"] for r in parts if r["measured_ms"] > 0}
+    assert json.loads((out / "sanitizer.json").read_text())["loss"] > 0
+    md = (out / "report.md").read_text()
+    for section in ("## Training step", "## Model vs measured per op class", "## Attention", "## Fusion layer",
+                    "## compute-sanitizer", "## Failures"):
+        assert section in md, section
+    assert bench_gpu.DRY_LABEL in md.splitlines()[0] and "not a GPU measurement" in md
     assert _by(train, backend="eager_sdpa", compile="False")[0]["status"] == "ok"
     assert _by(train, backend="triton", compile="False")[0]["measurement"] == "interpreter"
 
@@ -394,13 +456,17 @@ def test_bench_gpu_plan_parses_and_fits(tmp_path, quick):
     assert sum(s.budget_s for s in steps) <= 8 * 60
     assert sum(s.budget_s for s in bench_gpu.plan(tmp_path, dry_run=True, quick=quick)) <= 3 * 60
     by_name = {s.name: s for s in steps}
-    for name, module, reps in (("attention", bench_attention, 30), ("block", bench_block, 20), ("train", bench_train, 20)):
+    for name, module, reps in (("attention", bench_attention, 30), ("block", bench_block, 20), ("train", bench_train, 20),
+                               ("profile", bench_profile, None)):
         cmd = by_name[name].cmd
         assert cmd[1] == str(REPO / "bench" / f"bench_{name}.py")
         ap = argparse.ArgumentParser()
         module.add_arguments(ap)
         args = ap.parse_args(cmd[2:])
-        assert args.out == str(tmp_path) and args.device is None and args.reps == (reps // 2 if quick else reps)
+        assert args.out == str(tmp_path) and args.device is None
+        assert reps is None or args.reps == (reps // 2 if quick else reps)
+    assert by_name["train"].cmd[by_name["train"].cmd.index("--batch") + 1:][:2] == ["8", "32"]
+    assert by_name["sanitizer"].cmd[1] == str(REPO / "bench" / "sanitize_cuda.py")
     assert "eager_sdpa" in by_name["train"].cmd and by_name["pytest_gpu"].env == {"TRITON_INTERPRET": "0"}
 
 
@@ -414,7 +480,7 @@ def test_bench_gpu_a_failing_step_loses_only_itself(tmp_path, monkeypatch):
     write_csv = "import sys; open(sys.argv[1], 'w').write('status\\nok\\nunavailable: no GPU\\n')"
 
     def plan(out, dry_run, quick):
-        return [bench_gpu.Step("env", 20, None, ["env.json"]),
+        return [bench_gpu.Step("env", 20, None, ["env.json"], fn=lambda: bench_gpu.step_env(out, dry_run, quick)),
                 bench_gpu.Step("attention", 1, [py, "-c", "import time; time.sleep(60)"], ["attention.csv"]),
                 bench_gpu.Step("block", 20, [py, "-c", "print('boom'); raise SystemExit(3)"], ["block.csv"]),
                 bench_gpu.Step("train", 20, [py, "-c", write_csv, str(out / "train.csv")], ["train.csv"])]
