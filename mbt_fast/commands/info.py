@@ -1,8 +1,9 @@
-"""``mbt-fast info``: versions, and which backends can run here (and why not)."""
+"""``mbt-fast info``: versions, which backends can run here (and why not), and what ``auto`` picks and why."""
 from __future__ import annotations
 
 import importlib.metadata
 import platform
+import warnings
 
 
 def _version(pkg: str) -> str:
@@ -27,8 +28,6 @@ def run(args) -> int:
     for name in BACKENDS:
         reasons = unavailable_reasons(name)
         print(f"  {name:10s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning's reasons are the lines above
         picked = resolve_backend("auto")

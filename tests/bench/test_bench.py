@@ -133,6 +133,22 @@ def test_bench_attention_forced_sdpa_and_the_backend_that_ran(tmp_path):
         assert got[("sdpa_efficient", mode)][0] == "unavailable"  # no memory-efficient kernel on a CPU
 
 
+def test_bench_attention_times_every_provider_and_mode_of_a_shape_round_robin(tmp_path, monkeypatch):
+    """On a CPU one interleaved timing covers all (mode, provider) cases of a shape: a slow first mode or
+    load from another process cannot land on one of them alone (the old forward-row artefact)."""
+    calls = []
+    real = common.time_interleaved
+
+    def spy(fns, device, warmup, reps):
+        calls.append(len(fns))
+        return real(fns, device, warmup, reps)
+
+    monkeypatch.setattr(common, "time_interleaved", spy)
+    bench_attention.main(["--device", "cpu", "--tokens", "5,9", "7,3", "--batch", "1", "--n-bottleneck", "2",
+                          "--providers", "eager", "sdpa", "--warmup", "0", "--reps", "3", "--no-plot", "--out", str(tmp_path)])
+    assert calls == [6, 6]  # per shape: 2 providers x 3 modes, timed together
+
+
 def test_op_classes_of_real_kernel_names():
     """The profiler's kernel names land in the perf model's op classes (names from H100 / A100 traces and
     from this project's kernels); a new name falls to ``other`` rather than into a wrong class."""
