@@ -6,7 +6,8 @@ attention), ``flex`` / ``flash_attn`` (the torch packed block with its attention
 providers of ``bench_attention``), ``triton`` and ``cuda`` (``packed_block`` on those backends).
 TFLOP/s count the GEMMs (``2 * rows * B * (4C^2 + 2 C mlp)``) and attention (``4*B*H*nq*nk*D`` per
 segment), x2 / x2.5 backward; GB/s use the bytes the performance model counts for the fused (triton)
-design of this layer, the same for every provider.
+design of this layer, the same for every provider. As in ``bench_attention``: every row names the SDPA
+implementation that ran, and on a CPU the providers and modes of one shape are timed round-robin.
 
     python bench/bench_block.py            # GPU: MBT-B (C=768, 12 heads, mlp 3072, 401+5 / 3137+5 tokens)
     python bench/bench_block.py --quick    # small shapes (the CPU default), CPU measurement
@@ -31,7 +32,8 @@ from mbt_fast.commands import argtypes
 PROVIDERS = ("reference", "torch", "flex", "flash_attn", "triton", "cuda")
 MODES = ("fwd", "bwd", "fwd+bwd")
 COLUMNS = ["op", "provider", "mode", "tokens", "n_bottleneck", "batch", "hidden", "heads", "mlp_dim", "rows",
-           "median_ms", "p20_ms", "p80_ms", "reps", "tflops", "gbps", "peak_mem_mb", "mem_method", "status", "note",
+           "median_ms", "p20_ms", "p80_ms", "reps", "tflops", "gbps", "peak_mem_mb", "mem_method", "sdpa_backend", "status",
+           "note",
            *common.ENV_COLUMNS]
 
 
@@ -58,16 +60,15 @@ def reference_layer(blocks, xs, bottleneck):
     return outs, torch.stack(bottle, dim=-1).mean(dim=-1)
 
 
-@contextlib.contextmanager
 def swapped_attention(provider: str, segments, n: int, device, dtype, mode: str, args):
-    """The torch packed block with ``ops.mbt_attention`` replaced by a bench_attention provider."""
+    """A context factory under which the torch packed block's ``ops.mbt_attention`` is a bench_attention
+    provider (built once here; entered around every call), and the provider's note."""
     from mbt_fast import ops
 
     maker = ba.MAKERS[provider]
     fn, note = maker(segments, n, device, dtype, mode, args.flex_compile) if provider == "flex" else \
         maker(segments, n, device, dtype, mode)
-    with mock.patch.object(ops, "mbt_attention", lambda q, k, v, seg, **kw: fn(q, k, v)):
-        yield note
+    return (lambda: mock.patch.object(ops, "mbt_attention", lambda q, k, v, seg, **kw: fn(q, k, v))), note
 
 
 def layer_flops(layout, segments, batch, C, heads, mlp) -> float:
@@ -93,7 +94,8 @@ def design_bytes(tokens, nb, batch, C, heads, mlp, dtype) -> tuple[float, float]
     return fwd.totals()["hbm_bytes"], bwd.totals()["hbm_bytes"]
 
 
-def bench_case(provider, tokens, nb, batch, C, heads, mlp, mode, device, dtype, args, nbytes) -> dict:
+def prepare_case(provider, tokens, nb, batch, C, heads, mlp, mode, device, dtype, args) -> dict:
+    """The row of one case with ``_run`` (its callable, run once) or a status saying why it cannot run."""
     from mbt_fast.layers import LayerPlan, packed_block
 
     layout, seg = ba.layout_segments(tokens, nb)
@@ -106,62 +108,88 @@ def bench_case(provider, tokens, nb, batch, C, heads, mlp, mode, device, dtype, 
         gen = torch.Generator().manual_seed(1)
         xs = [torch.randn(batch, t, C, generator=gen).to(device=device, dtype=dtype) for t in tokens]
         bottleneck = torch.randn(batch, nb, C, generator=gen).to(device=device, dtype=dtype)
-        with contextlib.ExitStack() as stack:
-            if provider == "reference":
-                inputs = xs + [bottleneck]
-                fwd = lambda *a: reference_layer(blocks, a[:-1], a[-1])  # noqa: E731
-                row["note"] = "Scenic path: concat/block/split per modality, stack + mean"
+        ctx = contextlib.nullcontext
+        if provider == "reference":
+            inputs = xs + [bottleneck]
+            fwd = lambda *a: reference_layer(blocks, a[:-1], a[-1])  # noqa: E731
+            row["note"] = "Scenic path: concat/block/split per modality, stack + mean"
+        else:
+            parts = []
+            for x in xs:
+                parts += [x.transpose(0, 1), bottleneck.transpose(0, 1)]
+            inputs = [torch.cat(parts).contiguous()]
+            backend = provider if provider in ("triton", "cuda") else "torch"
+            if provider in ("triton", "cuda"):
+                from mbt_fast.backends import unavailable_reasons
+                reasons = unavailable_reasons(provider, device)
+                if reasons:
+                    raise ba.Unavailable("; ".join(reasons))
+                row["note"] = f"packed_block, {provider} backend"
+            elif provider != "torch":
+                ctx, note = swapped_attention(provider, seg, N, device, dtype, mode, args)
+                row["note"] = "packed_block (torch) + " + note
             else:
-                parts = []
-                for x in xs:
-                    parts += [x.transpose(0, 1), bottleneck.transpose(0, 1)]
-                inputs = [torch.cat(parts).contiguous()]
-                backend = provider if provider in ("triton", "cuda") else "torch"
-                if provider in ("triton", "cuda"):
-                    from mbt_fast.backends import unavailable_reasons
-                    reasons = unavailable_reasons(provider, device)
-                    if reasons:
-                        raise ba.Unavailable("; ".join(reasons))
-                    row["note"] = f"packed_block, {provider} backend"
-                elif provider != "torch":
-                    row["note"] = "packed_block (torch) + " + stack.enter_context(
-                        swapped_attention(provider, seg, N, device, dtype, mode, args))
-                else:
-                    row["note"] = "packed_block, torch backend (SDPA per segment)"
-                plan, rw = LayerPlan(seg, "mean"), layout.row_weight(device)
-                fwd = lambda x: packed_block(blocks, x, layout, plan, rw, backend)  # noqa: E731
-            t, mem, how = _measure(fwd, inputs, params, mode, device, args)
+                row["note"] = "packed_block, torch backend (SDPA per segment)"
+            plan, rw = LayerPlan(seg, "mean"), layout.row_weight(device)
+            fwd = lambda x: packed_block(blocks, x, layout, plan, rw, backend)  # noqa: E731
+        with ctx():
+            run = _prepare(fwd, inputs, params, mode)
+
+        def timed():
+            with ctx():
+                return run()
+        timed()  # first call: compilation, lazy init
+        row["sdpa_backend"] = common.sdpa_backends(timed)
+        mem, row["mem_method"] = common.peak_memory(timed, device)
     except ba.Unavailable as e:
         return {**row, **common.unavailable_row(f"unavailable: {e}")}
     except Exception as e:  # noqa: BLE001
         return {**row, **common.unavailable_row(f"error: {common.short_error(e)}")}
-    gemm, attn = layer_flops(layout, seg, batch, C, heads, mlp)
+    return {**row, "peak_mem_mb": mem, "status": "ok", "_run": timed, "_flops": layer_flops(layout, seg, batch, C, heads, mlp)}
+
+
+def finish_case(row: dict, t: dict, nbytes) -> dict:
+    """Add the timing ``t`` and the TFLOP/s and GB/s it gives."""
+    gemm, attn = row.pop("_flops")
+    mode = row["mode"]
     flops = {"fwd": gemm + attn, "bwd": 2 * gemm + 2.5 * attn, "fwd+bwd": 3 * gemm + 3.5 * attn}[mode]
     b = {"fwd": nbytes[0], "bwd": nbytes[1], "fwd+bwd": sum(nbytes)}[mode]
     s = t["median_ms"] * 1e-3
-    return {**row, **t, "tflops": flops / s / 1e12, "gbps": b / s / 1e9, "peak_mem_mb": mem, "mem_method": how,
-            "status": "ok"}
+    return {**row, **t, "tflops": flops / s / 1e12, "gbps": b / s / 1e9}
+
+
+def bench_shape(tokens, nb, batch, C, heads, mlp, device, dtype, args) -> list[dict]:
+    """Every (mode, provider) of one shape: round-robin on a CPU, each on its own with CUDA events on a GPU
+    (as ``bench_attention.bench_shape``)."""
+    nbytes = design_bytes(tokens, nb, batch, C, heads, mlp, dtype)
+    rows = [prepare_case(p, tokens, nb, batch, C, heads, mlp, m, device, dtype, args)
+            for m in args.modes for p in args.providers]
+    runs = {i: r.pop("_run") for i, r in enumerate(rows) if "_run" in r}
+    if device.type == "cpu":
+        timings = common.time_interleaved(runs, device, args.warmup, args.reps)
+    else:
+        timings = {i: common.time_fn(run, device, args.warmup, args.reps) for i, run in runs.items()}
+    return [finish_case(r, timings[i], nbytes) if i in timings else r for i, r in enumerate(rows)]
 
 
 def _flat(out):
     return list(out[0]) + [out[1]] if isinstance(out, tuple) else [out]
 
 
-def _measure(fwd, inputs, params, mode, device, args):
+def _prepare(fwd, inputs, params, mode):
+    """The callable a repetition runs: the forward under ``no_grad``, the backward of a kept graph, or both."""
     if mode == "fwd":
-        with torch.no_grad():
-            run = lambda: fwd(*inputs)  # noqa: E731
-            run()
-            return common.time_fn(run, device, args.warmup, args.reps), *common.peak_memory(run, device)
+        def run():
+            with torch.no_grad():
+                return fwd(*inputs)
+        return run
     leaves = [x.detach().requires_grad_(True) for x in inputs]
     wrt = leaves + params
     outs = _flat(fwd(*leaves))
     grads = [torch.randn_like(o) for o in outs]
     if mode == "bwd":
-        run = lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True)  # noqa: E731
-    else:
-        run = lambda: torch.autograd.grad(_flat(fwd(*leaves)), wrt, grads)  # noqa: E731
-    return common.time_fn(run, device, args.warmup, args.reps), *common.peak_memory(run, device)
+        return lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True)
+    return lambda: torch.autograd.grad(_flat(fwd(*leaves)), wrt, grads)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -194,8 +222,8 @@ def run(args) -> list[dict]:
     if quick:
         tokens, batches = args.tokens or [(17, 33), (33, 97)], args.batch or [1, 2]
         C, heads, mlp = args.hidden or 64, args.heads or 2, args.mlp_dim or 256
-        args.warmup = 1 if args.warmup is None else args.warmup
-        args.reps = args.reps or 5
+        args.warmup = 2 if args.warmup is None else args.warmup
+        args.reps = args.reps or 7
     else:
         tokens, batches = args.tokens or [(401, 3137), (101, 401), (401, 1569)], args.batch or [1, 2, 4, 8]
         C, heads, mlp = args.hidden or 768, args.heads or 12, args.mlp_dim or 3072
@@ -204,19 +232,17 @@ def run(args) -> list[dict]:
     env = common.env_row(device, dtype)
     out = common.out_dir(device, args.out)
     rows = []
+    interp = common.env_row(device, dtype, interpreter=True) if device.type == "cpu" else {}
     for tok in tokens:
         for b in batches:
-            nbytes = design_bytes(tok, args.n_bottleneck, b, C, heads, mlp, dtype)
-            for mode in args.modes:
-                for p in args.providers:
-                    r = bench_case(p, tok, args.n_bottleneck, b, C, heads, mlp, mode, device, dtype, args, nbytes)
-                    e = common.env_row(device, dtype, interpreter=True) if p == "triton" and device.type == "cpu" else env
-                    rows.append({**e, **r})
-                    ba._echo(rows[-1])
-                    common.write_csv(rows, out / "block.csv", COLUMNS)  # a run killed at its time budget keeps its rows
+            for r in bench_shape(tok, args.n_bottleneck, b, C, heads, mlp, device, dtype, args):
+                rows.append({**env, **r, **(interp if r["provider"] == "triton" and r["status"] == "ok" else {})})
+                ba._echo(rows[-1])
+            common.write_csv(rows, out / "block.csv", COLUMNS)  # a run killed at its time budget keeps its rows
     label = rows[0]["measurement"] if rows else ""
     common.publish(rows, out, "block", COLUMNS,
-                   ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb", "status"],
+                   ["provider", "mode", "tokens", "batch", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb",
+                    "sdpa_backend", "status"],
                    title=f"\nfusion layer on {env['device']} ({label}; {env['dtype']}, C={C}, H={heads}, mlp={mlp}, "
                          f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']})",
                    plot_args=None if args.no_plot else dict(

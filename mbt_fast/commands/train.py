@@ -181,7 +181,7 @@ def register(sub) -> None:
                           "argument that changes the run differs)")
     own.add_argument("--overwrite", action="store_true",
                      help="OUT holds an old run: move it aside to OUT.old-<timestamp> (nothing is deleted)")
-    p.add_argument("--backend", default="torch", help="reference | torch | triton | cuda | cuda-emu | auto")
+    p.add_argument("--backend", default="torch", help="reference | eager_sdpa | torch | triton | cuda | cuda-emu | auto")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (fullgraph; backends torch, cuda and cuda-emu compile with "
                         "no graph break); the first step pays the compile time")
