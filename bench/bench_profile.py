@@ -111,6 +111,8 @@ def rows_for(preset, cfg, backend, batch, device, gpu, warmup: int) -> list[dict
         for _ in range(max(1, warmup)):  # first call: lazy init, Triton compilation, cuBLAS heuristics
             step()
         measured = profile_step(step, device)
+        if not measured:
+            raise RuntimeError(f"the profiler saw no {'CUDA kernels (is CUPTI available?)' if device.type == 'cuda' else 'aten ops'}")
         model = model_by_class(cfg, batch, backend, gpu)
     except Exception as e:  # noqa: BLE001  (a failing backend is reported, the others go on)
         return [{**base, "status": f"error: {common.short_error(e, 240)}"}]

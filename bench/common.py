@@ -22,6 +22,10 @@ import torch
 
 from mbt_fast.commands import argtypes
 
+# the profiler (sdpa_backends, bench_profile) would print two kineto lines per use into every log; read at
+# its first use, so setting it here, before any, is in time (a user's own setting wins)
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 ENV_COLUMNS = ["device", "measurement", "threads", "torch", "triton", "commit", "dtype"]
