@@ -242,16 +242,10 @@ def finish_case(row: dict, t: dict, dtype) -> dict:
 
 
 def bench_shape(tokens, nb, batch, heads, head_dim, device, dtype, args) -> list[dict]:
-    """Every (mode, provider) of one shape. On a CPU they are timed round-robin, one call each per round, so
-    that neither a slow first mode nor load from other processes lands on one of them; on a GPU each is
-    timed on its own with CUDA events."""
+    """Every (mode, provider) of one shape, timed together (``common.time_cases``: round-robin on a CPU)."""
     rows = [prepare_case(p, tokens, nb, batch, heads, head_dim, m, device, dtype, args)
             for m in args.modes for p in args.providers]
-    runs = {i: r.pop("_run") for i, r in enumerate(rows) if "_run" in r}
-    if device.type == "cpu":
-        timings = common.time_interleaved(runs, device, args.warmup, args.reps)
-    else:
-        timings = {i: common.time_fn(run, device, args.warmup, args.reps) for i, run in runs.items()}
+    timings = common.time_cases(rows, device, args.warmup, args.reps)
     rows = [finish_case(r, timings[i], dtype) if i in timings else r for i, r in enumerate(rows)]
     for r in rows:
         r.pop("_segments")

@@ -159,16 +159,11 @@ def finish_case(row: dict, t: dict, nbytes) -> dict:
 
 
 def bench_shape(tokens, nb, batch, C, heads, mlp, device, dtype, args) -> list[dict]:
-    """Every (mode, provider) of one shape: round-robin on a CPU, each on its own with CUDA events on a GPU
-    (as ``bench_attention.bench_shape``)."""
+    """Every (mode, provider) of one shape, timed together (``common.time_cases``: round-robin on a CPU)."""
     nbytes = design_bytes(tokens, nb, batch, C, heads, mlp, dtype)
     rows = [prepare_case(p, tokens, nb, batch, C, heads, mlp, m, device, dtype, args)
             for m in args.modes for p in args.providers]
-    runs = {i: r.pop("_run") for i, r in enumerate(rows) if "_run" in r}
-    if device.type == "cpu":
-        timings = common.time_interleaved(runs, device, args.warmup, args.reps)
-    else:
-        timings = {i: common.time_fn(run, device, args.warmup, args.reps) for i, run in runs.items()}
+    timings = common.time_cases(rows, device, args.warmup, args.reps)
     return [finish_case(r, timings[i], nbytes) if i in timings else r for i, r in enumerate(rows)]
 
 

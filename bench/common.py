@@ -165,6 +165,16 @@ def time_interleaved(fns: dict, device: torch.device, warmup: int = 1, reps: int
                 "reps": len(v)} for k, v in times.items()}
 
 
+def time_cases(rows: list[dict], device: torch.device, warmup: int, reps: int) -> dict:
+    """Time every row's ``_run`` callable (popped from the row): round-robin on a CPU (``time_interleaved``),
+    so that neither a slow first case nor load from other processes lands on one of them; on a GPU each on
+    its own with CUDA events (``time_fn``). Returns ``{row index: timing}``."""
+    runs = {i: r.pop("_run") for i, r in enumerate(rows) if "_run" in r}
+    if device.type == "cpu":
+        return time_interleaved(runs, device, warmup, reps)
+    return {i: time_fn(run, device, warmup, reps) for i, run in runs.items()}
+
+
 _SDPA_KERNEL = re.compile(r"_scaled_dot_product_(flash_attention_for_cpu|flash_attention|efficient_attention|"
                           r"cudnn_attention|fused_attention_overrideable|attention_math)")
 _SDPA_SHORT = {"flash_attention_for_cpu": "flash (CPU)", "flash_attention": "flash", "efficient_attention": "efficient",
