@@ -462,7 +462,7 @@ def test_bench_gpu_without_a_gpu_exits_2(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("quick", [False, True])
 def test_bench_gpu_plan_parses_and_fits(tmp_path, quick):
     """The GPU steps' arguments are valid for the scripts they call (a typo would cost a lent GPU), and
-    the budgets fit: ~8 minutes on a GPU, under 3 for the dry run."""
+    the budgets fit: ~8 minutes on a GPU, under 4 for the dry run (the issue allows 5)."""
     import argparse
 
     from bench import bench_gpu
@@ -470,7 +470,7 @@ def test_bench_gpu_plan_parses_and_fits(tmp_path, quick):
     steps = bench_gpu.plan(tmp_path, dry_run=False, quick=quick)
     assert [s.name for s in steps] == list(bench_gpu.STEPS)
     assert sum(s.budget_s for s in steps) <= 8 * 60
-    assert sum(s.budget_s for s in bench_gpu.plan(tmp_path, dry_run=True, quick=quick)) <= 3 * 60
+    assert sum(s.budget_s for s in bench_gpu.plan(tmp_path, dry_run=True, quick=quick)) <= 4 * 60
     by_name = {s.name: s for s in steps}
     for name, module, reps in (("attention", bench_attention, 30), ("block", bench_block, 20), ("train", bench_train, 20),
                                ("profile", bench_profile, None)):
