@@ -19,6 +19,6 @@ if os.environ.get("MBT_FAST_BUILD_CUDA", "0") == "1":
 setup(
     packages=["mbt_fast", "mbt_fast.commands", "mbt_fast.ops", "mbt_fast.data", "mbt_fast.train", "mbt_fast.kernels", "mbt_fast.csrc"],
     package_dir={"mbt_fast.kernels": "kernels", "mbt_fast.csrc": "csrc"},
-    package_data={"mbt_fast": ["backend_evidence.json"], "mbt_fast.csrc": ["**/*.cu", "**/*.cuh", "**/*.cpp", "**/*.h"]},
+    package_data={"mbt_fast": ["backend_evidence.json"], "mbt_fast.data": ["labels/*.csv", "labels/*.md"], "mbt_fast.csrc": ["**/*.cu", "**/*.cuh", "**/*.cpp", "**/*.h"]},
     **kwargs,
 )

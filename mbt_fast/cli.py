@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "convert", "build", "bench", "prepare", "train", "demo")
+COMMANDS = ("info", "convert", "predict", "embed", "explain", "build", "bench", "prepare", "train", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,9 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim, self.attn_drop = num_heads, dim // num_heads, attn_drop
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # mbt_fast.explain sets this to a callable taking the [B, heads, n, n] softmax; checked only in
+        # the line-by-line branch below, so the fused paths never pay for it
+        self.record = None
 
     def forward(self, x, sdpa: bool = False):
         B, N, C = x.shape
@@ -36,6 +39,8 @@ class Attention(nn.Module):
             return self.proj(o.transpose(1, 2).reshape(B, N, C))
         q = q / math.sqrt(self.head_dim)  # Flax scales the query before the dot product
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        if self.record is not None:
+            self.record(attn)
         attn = F.dropout(attn, self.attn_drop, self.training)
         return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 

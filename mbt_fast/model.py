@@ -18,7 +18,8 @@ from mbt_fast.config import MBTConfig
 from mbt_fast.layers import LN_EPS, EncoderBlock, LayerPlan, packed_block
 from mbt_fast.layout import PackedLayout
 
-_SCENIC_CONTEXT_ORDER = ("rgb", "spectrogram")  # Scenic's _MODALITIES: context order of vanilla fusion
+SCENIC_CONTEXT_ORDER = ("rgb", "spectrogram")  # Scenic's _MODALITIES: context order of vanilla fusion
+MISSING = ("error", "drop")  # forward(missing=...): an absent modality is an error, or left out
 
 
 class MBT(nn.Module):
@@ -28,6 +29,10 @@ class MBT(nn.Module):
     ``forward`` returns the mean of the per-modality logits ``[B, num_classes]`` (Scenic's eval
     output); ``forward_per_modality`` returns ``{modality: [B, num_classes]}`` (Scenic's train output;
     with ``gap``/``gmp``/``gsp`` pooling there is one pooled output, returned as ``{"all": ...}``).
+
+    ``missing="drop"`` answers from the modalities passed: they run their own blocks, and the fusion
+    layers average the bottleneck over them only (one modality: the bottleneck is its own update);
+    vanilla fusion attends over their tokens. The outputs cover the modalities present.
     """
 
     def __init__(self, cfg: MBTConfig, backend: str = "torch"):
@@ -56,12 +61,16 @@ class MBT(nn.Module):
         self.pre_logits = nn.Linear(C, cfg.representation_size) if cfg.representation_size else None
         self.head = nn.Linear(cfg.representation_size or C, cfg.num_classes)
         self._init_weights()
+        # the task, when a checkpoint says it (save_pretrained / from_pretrained metadata): for predict
+        self.class_names: list[str] | None = None
+        self.multi_label: bool | None = None
         # the packed layouts (with and without bottleneck rows) and their row -> modality tables are
         # built once: non-persistent buffers follow .to(device) and torch.compile sees plain tensors
         self._layouts = {nb: PackedLayout(mods, tuple(cfg.num_tokens(m) for m in mods), nb)
                          for nb in {0, cfg.num_bottleneck_tokens if cfg.use_bottleneck else 0}}
         for nb, layout in self._layouts.items():
             self.register_buffer(f"_row_weight_{nb}", layout.row_weight(), persistent=False)
+        self._subset_row_weight: dict = {}
         self.set_backend(backend)
 
     # ---- construction ------------------------------------------------------------------------------
@@ -101,13 +110,24 @@ class MBT(nn.Module):
         return self
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def save_pretrained(self, path) -> None:
-        """Write ``path`` as safetensors with the config in its metadata."""
+    def save_pretrained(self, path, class_names=None, multi_label: bool | None = None) -> None:
+        """Write ``path`` as safetensors with the config in its metadata, and the task when known:
+        ``class_names`` (one per class) and ``multi_label`` (sigmoid scores) for ``mbt-fast predict``.
+        Unset, they default to this model's own (``from_pretrained`` reads them back)."""
         from safetensors.torch import save_file
 
+        class_names = self.class_names if class_names is None else list(class_names)
+        multi_label = self.multi_label if multi_label is None else bool(multi_label)
+        if class_names is not None and len(class_names) != self.cfg.num_classes:
+            raise ValueError(f"class_names: expected {self.cfg.num_classes} names (num_classes), got {len(class_names)}")
+        metadata = {"mbt_fast_config": json.dumps(self.cfg.to_dict())}
+        if class_names is not None:
+            metadata["mbt_fast_class_names"] = json.dumps([str(c) for c in class_names])
+        if multi_label is not None:
+            metadata["mbt_fast_multi_label"] = json.dumps(multi_label)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = f"{path}.tmp"
-        save_file(tensors, tmp, metadata={"mbt_fast_config": json.dumps(self.cfg.to_dict())})
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
 
     @classmethod
@@ -135,14 +155,27 @@ class MBT(nn.Module):
                 raise ValueError(f"{path}: the mbt_fast_config in its metadata is invalid: {e}") from None
         model = cls(cfg, backend=backend)
         load_state_dict_checked(model, tensors, source=str(path))
+        try:
+            names = json.loads(meta["mbt_fast_class_names"]) if "mbt_fast_class_names" in meta else None
+            multi = json.loads(meta["mbt_fast_multi_label"]) if "mbt_fast_multi_label" in meta else None
+        except ValueError as e:
+            raise ValueError(f"{path}: the class names or multi-label flag in its metadata are not JSON: {e}") from None
+        if names is not None and (not isinstance(names, list) or len(names) != cfg.num_classes):
+            raise ValueError(f"{path}: mbt_fast_class_names in its metadata: expected a list of {cfg.num_classes} "
+                             f"names, got {type(names).__name__} of length {len(names) if isinstance(names, list) else '-'}")
+        model.class_names, model.multi_label = names, multi if multi is None else bool(multi)
         return model.eval()
 
     # ---- forward -----------------------------------------------------------------------------------
     def block(self, lyr: int, modality: str) -> EncoderBlock:
         return self.blocks[lyr]["shared" if self.cfg.share_encoder else modality]
 
-    def _check_inputs(self, inputs: dict) -> dict:
+    def _check_inputs(self, inputs: dict, missing: str = "error") -> dict:
+        """The inputs present, checked, in ``modality_fusion`` order; ``missing="drop"`` lets modalities be
+        absent (None) as long as one is there."""
         cfg = self.cfg
+        if missing not in MISSING:
+            raise ValueError(f"missing: expected one of {MISSING}, got {missing!r}")
         extra = [k for k, v in inputs.items() if v is not None and k not in cfg.modality_fusion]
         if extra:
             raise ValueError(f"{extra[0]}: this model's modality_fusion is {cfg.modality_fusion}; got an input for {extra[0]!r}")
@@ -153,7 +186,10 @@ class MBT(nn.Module):
             expected = (3, *cfg.rgb_shape) if m == "rgb" else cfg.spectrogram_shape
             layout = "[B, 3, T, H, W]" if m == "rgb" else "[B, time, mel]"
             if x is None:
-                raise ValueError(f"{m}: expected a tensor {layout} = [B, {', '.join(map(str, expected))}], got None")
+                if missing == "drop":
+                    continue
+                raise ValueError(f"{m}: expected a tensor {layout} = [B, {', '.join(map(str, expected))}], got None "
+                                 f"(missing='drop' answers from the modalities present)")
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{m}: expected a torch.Tensor, got {type(x).__name__}")
             if not x.is_floating_point():
@@ -163,12 +199,14 @@ class MBT(nn.Module):
             if x.device != param.device:
                 raise ValueError(f"{m}: expected device {param.device} (the model's), got {x.device}")
             out[m] = x
+        if not out:
+            raise ValueError(f"{', '.join(cfg.modality_fusion)}: expected at least one input tensor, got none")
         batches = {x.shape[0] for x in out.values()}
         if len(batches) != 1:
             raise ValueError(f"rgb, spectrogram: expected one batch size, got {[tuple(x.shape) for x in out.values()]}")
         return out
 
-    def embed(self, m: str, x: torch.Tensor) -> torch.Tensor:
+    def tokenize(self, m: str, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding, CLS and positional embedding: ``[B, n, C]``."""
         conv = self.embed_rgb if m == "rgb" else self.embed_spectrogram
         x = conv(x.to(conv.weight.dtype))
@@ -177,10 +215,10 @@ class MBT(nn.Module):
             x = torch.cat([getattr(self, f"cls_{m}").expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return x + getattr(self, f"pos_embed_{m}").to(x.dtype)
 
-    def forward_features(self, rgb=None, spectrogram=None) -> list[torch.Tensor]:
-        """Encoder output before ``encoder_norm``: one ``[B, n_m, C]`` tensor per modality."""
-        inputs = self._check_inputs({"rgb": rgb, "spectrogram": spectrogram})
-        tokens = {m: self.embed(m, inputs[m] if m == "rgb" else inputs[m].unsqueeze(1)) for m in self.cfg.modality_fusion}
+    def _encode(self, rgb, spectrogram, missing: str) -> tuple[dict, torch.Tensor | None]:
+        """(encoder output before ``encoder_norm`` per modality present, the final bottleneck tokens)."""
+        inputs = self._check_inputs({"rgb": rgb, "spectrogram": spectrogram}, missing)
+        tokens = {m: self.tokenize(m, x if m == "rgb" else x.unsqueeze(1)) for m, x in inputs.items()}
         backend = self.backend
         if backend not in ("reference", "eager_sdpa"):
             backend = resolved_backend(backend, next(iter(tokens.values())).device.type)
@@ -188,41 +226,68 @@ class MBT(nn.Module):
             return self._encode_reference(tokens, sdpa=backend == "eager_sdpa")
         return self._encode_packed(tokens, backend)
 
-    def forward_head(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward_features(self, rgb=None, spectrogram=None, missing: str = "error") -> dict[str, torch.Tensor]:
+        """Encoder output before ``encoder_norm``: ``{modality: [B, n_m, C]}`` for each modality present."""
+        return self._encode(rgb, spectrogram, missing)[0]
+
+    def _pool(self, feats: dict) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         if cfg.has_cls:
             # encoder_norm is per token, so normalising the CLS rows alone equals Scenic's norm-then-index
-            pooled = {m: self.encoder_norm(f[:, 0]) for m, f in zip(cfg.modality_fusion, feats)}
-        else:
-            allx = self.encoder_norm(torch.cat(feats, dim=1))
-            fn = {"gap": torch.mean, "gmp": lambda t, dim: t.max(dim).values, "gsp": torch.sum}[cfg.classifier]
-            pooled = {"all": fn(allx, dim=1)}
+            return {m: self.encoder_norm(f[:, 0]) for m, f in feats.items()}
+        allx = self.encoder_norm(torch.cat(list(feats.values()), dim=1))
+        fn = {"gap": torch.mean, "gmp": lambda t, dim: t.max(dim).values, "gsp": torch.sum}[cfg.classifier]
+        return {"all": fn(allx, dim=1)}
+
+    def forward_head(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pooled = self._pool(feats)
         if self.pre_logits is not None:
             pooled = {m: torch.tanh(self.pre_logits(v)) for m, v in pooled.items()}
         return {m: self.head(v) for m, v in pooled.items()}
 
-    def forward_per_modality(self, rgb=None, spectrogram=None) -> dict[str, torch.Tensor]:
-        return self.forward_head(self.forward_features(rgb=rgb, spectrogram=spectrogram))
+    def forward_per_modality(self, rgb=None, spectrogram=None, missing: str = "error") -> dict[str, torch.Tensor]:
+        """``{modality: [B, num_classes]}`` for each modality present (``{"all": ...}`` with pooling)."""
+        return self.forward_head(self.forward_features(rgb=rgb, spectrogram=spectrogram, missing=missing))
 
-    def forward(self, rgb=None, spectrogram=None) -> torch.Tensor:
-        logits = self.forward_per_modality(rgb=rgb, spectrogram=spectrogram)
+    def forward(self, rgb=None, spectrogram=None, missing: str = "error") -> torch.Tensor:
+        """Mean of the per-modality logits. ``missing="drop"``: an absent modality is left out (module doc)."""
+        logits = self.forward_per_modality(rgb=rgb, spectrogram=spectrogram, missing=missing)
         return sum(logits.values()) / len(logits)
+
+    def embed(self, rgb=None, spectrogram=None, missing: str = "error", bottleneck: bool = False) -> dict[str, torch.Tensor]:
+        """Per-clip embeddings ``[B, C]``: each present modality's CLS after ``encoder_norm`` (with pooling,
+        the one pooled vector as ``"all"``) and ``"mean"``, their mean; ``bottleneck=True`` adds
+        ``"bottleneck"`` ``[B, n_bottleneck_tokens, C]``, the bottleneck tokens after the last layer
+        and ``encoder_norm`` (fused models whose last layer is a fusion layer; otherwise an error)."""
+        feats, bottle = self._encode(rgb, spectrogram, missing)
+        out = self._pool(feats)
+        out["mean"] = sum(out.values()) / len(out)
+        if bottleneck:
+            if bottle is None:
+                raise ValueError("bottleneck: this model has no bottleneck tokens at inference (use_bottleneck, "
+                                 "test_with_bottlenecks, two or more modalities and a fusion layer are needed)")
+            out["bottleneck"] = self.encoder_norm(bottle)
+        return out
 
     # ---- encoders ----------------------------------------------------------------------------------
     def _uses_bottleneck(self) -> bool:
         cfg = self.cfg
         return cfg.use_bottleneck and len(cfg.modality_fusion) > 1 and (self.training or cfg.test_with_bottlenecks)
 
-    def _encode_reference(self, tokens: dict, sdpa: bool = False) -> list[torch.Tensor]:
+    def _encode_reference(self, tokens: dict, sdpa: bool = False) -> tuple[dict, torch.Tensor | None]:
         """Scenic's ``Encoder.__call__``, line by line (before ``encoder_norm``); ``sdpa=True`` is the
         ``eager_sdpa`` baseline (the same structure with SDPA attention), never the oracle."""
-        cfg, mods = self.cfg, self.cfg.modality_fusion
+        cfg, mods = self.cfg, tuple(tokens)  # the modalities present, in modality_fusion order
         x = dict(tokens)
         B = next(iter(x.values())).shape[0]
         bottleneck = self.bottleneck.expand(B, -1, -1) if cfg.use_bottleneck else None
+        fused = False  # whether a fusion layer updated the bottleneck
         x_combined = None
+        uses_bottleneck = self._uses_bottleneck()
         for lyr in range(cfg.num_layers):
-            if lyr < cfg.fusion_layer or len(mods) == 1 or (cfg.use_bottleneck and not self._uses_bottleneck()):
+            # a modality alone runs its own blocks, except in a bottleneck model missing the others: it
+            # still exchanges with the bottleneck, whose mean is then over the one modality present
+            if lyr < cfg.fusion_layer or (not uses_bottleneck and (len(mods) == 1 or cfg.use_bottleneck)):
                 for m in mods:
                     x[m] = self.block(lyr, m)(x[m], sdpa)
             elif cfg.use_bottleneck:
@@ -233,10 +298,11 @@ class MBT(nn.Module):
                     x[m] = out[:, :t_mod]
                     bottle.append(out[:, t_mod:])
                 bottleneck = torch.stack(bottle, dim=-1).mean(dim=-1)
+                fused = True
             elif not cfg.share_encoder:
                 x_new = {}
                 for m in mods:
-                    context = [x[o] for o in _SCENIC_CONTEXT_ORDER if o != m and o in mods]
+                    context = [x[o] for o in SCENIC_CONTEXT_ORDER if o != m and o in mods]
                     t = x[m].shape[1]
                     x_new[m] = self.block(lyr, m)(torch.cat(context + [x[m]], dim=1), sdpa)[:, -t:]
                 x = x_new
@@ -245,19 +311,32 @@ class MBT(nn.Module):
                     x_combined = torch.cat([x[m] for m in mods], dim=1)
                 x_combined = self.block(lyr, mods[0])(x_combined, sdpa)
         if x_combined is not None:
-            return list(torch.split(x_combined, [tokens[m].shape[1] for m in mods], dim=1))
-        return [x[m] for m in mods]
+            x = dict(zip(mods, torch.split(x_combined, [tokens[m].shape[1] for m in mods], dim=1)))
+        return {m: x[m] for m in mods}, bottleneck if fused else None
 
-    def layout(self) -> PackedLayout:
-        return self._layouts[self.cfg.num_bottleneck_tokens if self._uses_bottleneck() else 0]
+    def layout(self, modalities: tuple[str, ...] | None = None) -> PackedLayout:
+        """The packed layout of all modalities, or of the ``modalities`` present (``missing="drop"``)."""
+        layout = self._layouts[self.cfg.num_bottleneck_tokens if self._uses_bottleneck() else 0]
+        if modalities is None or tuple(modalities) == layout.modalities:
+            return layout
+        cfg = self.cfg
+        return PackedLayout(tuple(modalities), tuple(cfg.num_tokens(m) for m in modalities), layout.n_bottleneck)
+
+    def _row_weight(self, layout: PackedLayout, device) -> torch.Tensor:
+        if layout.modalities == self.cfg.modality_fusion:
+            return getattr(self, f"_row_weight_{layout.n_bottleneck}")
+        key = (layout, str(device))  # modalities missing: built once per subset and device
+        if key not in self._subset_row_weight:
+            self._subset_row_weight[key] = layout.row_weight(device)
+        return self._subset_row_weight[key]
 
     def layer_plans(self, layout: PackedLayout) -> list[LayerPlan]:
         cfg, M = self.cfg, layout.num_modalities
         unimodal = LayerPlan(tuple(layout.attn_segments(fused=False)), "keep")
-        if M == 1:
-            fused = unimodal
-        elif layout.n_bottleneck:
+        if layout.n_bottleneck:  # with one modality present (missing="drop"): the mean over that one
             fused = LayerPlan(tuple(layout.attn_segments(fused=True)), "mean")
+        elif M == 1:
+            fused = unimodal
         elif cfg.use_bottleneck:  # bottlenecks switched off at test time: every layer unimodal
             fused = unimodal
         elif cfg.share_encoder:  # vanilla fusion, one joint sequence through the shared block
@@ -268,9 +347,9 @@ class MBT(nn.Module):
                                     for m, s in enumerate(map(layout.modality_rows, range(M)))), "add", cross_weights=True)
         return [unimodal if lyr < cfg.fusion_layer else fused for lyr in range(cfg.num_layers)]
 
-    def _encode_packed(self, tokens: dict, backend: str) -> list[torch.Tensor]:
-        cfg, mods = self.cfg, self.cfg.modality_fusion
-        layout = self.layout()
+    def _encode_packed(self, tokens: dict, backend: str) -> tuple[dict, torch.Tensor | None]:
+        cfg, mods = self.cfg, tuple(tokens)  # the modalities present, in modality_fusion order
+        layout = self.layout(mods)
         B = next(iter(tokens.values())).shape[0]
         parts = []
         for m in mods:
@@ -278,11 +357,14 @@ class MBT(nn.Module):
             if layout.n_bottleneck:
                 parts.append(self.bottleneck.to(tokens[m].dtype).transpose(0, 1).expand(-1, B, -1))
         x = torch.cat(parts).contiguous()  # the packed [N, B, C] buffer, assembled once
-        row_weight = getattr(self, f"_row_weight_{layout.n_bottleneck}")
+        row_weight = self._row_weight(layout, x.device)
         joint = cfg.share_encoder and not cfg.use_bottleneck
         for lyr, plan in enumerate(self.layer_plans(layout)):
             blocks = [self.block(lyr, m) for m in mods]
             x = packed_block(blocks, x, layout, plan, row_weight, backend,
                              shared_draw=joint and lyr >= cfg.fusion_layer)
-        return [x[layout.modality_rows(m)].transpose(0, 1) for m in range(len(mods))]
+        feats = {name: x[layout.modality_rows(m)].transpose(0, 1) for m, name in enumerate(mods)}
+        fused = layout.n_bottleneck > 0 and cfg.fusion_layer < cfg.num_layers
+        # after a fusion layer every modality's bottleneck slot holds the same mean
+        return feats, x[layout.bottleneck_rows(0)].transpose(0, 1) if fused else None
 

@@ -133,8 +133,8 @@ def test_stochastic_depth_drops_whole_branches_without_rescale(backend):
     for blocks in model.blocks:
         for blk in blocks.values():
             blk.droplayer_p = 0.999999999
-    feats = model.forward_features(**inputs)
-    embedded = [model.embed(m, inputs[m] if m == "rgb" else inputs[m].unsqueeze(1)) for m in cfg.modality_fusion]
+    feats = list(model.forward_features(**inputs).values())
+    embedded = [model.tokenize(m, inputs[m] if m == "rgb" else inputs[m].unsqueeze(1)) for m in cfg.modality_fusion]
     for f, e in zip(feats, embedded):
         torch.testing.assert_close(f, e, rtol=0, atol=0)
     # p -> 0 in train mode equals eval mode (no 1/(1-p) rescale of kept branches)

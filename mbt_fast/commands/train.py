@@ -7,6 +7,9 @@ Examples::
     mbt-fast train --preset tiny --data synthetic --steps 200 --out runs/tiny --overwrite   # old run -> runs/tiny.old-*
     mbt-fast train --preset mbt_base_16x2 --csv train.csv --val-csv eval.csv --num-classes 527 --out runs/as
     torchrun --nproc_per_node 8 -m mbt_fast.cli train --preset mbt_base_16x2 --data-dir vggsound/ ...
+    mbt-fast train --init-from as.safetensors --data-dir myvideos/ --steps 2000 --out runs/ft   # fine-tune
+    mbt-fast train --init-from checkpoint_1234 --init-config config.json --data-dir myvideos/ --out runs/ft
+    mbt-fast train --init-from as.safetensors --freeze-backbone --data-dir myvideos/ --out runs/probe
 """
 from __future__ import annotations
 
@@ -93,13 +96,14 @@ def _kind(args) -> str:
 
 
 def run_args(args) -> dict:
-    """The arguments besides TrainConfig's that define the run (model preset, data); a resume must match them.
-    Paths are stored absolute, so a resume from another working directory compares equal."""
+    """The arguments besides TrainConfig's that define the run (model preset or --init-from, data); a resume
+    must match them. Paths are stored absolute, so a resume from another working directory compares equal."""
     def path(p):
         return str(Path(p).resolve()) if p else None
 
     kind = _kind(args)
-    d = {"preset": args.preset, "data": kind}
+    d = {"preset": _preset(args), "init_from": path(args.init_from), "init_config": path(args.init_config),
+         "data": kind}
     if kind == "synthetic":
         return {**d, "train_size": args.train_size, "val_size": args.val_size}
     d.update(data_dir=path(args.data_dir), num_test_clips=args.num_test_clips, spec_mean=args.spec_mean,
@@ -113,10 +117,73 @@ def run_args(args) -> dict:
             "single_label": args.single_label}
 
 
+def _preset(args) -> str | None:
+    """The preset the model is built from; None with --init-from (the architecture is MODEL's)."""
+    return None if args.init_from else (args.preset or "tiny")
+
+
+def _checkpoint_model_config(path):
+    """The model config in the run checkpoint ``path``, from its metadata alone; None when it cannot be read
+    (the trainer then reads the checkpoint itself and reports the problem in its own words)."""
+    import json
+
+    from safetensors import safe_open
+
+    import mbt_fast
+    from mbt_fast.train.checkpoint import META_KEY
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[META_KEY])
+        return mbt_fast.MBTConfig.from_scenic(meta["trainer"]["model_config"])
+    except Exception:  # safetensors raises its own error type; any failure here is reported by the trainer
+        return None
+
+
+def base_config(args):
+    """(model config before the data sets num_classes, model to initialise from or None).
+
+    With --init-from the architecture is MODEL's; a resume takes it from the run's own checkpoint and does
+    not read MODEL again (the run's weights are in its checkpoint)."""
+    import mbt_fast
+    from mbt_fast.train.run_dir import CHECKPOINT_NAME
+
+    if not args.init_from:
+        return mbt_fast.MBTConfig.preset(_preset(args)), None
+    if args.resume:
+        cfg = _checkpoint_model_config(Path(args.out) / CHECKPOINT_NAME)
+        if cfg is not None:
+            return cfg, None
+    from mbt_fast.inference import is_safetensors, load_model
+
+    path = Path(args.init_from)
+    try:
+        if args.init_config is None and path.is_file() and not is_safetensors(path):
+            # load_model's message names --config, predict's flag; here it is --init-config
+            raise ValueError(f"--init-from {path}: not a safetensors file; a Scenic checkpoint needs its config: "
+                             f"--init-config CONFIG.json (Scenic's model fields and input_shapes, as for "
+                             f"`mbt-fast convert --config`)")
+        source = load_model(path, config=args.init_config)
+    except OSError as e:  # a missing or unreadable file: a bad argument, like a malformed one
+        raise ValueError(f"--init-from: {e}") from None
+    return source.cfg, source
+
+
+def _finetune_flag_error(args) -> str | None:
+    if args.init_from and args.preset is not None:
+        return (f"--preset and --init-from exclude each other: with --init-from {args.init_from} the architecture "
+                f"is that model's config (num_classes from the data); drop --preset {args.preset}")
+    if args.init_config and not args.init_from:
+        return f"--init-config {args.init_config} is the config of a Scenic --init-from checkpoint; pass --init-from too"
+    if args.freeze_backbone and not args.init_from:
+        return ("--freeze-backbone trains the classifier alone; without --init-from MODEL the backbone would stay "
+                "at its random initialisation")
+    return None
+
+
 def run(args) -> int:
     import torch
 
-    import mbt_fast
     from mbt_fast.train.trainer import TrainConfig, dist_info, train
 
     rank, _, _ = dist_info()
@@ -127,8 +194,12 @@ def run(args) -> int:
     if args.warmup_steps is not None and args.warmup_steps > args.steps:
         print(f"mbt-fast train: --warmup-steps {args.warmup_steps} exceeds --steps {args.steps}", file=sys.stderr)
         return 2
+    flag_error = _finetune_flag_error(args)
+    if flag_error:
+        print(f"mbt-fast train: {flag_error}", file=sys.stderr)
+        return 2
     try:
-        cfg = mbt_fast.MBTConfig.preset(args.preset)
+        cfg, source = base_config(args)
         overrides = {"stochastic_droplayer_rate": args.droplayer}
         if args.fusion_layer is not None:
             overrides["fusion_layer"] = args.fusion_layer
@@ -142,8 +213,10 @@ def run(args) -> int:
                          prefetch_factor=args.prefetch_factor,
                          ckpt_every=args.ckpt_every, eval_every=args.eval_every, log_every=args.log_every,
                          progress=not args.no_progress, stop_after=args.stop_after,
-                         max_nonfinite=args.max_nonfinite, run_args=run_args(args))
-        res = train(tc, cfg, train_ds, val_ds, resume=args.resume, overwrite=args.overwrite)
+                         max_nonfinite=args.max_nonfinite, freeze_backbone=args.freeze_backbone,
+                         run_args=run_args(args))
+        res = train(tc, cfg, train_ds, val_ds, resume=args.resume, overwrite=args.overwrite, init_from=source,
+                    init_name=args.init_from)
     except (ValueError, TypeError, RuntimeError) as e:
         print(f"mbt-fast train: {e}", file=sys.stderr)
         return 2
@@ -172,7 +245,9 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("train", help="train MBT (synthetic data or video files; Scenic's recipe by default)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", help="model preset (tiny, mbt_base_16x2, mbt_base_16x2_spec, mbt_base_16x2_rgb)")
+    p.add_argument("--preset", default=None,
+                   help="model preset (default tiny; tiny, mbt_base_16x2, mbt_base_16x2_spec, mbt_base_16x2_rgb); "
+                        "not with --init-from")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, eval.jsonl, checkpoint, curves.png")
     p.add_argument("--steps", type=positive_int, default=1000, help="total optimizer steps (the schedule spans them)")
     own = p.add_mutually_exclusive_group()
@@ -186,6 +261,16 @@ def register(sub) -> None:
                    help="torch.compile the training step (fullgraph; backends torch, cuda and cuda-emu compile with "
                         "no graph break); the first step pays the compile time")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
+    f = p.add_argument_group("fine-tuning")
+    f.add_argument("--init-from", metavar="MODEL",
+                   help="start from MODEL's weights and architecture: a .safetensors from save_pretrained, "
+                        "`mbt-fast convert` or `mbt-fast train`, or a Scenic msgpack checkpoint (with "
+                        "--init-config); tensors whose name and shape match are loaded, the rest (the classifier, "
+                        "when the class count differs) keeps its fresh initialisation")
+    f.add_argument("--init-config", metavar="CONFIG.json",
+                   help="the model config of a Scenic --init-from checkpoint (as `mbt-fast convert --config`)")
+    f.add_argument("--freeze-backbone", action="store_true",
+                   help="train the classifier alone (head, and pre_logits if any): linear probing; needs --init-from")
     d = p.add_argument_group("data")
     d.add_argument("--data", choices=("synthetic", "folder", "csv", "prepared"), default=None,
                    help="default: prepared with --prepared, csv with --csv, folder with --data-dir, else synthetic")

@@ -8,6 +8,9 @@ mixup alpha 0.5, SpecAugment, stochastic depth 0.3 (a model-config field). AdamW
 Multi-GPU: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the model is wrapped in
 DistributedDataParallel, the data in a DistributedSampler, rank 0 logs and writes checkpoints. The
 gradient is clipped after DDP's all-reduce (Scenic clips each device's gradient before its pmean).
+
+Fine-tuning: ``train(..., init_from=model)`` starts a new run from another model's matching tensors
+(:mod:`mbt_fast.train.finetune`); ``TrainConfig.freeze_backbone`` trains the classifier alone.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from mbt_fast.data.augment import mixup, sample_mixup_lambda
 from mbt_fast.data.dataset import collate_skip_bad
 from mbt_fast.data.sampler import ResumableSampler, eval_sampler
 from mbt_fast.train import checkpoint as ckpt
+from mbt_fast.train import finetune
 from mbt_fast.train.losses import classification_loss
 from mbt_fast.train.metrics import mean_average_precision, precision_at_1, topk_accuracy
 from mbt_fast.train.run_dir import CHECKPOINT_NAME, RunFolderError, RunFolderLocked, claim_run_dir, repair_jsonl
@@ -68,6 +72,7 @@ class TrainConfig:
     plot: bool = True
     stop_after: int | None = None        # stop (checkpointing) after this many steps of *this* run
     max_nonfinite: int = 3               # stop after this many consecutive steps with a non-finite loss/gradient
+    freeze_backbone: bool = False        # train the classifier alone (linear probing); the rest keeps its weights
     run_args: dict = field(default_factory=dict)  # what else defines the run (preset, data); a resume must match
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
 
@@ -107,6 +112,8 @@ class TrainConfig:
                 fail(name, "a finite number >= 0")
         if not (len(self.betas) == 2 and all(is_real(b) and 0 <= b < 1 for b in self.betas)):
             fail("betas", "two numbers in [0, 1)")
+        if not isinstance(self.freeze_backbone, bool):
+            fail("freeze_backbone", "True or False")
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / 64 if self.optimizer == "sgd" else self.lr
@@ -432,7 +439,8 @@ def _nonfinite_message(tc, step, loss, gnorm, bad_inputs, last_ckpt, base_lr) ->
 
 # ---- the loop ---------------------------------------------------------------------------------------
 def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: bool = False,
-          overwrite: bool = False, model: torch.nn.Module | None = None, on_step=None) -> dict:
+          overwrite: bool = False, model: torch.nn.Module | None = None, on_step=None,
+          init_from: torch.nn.Module | None = None, init_name: str = "the source model") -> dict:
     """Train ``mbt_fast.MBT(model_cfg)`` (or ``model``) for ``tc.steps`` steps; returns a summary dict.
 
     ``train_dataset``/``val_dataset`` yield the item dicts of :mod:`mbt_fast.data` and have a
@@ -440,6 +448,9 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
     another run is refused unless ``resume`` (continue it from its checkpoint, which must exist and match
     this run's arguments) or ``overwrite`` (move it aside to ``<out>.old-<timestamp>``).
     ``on_step(step, record)`` is called after every step (tests use it).
+    ``init_from``: a model whose tensors of matching name and shape initialise a new run (the rest keeps
+    its fresh initialisation; the report is logged, naming ``init_name``); a resume ignores it, its
+    weights come from the run's checkpoint.
     """
     rank, world, local_rank = dist_info()
     if tc.batch_size % world:
@@ -461,13 +472,15 @@ def train(tc: TrainConfig, model_cfg, train_dataset, val_dataset=None, resume: b
     if error is not None:
         raise error
     try:
-        return _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, device, rank, world)
+        return _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, device, rank, world,
+                      init_from, init_name)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, device, rank, world) -> dict:
+def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, device, rank, world,
+           init_from=None, init_name="the source model") -> dict:
     import mbt_fast
 
     out = Path(tc.out_dir)
@@ -499,7 +512,21 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
         model = mbt_fast.MBT(model_cfg, backend=tc.backend)
     model_cfg = model.cfg
     model.to(device).train()
-    optimizer = build_optimizer(model.parameters(), tc)
+    if init_from is not None and not resume:
+        report = finetune.init_from(model, init_from)
+        if rank == 0:
+            log.info("%s", finetune.format_report(report, init_name))
+    elif init_from is not None and rank == 0:
+        log.info("--resume: the weights come from the run's checkpoint, not from %s", init_name)
+    if tc.freeze_backbone:
+        finetune.freeze_backbone(model)
+    # frozen parameters stay out of the optimizer (no update, no weight decay, no state) and of the clip
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if rank == 0:
+        n_all, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable)
+        log.info("%s of %s parameters are trainable%s", f"{n_train:,}", f"{n_all:,}",
+                 " (--freeze-backbone: the classifier alone)" if tc.freeze_backbone else "")
+    optimizer = build_optimizer(trainable, tc)
     mixup_gen = torch.Generator().manual_seed(tc.seed * 1000003 + 17)
     last_ckpt = None  # (path, step) of the newest checkpoint of this run
     if resume:
@@ -540,8 +567,9 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         mods = model_cfg.modality_fusion
-        # late fusion never uses the bottleneck parameter
-        unused = model_cfg.use_bottleneck and (len(mods) < 2 or model_cfg.fusion_layer >= model_cfg.num_layers)
+        # late fusion never uses the bottleneck parameter; DDP ignores frozen ones (requires_grad False)
+        unused = model_cfg.use_bottleneck and (len(mods) < 2 or model_cfg.fusion_layer >= model_cfg.num_layers) \
+            and model.bottleneck.requires_grad
         net = DDP(_PerModality(model), device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused)
     forward = net if world > 1 else model.forward_per_modality
@@ -642,7 +670,7 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
                     loss = classification_loss(logits, targets, multi_label, tc.label_smoothing)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                    gnorm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
                     # one host sync, as reading the loss for the log already costs; the gradient is
                     # all-reduced, so every rank sees the same norm, but the flag is shared to be sure
                     finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
@@ -714,7 +742,9 @@ def _train(tc, model_cfg, train_dataset, val_dataset, resume, model, on_step, de
         if not eval_done or state["step"] > start_step:
             last_eval = run_eval()
         if rank == 0:
-            model.save_pretrained(out / "model.safetensors")
+            # the task, for `mbt-fast predict`: folder datasets name their classes, others give None
+            model.save_pretrained(out / "model.safetensors", class_names=getattr(train_dataset, "class_names", None),
+                                  multi_label=multi_label)
     if rank == 0 and tc.plot:
         plot_curves(out)
     if state["num_skipped"] and rank == 0:
