@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from mbt_fast.config import MBTConfig
-from mbt_fast.data.dataset import AUDIOSET_NUM_CLASSES, VIDEO_EXTENSIONS
+from mbt_fast.data import audio as audio_lib
+from mbt_fast.data.dataset import AUDIOSET_NUM_CLASSES, VIDEO_EXTENSIONS, VideoDataset, csv_rows
 from mbt_fast.model import MBT
 
 AUDIOSET_LABELS = "audioset_class_labels_indices.csv"  # mbt_fast/data/labels/, see its README
@@ -125,26 +126,20 @@ class Clip:
     audio_missing: bool
 
 
-def decode_clip(path, cfg: MBTConfig, num_clips: int = 1, spec_mean: float | None = None,
-                spec_std: float | None = None) -> Clip:
+def decode_clip(path, cfg: MBTConfig, num_clips: int = 1, spec_mean: float = audio_lib.SCENIC_SPEC_MEAN,
+                spec_std: float = audio_lib.SCENIC_SPEC_STD) -> Clip:
     """Decode ``path`` for ``cfg``'s input shapes with the evaluation pipeline of ``mbt-fast train``
     (``spec_mean``/``spec_std``: its log-mel normalisation, default Scenic's). Raises ``ValueError``
     naming the file when it is missing or not a readable video."""
-    from mbt_fast.data import audio as audio_lib
-    from mbt_fast.data.dataset import VideoDataset
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: {'is a directory' if path.is_dir() else 'does not exist'}")
     if num_clips < 1:
         raise ValueError(f"num_clips: expected an integer >= 1, got {num_clips}")
     mods = cfg.modality_fusion
-    ds = VideoDataset([(str(path), [])], num_classes=cfg.num_classes,
-                      rgb_shape=cfg.rgb_shape if "rgb" in mods else (1, 16, 16),
-                      spectrogram_shape=cfg.spectrogram_shape if "spectrogram" in mods else (1, 1),
-                      mode="test" if num_clips > 1 else "eval", num_clips=num_clips, modalities=mods,
-                      spec_mean=audio_lib.SCENIC_SPEC_MEAN if spec_mean is None else spec_mean,
-                      spec_std=audio_lib.SCENIC_SPEC_STD if spec_std is None else spec_std)
+    shapes = {f"{m}_shape": cfg.rgb_shape if m == "rgb" else cfg.spectrogram_shape for m in mods}
+    ds = VideoDataset([(str(path), [])], num_classes=cfg.num_classes, mode="test" if num_clips > 1 else "eval",
+                      num_clips=num_clips, modalities=mods, spec_mean=spec_mean, spec_std=spec_std, **shapes)
     quiet = logging.getLogger("mbt_fast.data")  # its per-file warnings are training's; the caller reports
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -176,13 +171,7 @@ def expand_sources(sources) -> list[str]:
                 raise ValueError(f"{p}: a folder with no video file ({', '.join(VIDEO_EXTENSIONS)})")
             paths += found
         elif p.suffix.lower() == ".csv" and p.is_file():
-            with open(p, newline="") as f:
-                for i, row in enumerate(csv.reader(f)):
-                    first = row[0].strip() if row else ""
-                    if not first or first.startswith("#") or (i == 0 and first.lower() in ("path", "file", "filename", "video")):
-                        continue
-                    q = Path(first)
-                    paths.append(str(q if q.is_absolute() else p.parent / q))
+            paths += [path for _, path, _ in csv_rows(p)]
         else:
             paths.append(str(p))
     return paths

@@ -125,18 +125,13 @@ def _preset(args) -> str | None:
 def _checkpoint_model_config(path):
     """The model config in the run checkpoint ``path``, from its metadata alone; None when it cannot be read
     (the trainer then reads the checkpoint itself and reports the problem in its own words)."""
-    import json
-
-    from safetensors import safe_open
-
     import mbt_fast
-    from mbt_fast.train.checkpoint import META_KEY
+    from mbt_fast.train.checkpoint import read_checkpoint
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[META_KEY])
+        _, meta = read_checkpoint(path, with_tensors=False)
         return mbt_fast.MBTConfig.from_scenic(meta["trainer"]["model_config"])
-    except Exception:  # safetensors raises its own error type; any failure here is reported by the trainer
+    except Exception:  # noqa: BLE001  (any failure here is reported by the trainer, in its own words)
         return None
 
 

@@ -51,22 +51,29 @@ def parse_labels(text: str) -> list[int]:
         raise ValueError(f"labels must be integer class indices separated by ';' or spaces, got {text!r}") from None
 
 
-def read_csv(csv_path, root=None) -> list[tuple[str, list[int]]]:
+def csv_rows(csv_path, root=None):
+    """``(line number, path, row)`` per clip row of a CSV whose first column is a path (blank and ``#``
+    rows and an optional header skipped; relative paths resolved against ``root`` or the CSV's folder)."""
     csv_path = Path(csv_path)
     base = Path(root) if root is not None else csv_path.parent
     if not csv_path.is_file():
         raise ValueError(f"CSV {str(csv_path)!r} {'is a directory' if csv_path.is_dir() else 'does not exist'}")
-    items = []
     with open(csv_path, newline="") as f:
         for i, row in enumerate(csv.reader(f)):
             if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
                 continue
             if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "video"):
                 continue
-            if len(row) < 2:
-                raise ValueError(f"{csv_path}:{i + 1}: expected 'path,labels', got {row!r}")
             path = Path(row[0].strip())
-            items.append((str(path if path.is_absolute() else base / path), parse_labels(",".join(row[1:]))))
+            yield i + 1, str(path if path.is_absolute() else base / path), row
+
+
+def read_csv(csv_path, root=None) -> list[tuple[str, list[int]]]:
+    items = []
+    for line, path, row in csv_rows(csv_path, root):
+        if len(row) < 2:
+            raise ValueError(f"{csv_path}:{line}: expected 'path,labels', got {row!r}")
+        items.append((path, parse_labels(",".join(row[1:]))))
     if not items:
         raise ValueError(f"CSV {str(csv_path)!r} lists no clip (expected rows 'path,labels')")
     return items

@@ -149,8 +149,9 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return path
 
 
-def read_checkpoint(path) -> tuple[dict, dict]:
-    """(tensors, metadata) of a checkpoint; only safetensors and JSON are parsed (no pickle)."""
+def read_checkpoint(path, with_tensors: bool = True) -> tuple[dict, dict]:
+    """(tensors, metadata) of a checkpoint; only safetensors and JSON are parsed (no pickle).
+    ``with_tensors=False`` reads the metadata alone (the tensors dict is empty)."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -159,7 +160,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if raw is not None else {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if raw is not None and with_tensors else {}
     except Exception as e:  # safetensors raises its own error type for every malformed file
         raise ValueError(f"{path}: not a readable safetensors file (truncated, empty or another format?): {e}") from None
     if raw is None:
