@@ -8,7 +8,10 @@ are disjoint; query rows in no segment output 0 and get a zero gradient.
 How it is computed:
 
 * forward: flash-style online softmax, fp32 accumulation, ``exp2`` with ``log2(e)`` folded into the
-  softmax scale; the natural-log LSE of every row is saved as fp32 ``[B, H, Nq]``;
+  softmax scale and the scale into the exponent's argument (``exp2(s * x - max)``, one FFMA per score);
+  the natural-log LSE of every row is saved as fp32 ``[B, H, Nq]``;
+* every loop over blocks runs a segment's full blocks without masks or selects and its partial last
+  block apart, masked (``PEEL_TAIL``; fp16/bf16, see ``_peel_tail``);
 * backward: ``delta = rowsum(dO * O)`` (preprocess kernel), then dK/dV per key block (looping over the
   query blocks of every segment that sees the block) and dQ per query block (looping over the
   segment's key blocks), both recomputing P from the LSE: deterministic, no atomics, no N x N matrix;
@@ -76,6 +79,41 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, K, V, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   SCALE_POSITIVE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One key block of the online softmax. Only a segment's last, partial block is ``MASKED``: full
+    blocks load without predicates and never select, and fold the scale into the exponent (one FFMA
+    per score: ``exp2(qk * scale - max)``, the row max taken on the unscaled scores)."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    rows_n = offs_n.to(tl.int64)[:, None]  # int64: N * stride_n can pass 2**31 at large batch
+    if MASKED:
+        n_mask = offs_n < k_end
+        k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+    else:
+        k = tl.load(K + rows_n * stride_kn + offs_d[None, :])
+    qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
+    if MASKED:
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+    else:
+        # max(s * x) = s * max(x) for s >= 0 and s * min(x) for s < 0 (a negative user scale)
+        row = tl.max(qk, 1) if SCALE_POSITIVE else tl.min(qk, 1)
+        m_new = tl.maximum(m_i, row * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    # the first key block of a segment always holds a valid key, so m_new is finite from the start
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+    else:
+        v = tl.load(V + rows_n * stride_vn + offs_d[None, :])
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _mbt_attention_fwd_kernel(
     Q, K, V, Out, Lse, QBlocks,
     stride_qn, stride_qb, stride_qh,
@@ -83,7 +121,8 @@ def _mbt_attention_fwd_kernel(
     stride_vn, stride_vb, stride_vh,
     stride_on, stride_ob, stride_oh,
     num_heads, nq, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
+    PEEL_TAIL: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """One program = one query block of one segment, for one (sample, head)."""
     blk = tl.program_id(0)
@@ -99,7 +138,7 @@ def _mbt_attention_fwd_kernel(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < q_end
-    rows_m = offs_m.to(tl.int64)[:, None]  # int64: N * stride_n can pass 2**31 at large batch
+    rows_m = offs_m.to(tl.int64)[:, None]
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m * stride_qn + offs_d[None, :],
                 mask=m_mask[:, None], other=0.0)
     K += b * stride_kb + h * stride_kh
@@ -109,21 +148,15 @@ def _mbt_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n_start in range(k_start, k_end, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < k_end
-        rows_n = offs_n.to(tl.int64)[:, None]
-        k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32) * qk_scale
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        # the first key block always holds a valid key, so m_new is finite from the start
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32)
-        m_i = m_new
+    k_tail = k_start
+    if PEEL_TAIL:  # the full key blocks unmasked, then the partial one
+        k_tail += (k_end - k_start) // BLOCK_N * BLOCK_N
+        for n_start in range(k_start, k_tail, BLOCK_N):
+            acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, n_start, k_end, stride_kn, stride_vn, offs_d,
+                                           qk_scale, BLOCK_M, BLOCK_N, False, SCALE_POSITIVE, DOT_FP32)
+    for n_start in range(k_tail, k_end, BLOCK_N):  # masked: the tail, or every block without PEEL_TAIL
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, n_start, k_end, stride_kn, stride_vn, offs_d,
+                                       qk_scale, BLOCK_M, BLOCK_N, True, SCALE_POSITIVE, DOT_FP32)
 
     acc = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + rows_m * stride_on + offs_d[None, :],
@@ -157,6 +190,36 @@ def _mbt_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dkdv_query_block(dk, dv, k, v, Q, DO, Lse, Delta, m_start, q_end, stride_qn, stride_don, offs_d, qk_scale,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One query block's share of dK and dV (transposed frame); only a segment's last, partial query
+    block is ``MASKED``."""
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    rows_m = offs_m.to(tl.int64)[:, None]
+    if MASKED:
+        m_mask = offs_m < q_end
+        q = tl.load(Q + rows_m * stride_qn + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+        do = tl.load(DO + rows_m * stride_don + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+        lse2 = tl.load(Lse + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + offs_m, mask=m_mask, other=0.0)
+    else:
+        q = tl.load(Q + rows_m * stride_qn + offs_d[None, :])
+        do = tl.load(DO + rows_m * stride_don + offs_d[None, :])
+        lse2 = tl.load(Lse + offs_m) * 1.4426950408889634
+        delta = tl.load(Delta + offs_m)
+    # P^T recomputed from the saved LSE: [BLOCK_N, BLOCK_M]
+    qk_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), DOT_FP32)
+    p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+    dv = _dot(p_t.to(do.dtype), do, dv, DOT_FP32)
+    dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), DOT_FP32)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = _dot(ds_t.to(q.dtype), q, dk, DOT_FP32)
+    return dk, dv
+
+
+@triton.jit
 def _mbt_attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, Lse, Delta, KBlocks, SegQ,
     stride_qn, stride_qb, stride_qh,
@@ -165,7 +228,8 @@ def _mbt_attention_bwd_dkdv_kernel(
     stride_don, stride_dob, stride_doh,
     stride_gn, stride_gb, stride_gh,
     num_heads, nq, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PEEL_TAIL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """One program = one key block, for one (sample, head): dK and dV of its rows.
 
@@ -201,27 +265,42 @@ def _mbt_attention_bwd_dkdv_kernel(
     for s in range(s_first, s_last):  # usually one segment; several when key ranges overlap
         q_start = tl.load(SegQ + s * 2 + 0)
         q_end = tl.load(SegQ + s * 2 + 1)
-        for m_start in range(q_start, q_end, BLOCK_M):
-            offs_m = m_start + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < q_end
-            rows_m = offs_m.to(tl.int64)[:, None]
-            q = tl.load(Q + rows_m * stride_qn + offs_d[None, :], mask=m_mask[:, None], other=0.0)
-            do = tl.load(DO + rows_m * stride_don + offs_d[None, :], mask=m_mask[:, None], other=0.0)
-            lse2 = tl.load(Lse + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
-            delta = tl.load(Delta + offs_m, mask=m_mask, other=0.0)
-            # P^T recomputed from the saved LSE: [BLOCK_N, BLOCK_M]
-            qk_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), DOT_FP32)
-            p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-            p_t = tl.where(m_mask[None, :], p_t, 0.0)
-            dv = _dot(p_t.to(do.dtype), do, dv, DOT_FP32)
-            dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), DOT_FP32)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = _dot(ds_t.to(q.dtype), q, dk, DOT_FP32)
+        q_tail = q_start
+        if PEEL_TAIL:  # the full query blocks unmasked, then the partial one
+            q_tail += (q_end - q_start) // BLOCK_M * BLOCK_M
+            for m_start in range(q_start, q_tail, BLOCK_M):
+                dk, dv = _dkdv_query_block(dk, dv, k, v, Q, DO, Lse, Delta, m_start, q_end, stride_qn, stride_don,
+                                           offs_d, qk_scale, BLOCK_M, BLOCK_N, False, DOT_FP32)
+        for m_start in range(q_tail, q_end, BLOCK_M):  # masked: the tail, or every block without PEEL_TAIL
+            dk, dv = _dkdv_query_block(dk, dv, k, v, Q, DO, Lse, Delta, m_start, q_end, stride_qn, stride_don,
+                                       offs_d, qk_scale, BLOCK_M, BLOCK_N, True, DOT_FP32)
 
     dk = dk * sm_scale  # dS is the gradient of the scaled scores
     rows_g = rows_n * stride_gn + b * stride_gb + h * stride_gh + offs_d[None, :]
     tl.store(DK + rows_g, dk.to(DK.dtype.element_ty), mask=n_mask[:, None])
     tl.store(DV + rows_g, dv.to(DV.dtype.element_ty), mask=n_mask[:, None])
+
+
+@triton.jit
+def _dq_key_block(dq, q, do, lse2, delta, K, V, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One key block's share of dQ; only a segment's last, partial key block is ``MASKED``."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    rows_n = offs_n.to(tl.int64)[:, None]
+    if MASKED:
+        n_mask = offs_n < k_end
+        k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+    else:
+        k = tl.load(K + rows_n * stride_kn + offs_d[None, :])
+        v = tl.load(V + rows_n * stride_vn + offs_d[None, :])
+    qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(n_mask[None, :], p, 0.0)
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
+    ds = p * (dp - delta[:, None])
+    return _dot(ds.to(k.dtype), k, dq, DOT_FP32)
 
 
 @triton.jit
@@ -233,7 +312,8 @@ def _mbt_attention_bwd_dq_kernel(
     stride_don, stride_dob, stride_doh,
     stride_gn, stride_gb, stride_gh,
     num_heads, nq, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PEEL_TAIL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """One program = one query block, for one (sample, head): dQ of its rows over the segment's keys."""
     blk = tl.program_id(0)
@@ -260,18 +340,15 @@ def _mbt_attention_bwd_dq_kernel(
 
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n_start in range(k_start, k_end, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < k_end
-        rows_n = offs_n.to(tl.int64)[:, None]
-        k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        p = tl.where(n_mask[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, DOT_FP32)
+    k_tail = k_start
+    if PEEL_TAIL:  # the full key blocks unmasked, then the partial one
+        k_tail += (k_end - k_start) // BLOCK_N * BLOCK_N
+        for n_start in range(k_start, k_tail, BLOCK_N):
+            dq = _dq_key_block(dq, q, do, lse2, delta, K, V, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
+                               BLOCK_M, BLOCK_N, False, DOT_FP32)
+    for n_start in range(k_tail, k_end, BLOCK_N):  # masked: the tail, or every block without PEEL_TAIL
+        dq = _dq_key_block(dq, q, do, lse2, delta, K, V, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
+                           BLOCK_M, BLOCK_N, True, DOT_FP32)
 
     dq = dq * sm_scale
     tl.store(DQ + b * stride_gb + h * stride_gh + rows_m * stride_gn + offs_d[None, :],
@@ -285,7 +362,7 @@ def _configs(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
     """Static block sizes per kernel (``@triton.autotune`` needs a driver, and the interpreter has none).
 
     GPU values compile without register spills on sm_80 and sm_90 for every head dim and dtype, with
-    tensor-core MMAs for fp16/bf16 (tests/kernels/test_attention_aot.py checks D = 64 fp16/bf16).
+    tensor-core MMAs for fp16/bf16 (tests/kernels/test_attention_aot.py checks all of them).
     The interpreter gets 32-row tiles so that short ragged test cases cross several block edges;
     the GPU tiles run under the interpreter too (test_gpu_block_sizes).
     """
@@ -295,7 +372,8 @@ def _configs(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
                 "dkdv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
                 "dq": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)}
     if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles keep all of it in registers
-        tile = dict(BLOCK_M=32, BLOCK_N=16 if head_dim == 128 else 32, num_warps=4, num_stages=2)
+        # (32 keys spilled 8 bytes in the dK/dV kernel at D = 32 on sm_80: 16 there as at D = 128)
+        tile = dict(BLOCK_M=32, BLOCK_N=32 if head_dim == 64 else 16, num_warps=4, num_stages=2)
         fwd = dict(tile, BLOCK_N=32, num_warps=8) if head_dim == 128 else tile
         return {"fwd": fwd, "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1), "dkdv": tile, "dq": tile}
     if head_dim == 128:
@@ -307,6 +385,14 @@ def _configs(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
             "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
             "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
             "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)}
+
+
+def _peel_tail(dtype: torch.dtype) -> bool:
+    """Whether the kernels run a segment's full blocks without masks and its partial last block apart
+    (fp16/bf16). Not for fp32: its IEEE dots are unrolled FFMA (500-2,000 per block), so a second copy
+    of the body made ptxas spill in 4 of the 18 fp32 kernels (sm_80/sm_90, head dims 32-128), and the
+    4-8 selects per iteration it saves are under 1% of the loop (static counts, Triton 3.8)."""
+    return dtype != torch.float32
 
 
 def _query_block_table(segments: tuple, block_m: int) -> list:
@@ -358,12 +444,16 @@ def _gaps(segments: tuple, n: int, col: int) -> tuple:
     return tuple(gaps)
 
 
-def _new_rows(shape, dtype, device, gaps: tuple, dim: int = 0) -> torch.Tensor:
-    """An empty tensor whose rows (along ``dim``) in ``gaps`` are zero."""
-    t = torch.empty(shape, dtype=dtype, device=device)
+def _zero_rows(t: torch.Tensor, gaps: tuple, dim: int = 0) -> torch.Tensor:
+    """``t`` with its rows (along ``dim``) in ``gaps`` set to zero, in place."""
     for a, b in gaps:
         t.narrow(dim, a, b - a).zero_()
     return t
+
+
+def _new_rows(shape, dtype, device, gaps: tuple, dim: int = 0) -> torch.Tensor:
+    """An empty tensor whose rows (along ``dim``) in ``gaps`` are zero."""
+    return _zero_rows(torch.empty(shape, dtype=dtype, device=device), gaps, dim)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -391,13 +481,17 @@ def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | N
         q, k, v, out, lse, table,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, nq, scale,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, DOT_FP32=interpreting,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, SCALE_POSITIVE=scale >= 0,
+        PEEL_TAIL=_peel_tail(q.dtype), DOT_FP32=interpreting,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
 
-def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, configs: dict | None = None):
-    """Returns ``dq, dk, dv`` (contiguous, dtypes of q, k, v); rows no segment touches get 0."""
+def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, configs: dict | None = None,
+                       grads: tuple | None = None):
+    """Returns ``dq, dk, dv`` (contiguous, dtypes of q, k, v); rows no segment touches get 0.
+    ``grads``: three tensors shaped like q, k, v (D stride 1, dk and dv with equal strides) to write
+    them into instead, such as the views of one packed ``[N, B, 3, H, D]`` gradient."""
     interpreting = triton_interpreting()
     cfgs = configs or _configs(q.shape[-1], q.dtype, interpreting)
     do, q, k, v = map(_unit_last_stride, (do, q, k, v))
@@ -411,27 +505,30 @@ def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, con
         out, do, delta, *_strides(out), *_strides(do), H, nq,
         BLOCK_M=pre["BLOCK_M"], BLOCK_D=D, num_warps=pre["num_warps"], num_stages=pre["num_stages"])
 
-    k_gaps = _gaps(segments, nk, 2)
-    dk = _new_rows(k.shape, k.dtype, k.device, k_gaps)
-    dv = _new_rows(v.shape, v.dtype, v.device, k_gaps)
-    assert dk.stride() == dv.stride()
+    q_gaps, k_gaps = _gaps(segments, nq, 0), _gaps(segments, nk, 2)
+    if grads is None:
+        dq = _new_rows(q.shape, q.dtype, q.device, q_gaps)
+        dk = _new_rows(k.shape, k.dtype, k.device, k_gaps)
+        dv = _new_rows(v.shape, v.dtype, v.device, k_gaps)
+    else:
+        dq, dk, dv = _zero_rows(grads[0], q_gaps), _zero_rows(grads[1], k_gaps), _zero_rows(grads[2], k_gaps)
+    assert dk.stride() == dv.stride() and dq.stride(-1) == dk.stride(-1) == 1
     c = cfgs["dkdv"]
     kblocks, seg_q = _tables(segments, "k", 0, c["BLOCK_N"], dev)
     _mbt_attention_bwd_dkdv_kernel[(kblocks.shape[0], B * H)](
         q, k, v, do, dk, dv, lse, delta, kblocks, seg_q,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         H, nq, scale,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, DOT_FP32=interpreting,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype), DOT_FP32=interpreting,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    dq = _new_rows(q.shape, q.dtype, q.device, _gaps(segments, nq, 0))
     c = cfgs["dq"]
     qblocks = _tables(segments, "q", c["BLOCK_M"], 0, dev)
     _mbt_attention_bwd_dq_kernel[(qblocks.shape[0], B * H)](
         q, k, v, do, dq, lse, delta, qblocks,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, nq, scale,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, DOT_FP32=interpreting,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype), DOT_FP32=interpreting,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     return dq, dk, dv
 
@@ -467,6 +564,21 @@ def _(do, q, k, v, out, lse, segments, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.custom_op("mbt_fast_triton::attention_bwd_qkv", mutates_args=())
+def _attention_bwd_qkv_op(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          segments: list[int], scale: float) -> torch.Tensor:
+    """The backward for a packed ``qkv [N, B, 3, H, D]``: dq, dk, dv written into one gradient of that
+    shape, so autograd does not stack three tensors into it (a copy of the whole buffer)."""
+    grad = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _mbt_attention_bwd(do, *qkv.unbind(2), out, lse, _rows(segments), scale, grads=grad.unbind(2))
+    return grad
+
+
+@_attention_bwd_qkv_op.register_fake
+def _(do, qkv, out, lse, segments, scale):
+    return qkv.new_empty(qkv.shape)
+
+
 # ----------------------------------------------------------------------------------------------------
 # autograd and the op
 # ----------------------------------------------------------------------------------------------------
@@ -493,6 +605,24 @@ class MBTAttentionFunction(torch.autograd.Function):
         else:
             dq, dk, dv = _mbt_attention_bwd(grad_out, q, k, v, out, lse, ctx.segments, ctx.scale, ctx.configs)
         return dq, dk, dv, None, None, None
+
+
+class MBTAttentionQKVFunction(torch.autograd.Function):
+    """The same attention for a packed ``qkv [N, B, 3, H, D]``: saves qkv itself, and its backward
+    returns the packed gradient (``attention_bwd_qkv``)."""
+
+    @staticmethod
+    def forward(ctx, qkv, segments: tuple, scale: float):
+        flat = [c for row in segments for c in row]
+        out, lse = torch.ops.mbt_fast_triton.attention_fwd(*qkv.unbind(2), flat, scale)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.flat, ctx.scale = flat, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, lse = ctx.saved_tensors
+        return torch.ops.mbt_fast_triton.attention_bwd_qkv(grad_out, qkv, out, lse, ctx.flat, ctx.scale), None, None
 
 
 def _check(q, k, v, segments) -> tuple:
@@ -536,6 +666,17 @@ def mbt_attention(q, k, v, segments, scale: float | None = None):
     return MBTAttentionFunction.apply(q, k, v, seg, scale)
 
 
+def mbt_attention_qkv(qkv, segments, scale: float | None = None):
+    """``mbt_attention(*qkv.unbind(2), segments, scale)`` for a packed ``qkv [N, B, 3, H, D]``, whose
+    gradient comes back packed (no stack copy); differentiable in qkv."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv: expected a tensor [N, B, 3, H, D], got {got}")
+    seg = _check(*qkv.unbind(2), segments)
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
+    return MBTAttentionQKVFunction.apply(qkv, seg, scale)
+
+
 # ----------------------------------------------------------------------------------------------------
 # ahead-of-time compilation (static performance report)
 # ----------------------------------------------------------------------------------------------------
@@ -573,13 +714,14 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64) -> list[di
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
     def blocks(cfg):
-        return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": D, "DOT_FP32": False}
+        return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": D, "PEEL_TAIL": _peel_tail(dtype),
+                "DOT_FP32": False}
 
     fwd, pre, dkdv, dq = cfgs["fwd"], cfgs["pre"], cfgs["dkdv"], cfgs["dq"]
     return [
         spec(_mbt_attention_fwd_kernel, "fwd",
              {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32",
-              **strides("q", "k", "v", "o"), **scalars}, fwd, blocks(fwd)),
+              **strides("q", "k", "v", "o"), **scalars}, fwd, {**blocks(fwd), "SCALE_POSITIVE": True}),
         spec(_mbt_attention_bwd_preprocess_kernel, "bwd",
              {"Out": ty, "DO": ty, "Delta": "*fp32", **strides("o", "do"), "num_heads": "i32", "nq": "i32"},
              pre, {"BLOCK_M": pre["BLOCK_M"], "BLOCK_D": D}),

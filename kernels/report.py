@@ -9,14 +9,24 @@ For each kernel's ``aot_specs(dtype)`` (the MBT-B configuration, GPU block sizes
 * ``spill_bytes``: per-thread local memory plus stack frame from the same line (Triton kernels keep no
   local arrays, so anything here is register spilling);
 * ``shared_bytes``: static + dynamic shared memory from the compile metadata;
-* ``mma_instructions``: tensor-core instructions in the SASS (``nvdisasm``): HMMA, plus HGMMA on sm_90.
+* ``mma_instructions``: tensor-core instructions in the SASS (``nvdisasm``): HMMA, plus HGMMA on sm_90;
+* ``sass``: static counts of the opcodes that tell a kernel's design apart (tensor-core MMAs, cp.async
+  ``LDGSTS`` and TMA ``UTMALDG`` loads, ``LDSM``, selects, the FP32 arithmetic of the softmax, ``MUFU.EX2``,
+  barriers), over the whole kernel (prologue and epilogue included, loops counted once);
+* ``loop_sass``: the same counts over the main loop alone (``sass_counts``): what each main-loop
+  iteration executes, the number that a masked tail peeled out of the loop changes;
+* ``ctas_per_sm`` and ``occupancy_limiter``: how many CTAs of the kernel fit on one SM by registers,
+  shared memory and warps (``occupancy``), the arithmetic of CUDA's occupancy calculator.
 
-These are static counts from the compiler, not measurements: no GPU runs here.
+Attention rows are compiled at every head dim in ``--head-dim`` (default 64, MBT-B's); the row-wise
+kernels have none (``head_dim`` null). These are static counts from the compiler, not measurements:
+no GPU runs here.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import re
@@ -29,8 +39,17 @@ import torch
 
 # op modules in report order; attention is written separately and may be absent
 OPS = ("attention", "residual_mean", "segment_layernorm", "bias_gelu")
-KEYS = ("kernel", "direction", "arch", "dtype", "registers", "spill_bytes", "shared_bytes", "mma_instructions")
+KEYS = ("kernel", "direction", "arch", "dtype", "head_dim", "num_warps", "registers", "spill_bytes", "shared_bytes",
+        "ctas_per_sm", "occupancy_limiter", "mma_instructions", "sass", "loop_sass")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# counted in the SASS: mnemonic (before the first '.') except where the suffix is the point (MUFU.EX2)
+SASS_OPCODES = ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDSM", "LDG", "STG", "FSEL", "FMUL", "FADD", "FFMA",
+                "MUFU.EX2", "BAR")
+# per-SM limits (CUDA occupancy calculator, compute capability 8.0 and 9.0): registers, register
+# allocation unit per warp, warps, CTAs, shared memory at the largest carve-out, shared memory the
+# runtime reserves per CTA
+_SM_LIMITS = {80: dict(registers=65536, reg_unit=256, warps=64, ctas=32, shared=167936, shared_reserved=1024),
+              90: dict(registers=65536, reg_unit=256, warps=64, ctas=32, shared=233472, shared_reserved=1024)}
 
 
 def _tool(name: str) -> str:
@@ -51,8 +70,9 @@ def _tool(name: str) -> str:
     raise FileNotFoundError(f"{name}: not found in the triton wheel (triton/backends/nvidia/bin) nor in {cuda_home}/bin nor on PATH")
 
 
-def load_specs(dtype: str, ops=OPS) -> tuple[list[dict], list[str]]:
-    """All ``aot_specs`` of ``ops`` for ``dtype``, and a note for every op module that is missing."""
+def load_specs(dtype: str, ops=OPS, head_dims=(64,)) -> tuple[list[dict], list[str]]:
+    """All ``aot_specs`` of ``ops`` for ``dtype`` (those taking ``head_dim`` once per head dim, the spec
+    marked with it), and a note for every op module that is missing."""
     specs, notes = [], []
     for op in ops:
         try:
@@ -65,7 +85,10 @@ def load_specs(dtype: str, ops=OPS) -> tuple[list[dict], list[str]]:
         if not hasattr(module, "aot_specs"):
             notes.append(f"{op}: kernels/{op}.py defines no aot_specs(dtype); its kernels are not in this report")
             continue
-        specs += module.aot_specs(_DTYPES[dtype])
+        if "head_dim" in inspect.signature(module.aot_specs).parameters:
+            specs += [dict(spec, head_dim=d) for d in head_dims for spec in module.aot_specs(_DTYPES[dtype], head_dim=d)]
+        else:
+            specs += module.aot_specs(_DTYPES[dtype])
     return specs, notes
 
 
@@ -99,9 +122,57 @@ def _res_usage(cubin_path: str, kernel_name: str) -> dict:
     return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", m.group(1))}
 
 
-def _mma_count(cubin_path: str) -> int:
-    sass = subprocess.run([_tool("nvdisasm"), "-c", cubin_path], capture_output=True, text=True, check=True).stdout
-    return len(re.findall(r"\bH(?:G)?MMA\b", sass))
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)(.*)")
+
+
+def _count(ops: list[str]) -> dict:
+    counts = dict.fromkeys(SASS_OPCODES, 0)
+    for op in ops:
+        base = op.split(".")[0]
+        if base in counts:
+            counts[base] += 1
+        if op.startswith("MUFU.EX2"):
+            counts["MUFU.EX2"] += 1
+    return counts
+
+
+def sass_counts(sass: str) -> tuple[dict, dict | None]:
+    """Static counts of ``SASS_OPCODES`` in ``nvdisasm -c`` output (predicated instructions included):
+    over the whole kernel, and over its hot loop (``None`` without a loop).
+
+    The hot loop is the first innermost loop in code order, a loop being the instructions from a label
+    to a backward ``BRA`` to it: the source's main loop, which the compiler lays out before a peeled
+    masked tail (a second loop of at most one trip) and the epilogue, so its counts say what every
+    iteration but a segment's last executes."""
+    ops, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L\w+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        m = _INSTRUCTION.search(line)
+        if not m:
+            continue
+        target = re.search(r"`\((\.L\w+)\)", m.group(2))
+        if m.group(1) == "BRA" and target and target.group(1) in labels:
+            loops.append((labels[target.group(1)], len(ops)))
+        ops.append(m.group(1))
+    loops = [(a, b) for a, b in loops if a < b]  # not the self-branch that ends a kernel
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    hot = min(innermost, default=None)
+    return _count(ops), (None if hot is None else _count(ops[hot[0]:hot[1] + 1]))
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int) -> tuple[int, str]:
+    """CTAs of one kernel per SM of ``sm_<arch>`` and the resource that limits them."""
+    lim = _SM_LIMITS[arch]
+    regs_per_warp = -(-registers * 32 // lim["reg_unit"]) * lim["reg_unit"]
+    by = {"registers": (lim["registers"] // regs_per_warp) // num_warps if regs_per_warp else lim["ctas"],
+          "shared_memory": lim["shared"] // (shared_bytes + lim["shared_reserved"]),
+          "warps": lim["warps"] // num_warps,
+          "ctas": lim["ctas"]}
+    limiter = min(by, key=lambda k: (by[k], list(by).index(k)))
+    return by[limiter], limiter
 
 
 def compile_spec(spec: dict, arch: int, dtype: str) -> dict:
@@ -119,16 +190,25 @@ def compile_spec(spec: dict, arch: int, dtype: str) -> dict:
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         usage = _res_usage(path, compiled.metadata.name)
-        mma = _mma_count(path)
+        sass, loop_sass = sass_counts(subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True,
+                                                     text=True, check=True).stdout)
+    registers, shared = usage.get("REG", 0), int(compiled.metadata.shared)
+    ctas, limiter = occupancy(registers, shared, spec["num_warps"], arch)
     return {
         "kernel": spec["kernel"],
         "direction": spec["direction"],
         "arch": f"sm_{arch}",
         "dtype": dtype,
-        "registers": usage.get("REG", 0),
+        "head_dim": spec.get("head_dim"),
+        "num_warps": spec["num_warps"],
+        "registers": registers,
         "spill_bytes": usage.get("LOCAL", 0) + usage.get("STACK", 0),
-        "shared_bytes": int(compiled.metadata.shared),
-        "mma_instructions": mma,
+        "shared_bytes": shared,
+        "ctas_per_sm": ctas,
+        "occupancy_limiter": limiter,
+        "mma_instructions": sass["HMMA"] + sass["HGMMA"],
+        "sass": sass,
+        "loop_sass": loop_sass,
     }
 
 
@@ -136,11 +216,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _report_in_subprocess(archs, dtypes, ops, notes) -> list[dict]:
+def _report_in_subprocess(archs, dtypes, ops, head_dims, notes) -> list[dict]:
     """Under TRITON_INTERPRET=1 every @triton.jit function is an interpreter object that cannot be
     compiled, so the compile runs in a fresh interpreter with the variable off."""
     cmd = [sys.executable, "-m", "mbt_fast.kernels.report", "--json", "--arch", *map(str, archs),
-           "--dtype", *dtypes, "--ops", *ops]
+           "--dtype", *dtypes, "--ops", *ops, "--head-dim", *map(str, head_dims)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -149,15 +229,16 @@ def _report_in_subprocess(archs, dtypes, ops, notes) -> list[dict]:
     return json.loads(proc.stdout)
 
 
-def compile_report(archs=(80, 90), dtypes=("fp16", "bf16"), ops=OPS, notes: list | None = None) -> list[dict]:
-    """One row per (kernel, arch, dtype); missing op modules are skipped and described in ``notes``."""
+def compile_report(archs=(80, 90), dtypes=("fp16", "bf16"), ops=OPS, notes: list | None = None,
+                   head_dims=(64,)) -> list[dict]:
+    """One row per (kernel, arch, dtype[, head dim]); missing op modules are skipped and described in ``notes``."""
     if _interpreting():
-        return _report_in_subprocess(archs, dtypes, ops, notes)
+        return _report_in_subprocess(archs, dtypes, ops, head_dims, notes)
     rows = []
     for dtype in dtypes:
         if dtype not in _DTYPES:
             raise ValueError(f"dtypes: expected names from {tuple(_DTYPES)}, got {dtype!r}")
-        specs, missing = load_specs(dtype, ops)
+        specs, missing = load_specs(dtype, ops, head_dims)
         if notes is not None:
             notes += [n for n in missing if n not in notes]
         for arch in archs:
@@ -165,9 +246,18 @@ def compile_report(archs=(80, 90), dtypes=("fp16", "bf16"), ops=OPS, notes: list
     return rows
 
 
+# the table: every key but the ``sass`` dict, whose opcodes get a column each
+_TABLE_KEYS = tuple(k for k in KEYS if k not in ("mma_instructions", "sass", "loop_sass"))
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(KEYS) + " |", "|" + "---|" * len(KEYS)]
-    lines += ["| " + " | ".join(str(r[k]) for k in KEYS) + " |" for r in rows]
+    """One line per row; each opcode column reads ``hot loop / whole kernel``."""
+    head = [*_TABLE_KEYS, *SASS_OPCODES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        loop = r["loop_sass"] or dict.fromkeys(SASS_OPCODES, "-")
+        lines.append("| " + " | ".join(["-" if r[k] is None else str(r[k]) for k in _TABLE_KEYS]
+                                       + [f"{loop[op]}/{r['sass'][op]}" for op in SASS_OPCODES]) + " |")
     return "\n".join(lines)
 
 
@@ -186,13 +276,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mbt_fast.kernels.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
-    parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16"])
+    parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16"], choices=list(_DTYPES))
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64], choices=[32, 64, 128],
+                        help="head dims of the attention kernels (default: 64, MBT-B's)")
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS), help="op modules to compile (default: all)")
     parser.add_argument("--out", help="also write report.md and report.json into this folder")
     args = parser.parse_args(argv)
 
     notes: list[str] = []
-    rows = compile_report(args.arch, args.dtype, args.ops, notes=notes)
+    rows = compile_report(args.arch, args.dtype, args.ops, notes=notes, head_dims=args.head_dim)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     table = format_table(rows)
@@ -207,8 +299,11 @@ def main(argv=None) -> int:
                     f"Generated by `python -m mbt_fast.kernels.report` with {_provenance()}.\n"
                     "Static counts from the compiler at the MBT-B configuration (C=768, MLP 3072, head dim 64, "
                     "2 modalities, 5 bottleneck rows): registers per thread and spill/stack bytes from "
-                    "`cuobjdump -res-usage`, shared memory from the compile metadata, tensor-core instructions "
-                    "(HMMA, HGMMA) counted in the `nvdisasm` SASS. Not a measurement.\n\n")
+                    "`cuobjdump -res-usage`, shared memory from the compile metadata, CTAs per SM from "
+                    "registers, shared memory and warps (CUDA's occupancy arithmetic, the limiting resource "
+                    "named), and opcode counts in the `nvdisasm` SASS as hot loop / whole kernel (the hot loop is the "
+                    "first innermost loop: what one main-loop iteration executes). "
+                    "Not a measurement.\n\n")
             f.write(table + "\n")
             if notes:
                 f.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")

@@ -118,6 +118,7 @@ def packed_block(blocks: list[EncoderBlock], x: torch.Tensor, layout: PackedLayo
     rows = layout.row_segments()
     training = blk0.training
     first_mode = "add" if plan.bottleneck in ("mean", "add") else "keep"
+    attn_drop = blk0.attn.attn_drop if training else 0.0
 
     qkv_w, qkv_b = [b.attn.qkv.weight for b in blocks], [b.attn.qkv.bias for b in blocks]
     if plan.cross_weights:
@@ -134,12 +135,13 @@ def packed_block(blocks: list[EncoderBlock], x: torch.Tensor, layout: PackedLayo
             qs.append(q[layout.block_rows(m)])
             ks.append(k)
             vs.append(v)
-        q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+        o = ops.mbt_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), plan.segments, dropout_p=attn_drop,
+                              backend=backend)
     else:
         h = ops.segment_layernorm(x, _stack(blocks, lambda b: b.norm1.weight), _stack(blocks, lambda b: b.norm1.bias),
                                   row_weight, LN_EPS, segments=rows, backend=backend)
-        q, k, v = ops.segment_linear(h, qkv_w, qkv_b, rows).view(N, B, 3, H, D).unbind(2)
-    o = ops.mbt_attention(q, k, v, plan.segments, dropout_p=blk0.attn.attn_drop if training else 0.0, backend=backend)
+        qkv = ops.segment_linear(h, qkv_w, qkv_b, rows).view(N, B, 3, H, D)
+        o = ops.mbt_attention_qkv(qkv, plan.segments, dropout_p=attn_drop, backend=backend)
     y = ops.segment_linear(o.reshape(N, B, C), [b.attn.proj.weight for b in blocks],
                            [b.attn.proj.bias for b in blocks], rows)
     y = F.dropout(y, blk0.dropout, training)

@@ -502,6 +502,15 @@ def declared_kernels(counter: Counter, impl: str):
         return _declared(counter, attention_cost(seg, B, H, D, es, "fwd", impl),
                          attention_cost(seg, B, H, D, es, "bwd", impl), q.shape, q.dtype, q, k, v)
 
+    def mbt_attention_qkv(qkv, segments, *, scale=None, dropout_p=0.0, backend=None):
+        if impl != "triton":  # the per-tensor kernels: autograd stacks dq, dk, dv into qkv's gradient
+            return mbt_attention(*qkv.unbind(2), segments, scale=scale, dropout_p=dropout_p)
+        seg = [tuple(int(x) for x in row) for row in torch.as_tensor(segments).reshape(-1, 4).tolist()]
+        N, B, _, H, D = qkv.shape
+        es = qkv.element_size()
+        return _declared(counter, attention_cost(seg, B, H, D, es, "fwd", impl),
+                         attention_cost(seg, B, H, D, es, "bwd", impl), (N, B, H, D), qkv.dtype, qkv)
+
     def segment_layernorm(x, weight, bias, row_weight, eps=1e-6, *, segments=None, backend=None):
         N, B, C = x.shape
         es, ws, M = x.element_size(), weight.element_size(), weight.shape[0]
@@ -521,7 +530,8 @@ def declared_kernels(counter: Counter, impl: str):
         return _declared(counter, residual_mean_cost(*args, "fwd"), residual_mean_cost(*args, "bwd"),
                          x.shape, x.dtype, x, y)
 
-    with mock.patch.multiple(ops, mbt_attention=mbt_attention, segment_layernorm=segment_layernorm,
+    with mock.patch.multiple(ops, mbt_attention=mbt_attention, mbt_attention_qkv=mbt_attention_qkv,
+                             segment_layernorm=segment_layernorm,
                              bias_gelu=bias_gelu, residual_mean=residual_mean), \
             mock.patch.object(importlib.import_module("mbt_fast.ops.bias_gelu"), "bias_gelu", bias_gelu):  # linear_bias_gelu's
         yield

@@ -199,15 +199,19 @@ def test_opcheck_every_extension_op():
 def _triton_samples():
     from mbt_fast.layout import PackedLayout
 
-    out = {n: [] for n in ("attention_fwd", "attention_bwd", "residual_mean_fwd", "residual_mean_bwd",
-                           "segment_layernorm_fwd", "segment_layernorm_bwd", "bias_gelu_fwd", "bias_gelu_bwd")}
+    out = {n: [] for n in ("attention_fwd", "attention_bwd", "attention_bwd_qkv", "residual_mean_fwd",
+                           "residual_mean_bwd", "segment_layernorm_fwd", "segment_layernorm_bwd", "bias_gelu_fwd",
+                           "bias_gelu_bwd")}
     ops = torch.ops.mbt_fast_triton
-    for shape in ((37, 37, 2, 2, 32), (70, 45, 1, 1, 64)):
+    for shape in ((37, 37, 2, 2, 32), (70, 45, 1, 1, 64), (45, 45, 3, 1, 64)):
         q, k, v, seg = _attention_samples(*shape, dtype=torch.float32)
         flat = seg.flatten().tolist()
         o, lse = ops.attention_fwd(q, k, v, flat, 0.2)
-        out["attention_fwd"].append((q, k, v, flat, 0.2))
-        out["attention_bwd"].append((torch.randn_like(o), q, k, v, o, lse, flat, 0.2))
+        if shape[0] == shape[1]:  # a packed qkv: self-attention
+            out["attention_bwd_qkv"].append((torch.randn_like(o), torch.stack((q, k, v), 2), o, lse, flat, 0.2))
+        if len(out["attention_fwd"]) < 2:
+            out["attention_fwd"].append((q, k, v, flat, 0.2))
+            out["attention_bwd"].append((torch.randn_like(o), q, k, v, o, lse, flat, 0.2))
     for tokens, nb, B, C in (([9, 6], 3, 2, 16), ([5, 4, 3], 1, 3, 40)):
         layout = PackedLayout(tuple(f"m{i}" for i in range(len(tokens))), tuple(tokens), nb)
         N, M = layout.total_rows, len(tokens)

@@ -187,6 +187,30 @@ def test_rows_in_no_segment_are_zero_on_dirty_memory(backend):
         assert torch.isfinite(t.float()).all(), f"{name} has non-finite values outside the gaps"
 
 
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_qkv_is_the_per_tensor_op(backend, fused):
+    """``mbt_attention_qkv`` on one ``[N, B, 3, H, D]`` buffer gives the per-tensor op's output and qkv
+    gradient exactly, on every backend (``triton`` writes the packed gradient itself, on NaN-filled
+    memory here: the rows no segment covers must still come back 0)."""
+    dtype = torch.bfloat16 if backend == "cuda-emu" else torch.float32
+    seg = LAYOUT.attn_segments(fused=fused)
+    qkv = torch.stack(_qkv(dtype=dtype), 2).requires_grad_()
+    g = torch.randn(N, B, 2, 32, dtype=dtype)
+    [torch.full_like(qkv, float("nan")) for _ in range(3)]  # leave NaN-filled blocks of qkv's size
+    out = ops.mbt_attention_qkv(qkv, seg, backend=backend)
+    (packed,) = torch.autograd.grad(out, qkv, g)
+    ref = ops.mbt_attention(*qkv.unbind(2), seg, backend=backend)
+    (stacked,) = torch.autograd.grad(ref, qkv, g)
+    assert torch.equal(out, ref) and torch.equal(packed, stacked), (
+        f"max|out - ref| = {(out - ref).abs().max():.3e}, max|grad - ref grad| = {(packed - stacked).abs().max():.3e}")
+
+
+def test_packed_qkv_shape_is_named():
+    with pytest.raises(ValueError, match=r"qkv: expected 5 dimensions, got shape \(16, 2, 6, 32\)"):
+        ops.mbt_attention_qkv(torch.randn(N, B, 6, 32), LAYOUT.attn_segments(fused=True))
+
+
 # ---- the torch backend's per-segment paths -----------------------------------------------------------
 
 def test_layernorm_segments_give_the_gathered_result_and_must_match_row_weight():

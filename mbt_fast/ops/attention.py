@@ -5,6 +5,11 @@ queries in ``[q_start, q_end)`` of each segment attend to exactly the keys in ``
 softmax scale ``1/sqrt(D)`` unless given; query rows in no segment return 0 (and get zero gradients).
 ``segments`` is a tuple of ``(q_start, q_end, k_start, k_end)`` int rows (a layout's ``attn_segments``);
 query ranges are disjoint. Attention dropout (``dropout_p``) exists on the ``torch`` backend only.
+
+``mbt_attention_qkv(qkv, segments)`` is the same op on a packed ``qkv [N, B, 3, H, D]`` (the QKV
+projection's output viewed per head): equal to ``mbt_attention(*qkv.unbind(2), segments)``, with the
+gradient of qkv produced packed where the backend can (``triton``: dq, dk, dv written into one
+``[N, B, 3, H, D]`` tensor); elsewhere autograd stacks the three gradients (one copy of the buffer).
 """
 from __future__ import annotations
 
@@ -37,6 +42,19 @@ def mbt_attention(q, k, v, segments, *, scale: float | None = None, dropout_p: f
         return kernel(q, k, v, seg, scale)
     from mbt_fast import cuda_ext
     return cuda_ext.mbt_attention(q, k, v, seg, scale, emulated=backend == "cuda-emu")
+
+
+def mbt_attention_qkv(qkv, segments, *, scale: float | None = None, dropout_p: float = 0.0, backend: str = "torch"):
+    check_backend(backend)
+    check_tensor("qkv", qkv, 5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected [N, B, 3, H, D], got shape {tuple(qkv.shape)}")
+    if backend != "triton" or dropout_p != 0.0 or qkv.shape[1] == 0:  # the per-tensor op (and its errors)
+        return mbt_attention(*qkv.unbind(2), segments, scale=scale, dropout_p=dropout_p, backend=backend)
+    seg = attention_segments(segments, qkv.shape[0], qkv.shape[0])
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
+    from mbt_fast.kernels.attention import mbt_attention_qkv as kernel
+    return kernel(qkv, seg, scale)
 
 
 # ---- fake kernels of the C++ ops (torch.ops.mbt_fast[_emu].attention_*), for torch.compile --------

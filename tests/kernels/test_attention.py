@@ -121,6 +121,85 @@ def test_only_q_requires_grad():
     assert (dq - ref).abs().max() <= FLOORS[F32][1]
 
 
+@pytest.mark.parametrize("scale,magnitude", [(0.3, 1.0), (0.0, 1.0), (-0.3, 4.0)])
+def test_full_blocks_and_tails(scale, magnitude):
+    """The kernels run a segment's full blocks unmasked and its partial last block masked: segments of
+    exactly 1 and 2 interpreter blocks (32 rows, no tail), 1 row and 33 rows (tail only / one full + a
+    1-row tail), on both axes. Scale 0 is a uniform softmax; a negative scale takes the row-min path of
+    the unmasked loop, with scores spread over ~200 log2 units so that a row max taken on the wrong
+    side overflows exp2."""
+    seg = ((0, 32, 0, 64), (32, 96, 64, 65), (96, 97, 0, 33), (97, 130, 65, 130))
+    q, k, v = _inputs(130, 130, 2, 2, 32, F32, "contiguous", seed=3)
+    with torch.no_grad():
+        q.mul_(magnitude)
+        k.mul_(magnitude)
+    _run_and_check(q, k, v, seg, scale=scale)
+
+
+def test_many_heads_large_logits():
+    """Batch 4 x 12 heads (the grid's second axis over 48 programs) with scores up to about +-30: the
+    online softmax rescales across blocks without overflow, in bf16 and fp16."""
+    seg = ((0, 45, 0, 70), (45, 70, 20, 70))
+    for dtype in (BF16, F16):
+        q, k, v = _inputs(70, 70, 4, 12, 32, dtype, "contiguous", seed=4)
+        with torch.no_grad():
+            q.mul_(3.0)
+            k.mul_(3.0)  # |q.k| / sqrt(32) reaches ~30
+        logits = torch.einsum("nbhd,mbhd->bhnm", q.float(), k.float()) / 32 ** 0.5
+        assert logits.abs().max() > 25, logits.abs().max()
+        _run_and_check(q, k, v, seg)
+
+
+def _aten_ops(fn):
+    """The aten ops ``fn()`` dispatches (forward and backward), by name."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    with Record():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_qkv_gradient(fused):
+    """``mbt_attention_qkv`` equals the per-tensor op on the views of one qkv buffer, bit for bit, and
+    its backward returns qkv's gradient packed: no ``stack`` of dq, dk, dv (the per-tensor op's autograd
+    stacks them, a copy of the whole buffer). Unfused, the bottleneck rows are in no segment: zero."""
+    layout = PackedLayout(("spectrogram", "rgb"), (23, 41), 3)
+    n = layout.total_rows
+    segments = tuple(layout.attn_segments(fused))
+    qkv = torch.randn(n, 2, 3, 2, 32, generator=torch.Generator().manual_seed(5)).to(BF16).requires_grad_()
+    g = torch.randn(n, 2, 2, 32, generator=torch.Generator().manual_seed(6)).to(BF16)
+
+    out = attn.mbt_attention_qkv(qkv, segments)
+    ref = mbt_attention(*qkv.unbind(2), segments)
+    assert torch.equal(out, ref)
+    (packed,) = torch.autograd.grad(out, qkv, g)
+    (stacked,) = torch.autograd.grad(ref, qkv, g)
+    assert packed.shape == qkv.shape and packed.is_contiguous() and torch.equal(packed, stacked)
+    if not fused:
+        for m in range(layout.num_modalities):
+            assert torch.count_nonzero(packed[layout.bottleneck_rows(m)]) == 0
+
+    def backward(op):
+        return lambda: torch.autograd.grad(op(), qkv, g)
+    assert "stack" not in _aten_ops(backward(lambda: attn.mbt_attention_qkv(qkv, segments)))
+    assert "stack" in _aten_ops(backward(lambda: mbt_attention(*qkv.unbind(2), segments)))
+    _run_and_check(*qkv.detach().unbind(2), segments, fn=lambda *_: attn.mbt_attention_qkv(qkv, segments), grad=False)
+
+
+def test_packed_qkv_bad_input():
+    with pytest.raises(ValueError, match=r"qkv: expected a tensor \[N, B, 3, H, D\], got \(8, 1, 2, 1, 32\)"):
+        attn.mbt_attention_qkv(torch.randn(8, 1, 2, 1, 32), _single(8, 8))
+    with pytest.raises(ValueError, match=r"qkv: expected \[N, B, 3, H, D\], got shape \(8, 1, 4, 1, 32\)"):
+        ops.mbt_attention_qkv(torch.randn(8, 1, 4, 1, 32), _single(8, 8), backend="triton")
+
+
 def test_rows_outside_segments_are_zero():
     layout = PackedLayout(("spectrogram", "rgb"), (20, 30), 3)
     segments = layout.attn_segments(fused=False)  # bottleneck rows are in no segment
@@ -196,6 +275,34 @@ def test_mbt_b_token_counts():
     q, k, v = _inputs(n, n, 1, 1, 64, F16, "packed")
     _run_and_check(q, k, v, segments, scale=0.125,
                    fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, segments, 0.125, cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("dtype,fused,packed", [(BF16, True, True), (BF16, False, False), (F16, True, False),
+                                                (F16, False, True)],
+                         ids=["bf16-fused-qkv", "bf16-unfused-q_k_v", "fp16-fused-q_k_v", "fp16-unfused-qkv"])
+def test_mbt_b_on_gpu(dtype, fused, packed):
+    """The compiled GPU path, which the interpreter never runs (fp16/bf16 operands on the tensor cores,
+    the GPU tiles, peeled tails), at MBT-B: batch 8, 12 heads, head dim 64, spectrogram 401 + rgb 3137
+    tokens and 5 bottleneck rows; forward and backward against the fp32 reference by the 2x rule. Each
+    dtype, fusion mode and entry point once (4 cases: they run inside the GPU command's test budget)."""
+    layout = PackedLayout(("spectrogram", "rgb"), (401, 3137), 5)
+    segments = tuple(layout.attn_segments(fused))
+    n = layout.total_rows
+    qkv = torch.randn(n, 8, 3, 12, 64, generator=torch.Generator().manual_seed(7)).to("cuda", dtype).requires_grad_()
+    q, k, v = qkv.unbind(2)
+    out = attn.mbt_attention_qkv(qkv, segments) if packed else mbt_attention(q, k, v, segments)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to("cuda", dtype)
+    grads = torch.autograd.grad(out, qkv, g)[0].unbind(2)
+    leaves32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    leaves_lo = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref, eager = mbt_attention_ref(*leaves32, segments), mbt_attention_ref(*leaves_lo, segments, dtype=dtype)
+    fwd_floor, bwd_floor = FLOORS[dtype]
+    _assert_close("out", out, ref, eager, fwd_floor)
+    for name, got, r, e in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, leaves32, g.float()),
+                               torch.autograd.grad(eager, leaves_lo, g)):
+        _assert_close(name, got, r, e, bwd_floor)
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -1,93 +1,68 @@
 """Ahead-of-time compilation of the attention kernels for sm_80 and sm_90, no GPU needed.
 
-At the MBT-B configuration (head dim 64, fp16 and bf16) forward and backward must use tensor cores
-(HMMA on sm_80; HGMMA or HMMA on sm_90) and spill nothing (cuobjdump's STACK and LOCAL are 0).
-Kernels defined under TRITON_INTERPRET=1 cannot be compiled, so the compilation runs in a child
-process with the interpreter off; this file is also that child's script.
+Through the static report (``mbt_fast.kernels.report``, which compiles in a child process with the
+interpreter off), at every head dim (32, 64, 128) and dtype (fp16, bf16, fp32):
+
+* no kernel spills (cuobjdump's STACK and LOCAL are 0) and shared memory fits the architecture;
+* fp16/bf16 forward and backward GEMMs run on tensor cores (HMMA on sm_80; HGMMA or HMMA on sm_90);
+* the design of the main loops (``loop_sass``, one iteration): fp16/bf16 main loops hold no select
+  (FSEL; only a segment's last, partial block is masked, outside the loop), and the forward's softmax
+  scale is folded into the exponent's argument (an FFMA per score, no FMUL per score).
 """
-import json
 import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
 
-import pytest
+os.environ.setdefault("TRITON_INTERPRET", "1")  # like the other kernel tests; the report compiles in a subprocess then
 
-ARCHS = (80, 90)
-DTYPES = ("float16", "bfloat16")
+import pytest  # noqa: E402
 
+from mbt_fast.kernels import report  # noqa: E402
 
-def _tool(name):
-    import triton
-
-    for folder in (os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"), "/usr/local/cuda/bin"):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return shutil.which(name)
-
-
-def _compile_all():
-    """{dtype: {arch: {kernel: {...}}}}: registers, spill bytes, shared memory and MMA counts."""
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from mbt_fast.kernels.attention import aot_specs
-
-    out = {}
-    for dtype in DTYPES:
-        for arch in ARCHS:
-            for spec in aot_specs(getattr(torch, dtype)):
-                src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
-                                attrs=spec["attrs"])
-                kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                        options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(kernel.asm["cubin"])
-                    f.flush()
-                    usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True,
-                                           text=True, check=True).stdout
-                    sass = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True,
-                                          check=True).stdout
-                out.setdefault(dtype, {}).setdefault(str(arch), {})[spec["kernel"]] = {
-                    "direction": spec["direction"],
-                    "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-                    "spill_bytes": sum(int(x) for x in re.findall(r"(?:STACK|LOCAL):(\d+)", usage)),
-                    "shared": kernel.metadata.shared,
-                    "hmma": len(re.findall(r"\bHMMA\b", sass)),
-                    "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
-                }
-    return out
+HEAD_DIMS = (32, 64, 128)
+SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # per CTA
 
 
 @pytest.fixture(scope="module")
-def report():
-    missing = [t for t in ("cuobjdump", "nvdisasm") if _tool(t) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} found neither in triton/backends/nvidia/bin nor /usr/local/cuda/bin")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+def rows():
+    try:
+        report._tool("cuobjdump"), report._tool("nvdisasm")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return report.compile_report(archs=(80, 90), dtypes=("fp16", "bf16", "fp32"), ops=("attention",),
+                                 head_dims=HEAD_DIMS)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_tensor_cores_and_no_spills(report, dtype, arch):
-    kernels = report[dtype][str(arch)]
-    assert {k["direction"] for k in kernels.values()} == {"fwd", "bwd"}
-    for name, k in kernels.items():
-        assert k["spill_bytes"] == 0, f"{name} sm_{arch} {dtype}: {k['spill_bytes']} spill bytes ({k})"
-        if "preprocess" in name:  # a row reduction, no GEMM
+def test_every_configuration_compiled(rows):
+    got = {(r["kernel"], r["arch"], r["dtype"], r["head_dim"]) for r in rows}
+    kernels = {r["kernel"] for r in rows}
+    assert len(kernels) == 4 and {r["direction"] for r in rows} == {"fwd", "bwd"}
+    assert got == {(k, a, t, d) for k in kernels for a in ("sm_80", "sm_90") for t in ("fp16", "bf16", "fp32")
+                   for d in HEAD_DIMS}
+
+
+def test_no_spills_and_shared_memory_fits(rows):
+    for r in rows:
+        where = f"{r['kernel']} {r['arch']} {r['dtype']} D={r['head_dim']}"
+        assert r["spill_bytes"] == 0, f"{where}: {r['spill_bytes']} spill bytes ({r})"
+        assert r["shared_bytes"] <= SHARED_LIMIT[r["arch"]], f"{where}: shared memory {r['shared_bytes']} too large"
+        assert r["ctas_per_sm"] >= 1, f"{where}: does not fit on an SM ({r})"
+
+
+def test_tensor_cores(rows):
+    for r in rows:
+        if "preprocess" in r["kernel"] or r["dtype"] == "fp32":  # a row reduction; IEEE fp32 runs on FMA units
             continue
-        mma = k["hmma"] if arch == 80 else k["hgmma"] + k["hmma"]
-        assert mma > 0, f"{name} sm_{arch} {dtype}: no tensor-core instruction ({k})"
-        assert k["shared"] <= (163 if arch == 80 else 227) * 1024, f"{name}: shared memory {k['shared']} too large"
+        loop = r["loop_sass"]
+        mma = loop["HMMA"] if r["arch"] == "sm_80" else loop["HGMMA"] + loop["HMMA"]
+        assert mma > 0, f"{r['kernel']} {r['arch']} {r['dtype']} D={r['head_dim']}: no tensor-core MMA in the main loop ({r})"
 
 
-if __name__ == "__main__":
-    print(json.dumps(_compile_all()))
+def test_main_loops_unmasked_and_scale_folded(rows):
+    for r in rows:
+        if "preprocess" in r["kernel"] or r["dtype"] == "fp32":  # fp32 keeps one masked loop (_peel_tail)
+            continue
+        where = f"{r['kernel']} {r['arch']} {r['dtype']} D={r['head_dim']}"
+        loop = r["loop_sass"]
+        assert loop["FSEL"] == 0, f"{where}: {loop['FSEL']} selects per main-loop iteration ({loop})"
+        if "fwd" in r["kernel"]:
+            # one exp2 argument per score: FFMA (score * scale - max), as many as the MUFU.EX2 of the scores
+            assert loop["FFMA"] >= loop["MUFU.EX2"] - 2, f"{where}: scale not folded into the exponent ({loop})"

@@ -14,17 +14,62 @@ from mbt_fast.kernels import report  # noqa: E402
 
 ROW_OPS = ("residual_mean", "segment_layernorm", "bias_gelu")
 ROW_KERNELS = {f"_{op}_{d}_kernel" for op in ROW_OPS for d in ("fwd", "bwd")}
-TYPES = {"kernel": str, "direction": str, "arch": str, "dtype": str, "registers": int, "spill_bytes": int,
-         "shared_bytes": int, "mma_instructions": int}
+TYPES = {"kernel": str, "direction": str, "arch": str, "dtype": str, "head_dim": (int, type(None)), "num_warps": int,
+         "registers": int, "spill_bytes": int, "shared_bytes": int, "ctas_per_sm": int, "occupancy_limiter": str,
+         "mma_instructions": int, "sass": dict, "loop_sass": (dict, type(None))}
 
 
 def _check_rows(rows):
     for row in rows:
         assert set(row) == set(TYPES), f"unexpected keys {sorted(row)}"
         for key, typ in TYPES.items():
-            assert isinstance(row[key], typ), f"{row['kernel']}: {key} = {row[key]!r} is not {typ.__name__}"
+            assert isinstance(row[key], typ), f"{row['kernel']}: {key} = {row[key]!r} is not {typ}"
         assert row["direction"] in ("fwd", "bwd") and row["arch"] in ("sm_80", "sm_90")
         assert 0 < row["registers"] <= 255 and row["spill_bytes"] >= 0 and row["shared_bytes"] >= 0
+        assert set(row["sass"]) == set(report.SASS_OPCODES) and 1 <= row["ctas_per_sm"] <= 32
+        assert row["occupancy_limiter"] in ("registers", "shared_memory", "warps", "ctas")
+        if row["loop_sass"] is not None:  # a loop is part of its kernel
+            assert all(row["loop_sass"][op] <= row["sass"][op] for op in report.SASS_OPCODES), row
+
+
+# a made-up nvdisasm listing: a prologue, a main loop (label to backward branch), a peeled masked copy
+# of the body in a second loop, and the self-branch that ends every kernel
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/              @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0020*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0030*/                   FFMA R5, R5, R6, -R7 ;
+        /*0040*/                   MUFU.EX2 R5, R5 ;
+        /*0050*/              @!P1 BRA `(.L_x_1) ;
+.L_x_0:
+.L_x_2:
+        /*0060*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0070*/                   FSEL R5, R5, -INF , P2 ;
+        /*0080*/                   FMUL R5, R5, R6 ;
+        /*0090*/                   MUFU.EX2 R5, R5 ;
+        /*00a0*/              @!P1 BRA `(.L_x_2) ;
+        /*00b0*/                   EXIT ;
+.L_x_3:
+        /*00c0*/                   BRA `(.L_x_3);
+"""
+
+
+def test_sass_counts():
+    whole, loop = report.sass_counts(_SASS)
+    assert (whole["HMMA"], whole["FSEL"], whole["FFMA"], whole["FMUL"], whole["MUFU.EX2"]) == (2, 1, 1, 1, 2)
+    assert (loop["HMMA"], loop["FSEL"], loop["FFMA"], loop["FMUL"], loop["MUFU.EX2"]) == (1, 0, 1, 0, 1)
+    assert report.sass_counts("        /*0000*/   EXIT ;\n.L_x_0:\n        /*0010*/   BRA `(.L_x_0);")[1] is None
+
+
+def test_occupancy_arithmetic():
+    # 136 registers x 8 warps: 4352 per warp, 15 warps by the register file -> 1 CTA; 128 registers -> 2
+    assert report.occupancy(136, 57856, 8, 90) == (1, "registers")
+    assert report.occupancy(128, 57856, 8, 90) == (2, "registers")
+    # 100 KB of shared memory: 2 CTAs on sm_90 (228 KB), 1 on sm_80 (164 KB)
+    assert report.occupancy(64, 100 * 1024, 4, 90) == (2, "shared_memory")
+    assert report.occupancy(64, 100 * 1024, 4, 80) == (1, "shared_memory")
+    assert report.occupancy(24, 0, 4, 80) == (16, "warps")  # 64 warps per SM / 4
 
 
 def test_row_kernels_sm80_sm90():
