@@ -138,9 +138,9 @@ def _count(ops: list[str]) -> dict:
 
 def sass_counts(sass: str) -> tuple[dict, dict | None]:
     """Static counts of ``SASS_OPCODES`` in ``nvdisasm -c`` output (predicated instructions included):
-    over the whole kernel, and over its hot loop (``None`` without a loop).
+    over the whole kernel, and over its main loop (``None`` without a loop).
 
-    The hot loop is the first innermost loop in code order, a loop being the instructions from a label
+    The main loop is the first innermost loop in code order, a loop being the instructions from a label
     to a backward ``BRA`` to it: the source's main loop, which the compiler lays out before a peeled
     masked tail (a second loop of at most one trip) and the epilogue, so its counts say what every
     iteration but a segment's last executes."""
@@ -251,7 +251,7 @@ _TABLE_KEYS = tuple(k for k in KEYS if k not in ("mma_instructions", "sass", "lo
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per row; each opcode column reads ``hot loop / whole kernel``."""
+    """One line per row; each opcode column reads ``main loop / whole kernel``."""
     head = [*_TABLE_KEYS, *SASS_OPCODES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
                     "2 modalities, 5 bottleneck rows): registers per thread and spill/stack bytes from "
                     "`cuobjdump -res-usage`, shared memory from the compile metadata, CTAs per SM from "
                     "registers, shared memory and warps (CUDA's occupancy arithmetic, the limiting resource "
-                    "named), and opcode counts in the `nvdisasm` SASS as hot loop / whole kernel (the hot loop is the "
+                    "named), and opcode counts in the `nvdisasm` SASS as main loop / whole kernel (the main loop is the "
                     "first innermost loop: what one main-loop iteration executes). "
                     "Not a measurement.\n\n")
             f.write(table + "\n")
