@@ -13,6 +13,10 @@ MBT_TORCH_LIBRARY(MBT_NS, m) {
     m.def("arch_test_mma(Tensor a_regs, Tensor b_regs, Tensor c, bool bf16) -> Tensor");
     m.def("arch_test_ldmatrix(Tensor smem, Tensor row_offsets, int num, bool trans) -> Tensor");
     m.def("arch_test_shfl_xor(Tensor vals, int lane_mask) -> Tensor");
+    m.def("arch_test_smem_uninit(Tensor vals, int blocks) -> Tensor");
+    m.def("arch_test_block_chain(Tensor vals) -> Tensor");
+    m.def("arch_test_vec16(Tensor src, int load_offset, int store_offset) -> Tensor");
+    m.def("arch_test_launch(Tensor val, int grid_x, int grid_y, int grid_z, int threads, int smem_bytes, int max_dynamic_smem) -> Tensor");
 }
 
 // seg, row_mod and slot_start are small CPU tables even for the CUDA build; the dispatch key comes
@@ -29,4 +33,8 @@ MBT_TORCH_LIBRARY_IMPL(MBT_NS, MBT_DISPATCH, m) {
     m.impl("arch_test_mma", &MBT_NS::arch_test_mma);
     m.impl("arch_test_ldmatrix", &MBT_NS::arch_test_ldmatrix);
     m.impl("arch_test_shfl_xor", &MBT_NS::arch_test_shfl_xor);
+    m.impl("arch_test_smem_uninit", &MBT_NS::arch_test_smem_uninit);
+    m.impl("arch_test_block_chain", &MBT_NS::arch_test_block_chain);
+    m.impl("arch_test_vec16", &MBT_NS::arch_test_vec16);
+    m.impl("arch_test_launch", &MBT_NS::arch_test_launch);
 }

@@ -178,6 +178,11 @@ _ARCH_TEST_FAKES = {
     "arch_test_mma": lambda a_regs, b_regs, c, bf16: c.new_empty(32, 4),
     "arch_test_ldmatrix": lambda smem, row_offsets, num, trans: smem.new_empty(32, num, dtype=torch.int32),
     "arch_test_shfl_xor": lambda vals, lane_mask: torch.empty_like(vals, memory_format=torch.contiguous_format),
+    # kernels with a planted bug each, and a launch with a given configuration (tests/csrc/test_emu_faults.py)
+    "arch_test_smem_uninit": lambda vals, blocks: vals.new_empty(blocks, 2, 64),
+    "arch_test_block_chain": lambda vals: torch.empty_like(vals, memory_format=torch.contiguous_format),
+    "arch_test_vec16": lambda src, load_offset, store_offset: torch.empty_like(src, memory_format=torch.contiguous_format),
+    "arch_test_launch": lambda val, grid_x, grid_y, grid_z, threads, smem_bytes, max_dynamic_smem: val.new_empty(1),
 }
 
 

@@ -180,6 +180,12 @@ def _samples(ops):
                              torch.randn(32, 4), dt == torch.bfloat16) for dt in (torch.float16, torch.bfloat16)]
     out["arch_test_ldmatrix"] = [(torch.arange(64 * 8, dtype=torch.int16), torch.arange(32) * 8, n, t) for n, t in ((4, False), (2, True))]
     out["arch_test_shfl_xor"] = [(torch.randn(n), mask) for n, mask in ((64, 1), (256, 17))]
+    i32 = torch.int32
+    out["arch_test_smem_uninit"] = [(torch.arange(n, dtype=i32), blocks) for n, blocks in ((16, 3), (64, 1))]
+    out["arch_test_block_chain"] = [(torch.arange(1, n + 1, dtype=i32),) for n in (1, 9)]
+    out["arch_test_vec16"] = [(torch.arange(16, dtype=i32), lo, so) for lo, so in ((0, 4), (8, 12))]
+    out["arch_test_launch"] = [(torch.tensor([7], dtype=i32), 2, 3, 1, 64, 1024, 48 * 1024),
+                               (torch.tensor([-1], dtype=i32), 1, 1, 2, 32, 0, 64 * 1024)]
     return out
 
 

@@ -65,9 +65,9 @@ MBT_DEVICE void load_tile(T* tile, const TensorRef& t, int r0, int r_end, int b,
         const int r = i / kChunks, c = i % kChunks;
         uint4* dst = reinterpret_cast<uint4*>(tile + r * Shape<D>::kStride + c * 8);
         if (r0 + r < r_end)
-            *dst = *reinterpret_cast<const uint4*>(row_ptr<T>(t, r0 + r, b, h) + c * 8);
+            store16(dst, load16(reinterpret_cast<const uint4*>(row_ptr<T>(t, r0 + r, b, h) + c * 8)));
         else
-            *dst = uint4{0, 0, 0, 0};
+            store16(dst, uint4{0, 0, 0, 0});
     }
 }
 

@@ -40,7 +40,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
     T* k_tile = do_tile + BM * S;
     T* v_tile = k_tile + BN * S;
 
-    const int4 blk = p.blocks[block_x()];
+    const int4 blk = load16(p.blocks + block_x());
     const int q0 = blk.x, q1 = blk.y, k0 = blk.z, k1 = blk.w;
     const int b = block_y() / p.H, h = block_y() % p.H;
     const int warp = thread_x() / 32, lane = thread_x() % 32, gid = lane / 4, tig = lane % 4;
@@ -106,7 +106,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
     float* lse_s = reinterpret_cast<float*>(do_tile + BM * S);
     float* delta_s = lse_s + BM;
 
-    const int4 blk = p.blocks[block_x()];
+    const int4 blk = load16(p.blocks + block_x());
     const int k0 = blk.x, k1 = blk.y, q0 = blk.z, q1 = blk.w;
     const int b = block_y() / p.H, h = block_y() % p.H;
     const int warp = thread_x() / 32, lane = thread_x() % 32, gid = lane / 4, tig = lane % 4;

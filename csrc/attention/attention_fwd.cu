@@ -19,7 +19,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
     T* k_tile = q_tile + BM * S;
     T* v_tile = k_tile + BN * S;
 
-    const int4 blk = p.blocks[block_x()];
+    const int4 blk = load16(p.blocks + block_x());
     const int q0 = blk.x, q1 = blk.y, k0 = blk.z, k1 = blk.w;
     const int b = block_y() / p.H, h = block_y() % p.H;
     const int warp = thread_x() / 32, lane = thread_x() % 32, gid = lane / 4, tig = lane % 4;

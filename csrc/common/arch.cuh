@@ -33,7 +33,8 @@
 // dynamic shared memory: one buffer per launch, 16-byte aligned for ldmatrix
 #define MBT_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) unsigned char mbt_dyn_smem_[]; \
     type* name = reinterpret_cast<type*>(mbt_dyn_smem_)
-#define MBT_STATIC_SMEM __shared__
+// static shared memory: __shared__ T name[count] (the emulation places it in a per-launch arena it can fill)
+#define MBT_STATIC_SMEM(type, name, count) __shared__ __align__(16) type name[count]
 // kernel<<<grid, block, smem, stream>>>(args...); pass a plain name (a template-id's comma splits macro args)
 #define MBT_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 
@@ -44,6 +45,18 @@ MBT_DEVICE unsigned block_x() { return blockIdx.x; }
 MBT_DEVICE unsigned block_y() { return blockIdx.y; }
 MBT_DEVICE unsigned block_dim_x() { return blockDim.x; }
 MBT_DEVICE void sync_threads() { __syncthreads(); }
+
+// 128-bit vector load/store (ld/st .v4); p must be 16-byte aligned (else cudaErrorMisalignedAddress)
+template <class V>
+MBT_DEVICE V load16(const V* p) {
+    static_assert(sizeof(V) == 16, "load16: 16-byte vector types only");
+    return *p;
+}
+template <class V>
+MBT_DEVICE void store16(V* p, const V& v) {
+    static_assert(sizeof(V) == 16, "store16: 16-byte vector types only");
+    *p = v;
+}
 
 template <class T>
 MBT_DEVICE T shfl_xor(T v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }

@@ -1,6 +1,7 @@
 // Test kernels for the arch.cuh wrappers: they expose one wrapper each to Python so that the tests
 // (tests/csrc/test_emu_arch.py) compare the fragment layouts against the PTX ISA tables written out
-// independently in Python, and, on a GPU, the emulation against the hardware.
+// independently in Python, and, on a GPU, the emulation against the hardware. Below them, kernels with
+// one planted bug each, which the emulation must catch as a GPU would (tests/csrc/test_emu_faults.py).
 #include "ops.h"
 
 namespace MBT_NS {
@@ -87,6 +88,114 @@ at::Tensor arch_test_shfl_xor(const at::Tensor& vals, int64_t lane_mask) {
     // blocks of 64 threads: two warps per block, several blocks, so warps and blocks both get exercised
     MBT_LAUNCH(_arch_test_shfl_xor_kernel, dim3(static_cast<unsigned>(v.numel() / 64)), dim3(64), 0, MBT_STREAM,
                v.data_ptr<float>(), static_cast<int>(lane_mask), out.data_ptr<float>());
+    MBT_CHECK_LAUNCH();
+    return out;
+}
+
+// ---- planted bugs ---------------------------------------------------------------------------------------
+
+constexpr int kUninitWords = 64;  // one word per thread of a 64-thread block
+
+// Bug: shared memory read before it is written. Block b copies vals (n <= 64 words) into the first n
+// words of a static and of a dynamic array, reads all 64 words back (words n.. were never written), then
+// overwrites both arrays with b. out[b][0] / out[b][1]: what the static / dynamic array held.
+MBT_GLOBAL void _arch_test_smem_uninit_kernel(const int32_t* vals, int n, int32_t* out) {
+    MBT_STATIC_SMEM(int32_t, stat, kUninitWords);
+    MBT_DYNAMIC_SMEM(int32_t, dyn);
+    const int t = static_cast<int>(mbt::thread_x()), b = static_cast<int>(mbt::block_x());
+    if (t < n) {
+        stat[t] = vals[t];
+        dyn[t] = vals[t];
+    }
+    mbt::sync_threads();
+    out[(2 * b) * kUninitWords + t] = stat[t];
+    out[(2 * b + 1) * kUninitWords + t] = dyn[t];
+    mbt::sync_threads();
+    stat[t] = b;
+    dyn[t] = b;
+}
+
+at::Tensor arch_test_smem_uninit(const at::Tensor& vals, int64_t blocks) {
+    check_device(vals, "vals");
+    TORCH_CHECK(vals.scalar_type() == at::kInt && vals.dim() == 1 && vals.numel() <= kUninitWords,
+                "vals: expected int32 [n] with n <= ", kUninitWords);
+    TORCH_CHECK(blocks >= 1 && blocks <= 1024, "blocks: expected [1, 1024], got ", blocks);
+    MBT_DEVICE_GUARD(vals);
+    auto v = vals.contiguous();
+    auto out = at::empty({blocks, 2, kUninitWords}, v.options());
+    MBT_LAUNCH(_arch_test_smem_uninit_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kUninitWords),
+               kUninitWords * sizeof(int32_t), MBT_STREAM, v.data_ptr<int32_t>(), static_cast<int>(v.numel()),
+               out.data_ptr<int32_t>());
+    MBT_CHECK_LAUNCH();
+    return out;
+}
+
+// Bug: a dependency between blocks. Block b adds vals[b] to what block b-1 wrote (a prefix sum across
+// blocks); nothing orders blocks on a GPU, so the sum is right only if blocks happen to run in index order.
+MBT_GLOBAL void _arch_test_block_chain_kernel(const int32_t* vals, int32_t* out) {
+    const unsigned b = mbt::block_x();
+    if (mbt::thread_x() == 0) out[b] = (b == 0 ? 0 : out[b - 1]) + vals[b];
+}
+
+at::Tensor arch_test_block_chain(const at::Tensor& vals) {
+    check_device(vals, "vals");
+    TORCH_CHECK(vals.scalar_type() == at::kInt && vals.dim() == 1 && vals.numel() >= 1 && vals.numel() <= 65535,
+                "vals: expected int32 [n], 1 <= n <= 65535");
+    MBT_DEVICE_GUARD(vals);
+    auto v = vals.contiguous();
+    auto out = at::zeros_like(v);
+    MBT_LAUNCH(_arch_test_block_chain_kernel, dim3(static_cast<unsigned>(v.numel())), dim3(32), 0, MBT_STREAM,
+               v.data_ptr<int32_t>(), out.data_ptr<int32_t>());
+    MBT_CHECK_LAUNCH();
+    return out;
+}
+
+// One 16-byte load from src + load_offset and store to out + store_offset (offsets in int32 elements).
+// Bug: an offset that is not a multiple of 4 elements, i.e. a misaligned 128-bit access.
+MBT_GLOBAL void _arch_test_vec16_kernel(const int32_t* src, int load_offset, int32_t* out, int store_offset) {
+    if (mbt::thread_x() == 0)
+        mbt::store16(reinterpret_cast<uint4*>(out + store_offset), mbt::load16(reinterpret_cast<const uint4*>(src + load_offset)));
+}
+
+at::Tensor arch_test_vec16(const at::Tensor& src, int64_t load_offset, int64_t store_offset) {
+    check_device(src, "src");
+    TORCH_CHECK(src.scalar_type() == at::kInt && src.dim() == 1, "src: expected int32 [n]");
+    const int64_t n = src.numel();
+    // in bounds whatever the alignment: the only bug left to the kernel is the misalignment
+    TORCH_CHECK(load_offset >= 0 && load_offset + 4 <= n, "load_offset: expected [0, ", n - 4, "], got ", load_offset);
+    TORCH_CHECK(store_offset >= 0 && store_offset + 4 <= n, "store_offset: expected [0, ", n - 4, "], got ", store_offset);
+    MBT_DEVICE_GUARD(src);
+    auto s = src.contiguous();
+    auto out = at::zeros_like(s);
+    MBT_LAUNCH(_arch_test_vec16_kernel, dim3(1), dim3(32), 0, MBT_STREAM, s.data_ptr<int32_t>(),
+               static_cast<int>(load_offset), out.data_ptr<int32_t>(), static_cast<int>(store_offset));
+    MBT_CHECK_LAUNCH();
+    return out;
+}
+
+// A trivial kernel launched with the configuration given, after setting its MaxDynamicSharedMemorySize
+// attribute: what the driver (or the emulation) accepts and refuses. Thread 0 of every block stores
+// val[0] (the same value from every block).
+MBT_GLOBAL void _arch_test_launch_kernel(const int32_t* val, int32_t* out) {
+    if (mbt::thread_x() == 0) out[0] = val[0];
+}
+
+at::Tensor arch_test_launch(const at::Tensor& val, int64_t grid_x, int64_t grid_y, int64_t grid_z, int64_t threads,
+                            int64_t smem_bytes, int64_t max_dynamic_smem) {
+    check_device(val, "val");
+    TORCH_CHECK(val.scalar_type() == at::kInt && val.numel() == 1, "val: expected int32 [1]");
+    // only what fits the launch's unsigned arguments; the limits themselves are the launch's to check
+    for (const int64_t x : {grid_x, grid_y, grid_z, threads, smem_bytes, max_dynamic_smem})
+        TORCH_CHECK(x >= 0 && x <= UINT32_MAX, "launch arguments: expected [0, 2^32), got ", x);
+    TORCH_CHECK(max_dynamic_smem <= INT32_MAX, "max_dynamic_smem: expected [0, 2^31), got ", max_dynamic_smem);
+    MBT_DEVICE_GUARD(val);
+    auto v = val.contiguous();
+    auto out = at::zeros_like(v);
+    auto kernel = _arch_test_launch_kernel;
+    set_dynamic_smem_attribute(kernel, static_cast<size_t>(max_dynamic_smem));
+    MBT_LAUNCH(kernel, dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y), static_cast<unsigned>(grid_z)),
+               dim3(static_cast<unsigned>(threads)), static_cast<size_t>(smem_bytes), MBT_STREAM, v.data_ptr<int32_t>(),
+               out.data_ptr<int32_t>());
     MBT_CHECK_LAUNCH();
     return out;
 }

@@ -43,5 +43,12 @@ std::vector<at::Tensor> bias_gelu_bwd(const at::Tensor& grad, const at::Tensor& 
 at::Tensor arch_test_mma(const at::Tensor& a_regs, const at::Tensor& b_regs, const at::Tensor& c, bool bf16);
 at::Tensor arch_test_ldmatrix(const at::Tensor& smem, const at::Tensor& row_offsets, int64_t num, bool trans);
 at::Tensor arch_test_shfl_xor(const at::Tensor& vals, int64_t lane_mask);
+// Kernels with one planted bug each (uninitialised shared memory, a cross-block dependency, a misaligned
+// 16-byte access) and a launch with a given configuration: the emulation must fail where a GPU would.
+at::Tensor arch_test_smem_uninit(const at::Tensor& vals, int64_t blocks);
+at::Tensor arch_test_block_chain(const at::Tensor& vals);
+at::Tensor arch_test_vec16(const at::Tensor& src, int64_t load_offset, int64_t store_offset);
+at::Tensor arch_test_launch(const at::Tensor& val, int64_t grid_x, int64_t grid_y, int64_t grid_z, int64_t threads,
+                            int64_t smem_bytes, int64_t max_dynamic_smem);
 
 }  // namespace MBT_NS

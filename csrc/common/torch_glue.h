@@ -31,16 +31,21 @@
 
 namespace MBT_NS {
 
-// Opt a kernel into more than 48 KiB of dynamic shared memory (no-op when emulating).
+// The kernel's cudaFuncAttributeMaxDynamicSharedMemorySize (48 KiB by default): the emulation records it
+// and refuses a launch above it, as the driver does.
+template <class Kernel>
+inline void set_dynamic_smem_attribute(Kernel kernel, size_t bytes) {
+#ifndef MBT_EMULATE
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+#else
+    mbt_emu::set_max_dynamic_smem(kernel, bytes);
+#endif
+}
+
+// Opt a kernel into more than 48 KiB of dynamic shared memory when it needs it.
 template <class Kernel>
 inline void set_max_dynamic_smem(Kernel kernel, size_t bytes) {
-#ifndef MBT_EMULATE
-    if (bytes > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-#else
-    (void)kernel;
-    (void)bytes;
-#endif
+    if (bytes > 48 * 1024) set_dynamic_smem_attribute(kernel, bytes);
 }
 
 // tensors must live where this build runs: CUDA for the real extension, CPU for the emulated one

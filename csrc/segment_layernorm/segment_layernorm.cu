@@ -41,7 +41,7 @@ struct LnParams {
 
 template <class T>
 MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kLnMaxThreads) _segment_layernorm_fwd_kernel(LnParams p) {
-    MBT_STATIC_SMEM float red[2 * kMaxWarps];
+    MBT_STATIC_SMEM(float, red, 2 * kMaxWarps);
     const int row = static_cast<int>(block_x());
     const int t = static_cast<int>(thread_x()), nt = static_cast<int>(block_dim_x());
     const int64_t base = static_cast<int64_t>(row) * p.C;
@@ -97,7 +97,7 @@ MBT_DEVICE void ln_flush(const LnParams& p, int m, float (&acc_w)[kLnPerThread],
 
 template <class T>
 MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kLnMaxThreads) _segment_layernorm_bwd_kernel(LnParams p) {
-    MBT_STATIC_SMEM float red[2 * kMaxWarps];
+    MBT_STATIC_SMEM(float, red, 2 * kMaxWarps);
     const int t = static_cast<int>(thread_x()), nt = static_cast<int>(block_dim_x());
     const int row0 = static_cast<int>(block_x()) * p.rows_per_block;
     const int row_end = row0 + p.rows_per_block < p.rows ? row0 + p.rows_per_block : p.rows;
