@@ -7,7 +7,8 @@
 
 Environment quirks handled here, not by the user: ``CUDA_HOME`` defaults to ``/usr/local/cuda`` (the
 ``nvcc`` on PATH may be a wrapper script whose parent is not the toolkit); without a visible GPU the
-architectures default to sm_80 and sm_90 (``TORCH_CUDA_ARCH_LIST`` wins when set); the CUDA headers of
+architectures default to sm_80 and sm_90 with PTX for the highest (``TORCH_CUDA_ARCH_LIST`` wins when
+set); the CUDA headers of
 the ``nvidia`` wheels (``site-packages/nvidia/cu*/include``, with the cuBLAS/cuSPARSE headers torch's
 CUDA headers include) go on the include path. This file imports nothing heavy at import time, so
 ``setup.py`` can load it by path.
@@ -26,7 +27,8 @@ OP_SOURCES = ("common/arch_tests", "attention/attention_fwd", "attention/attenti
               "segment_layernorm/segment_layernorm", "bias_gelu/bias_gelu")
 NAMES = {False: "mbt_fast_cuda", True: "mbt_fast_emu"}
 OPS_NAMESPACE = {False: "mbt_fast", True: "mbt_fast_emu"}
-DEFAULT_ARCH_LIST = "8.0;9.0"
+# sm_80 and sm_90 SASS, plus compute_90 PTX that the driver JIT-compiles on newer GPUs (forward compatibility)
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 CXX_FLAGS = ["-O3", "-std=c++20"]
 NVCC_FLAGS = [
@@ -98,7 +100,7 @@ def fp16_include_dir() -> str | None:
 
 
 def arch_list() -> str | None:
-    """TORCH_CUDA_ARCH_LIST when set; else None (torch picks the visible GPUs) or "8.0;9.0" without a GPU."""
+    """TORCH_CUDA_ARCH_LIST when set; else None (torch picks the visible GPUs) or DEFAULT_ARCH_LIST without a GPU."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
     import torch

@@ -17,7 +17,7 @@ def test_recipe_sources_and_environment(monkeypatch):
             assert os.path.exists(path), path
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     if not torch.cuda.is_available():
-        assert recipe.arch_list() == "8.0;9.0"
+        assert recipe.arch_list() == "8.0;9.0+PTX"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     assert recipe.arch_list() == "9.0"
     monkeypatch.delenv("CUDA_HOME", raising=False)
@@ -70,7 +70,7 @@ ptxas info    : Used 168 registers, used 0 barriers, 544 bytes cmem[0]"""
 @pytest.mark.slow
 @pytest.mark.skipif(bool(cuda_ext.build_problems(emulated=False)), reason="; ".join(cuda_ext.build_problems(emulated=False)) or "ok")
 def test_nvcc_build_sm80_sm90_no_spills(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", recipe.DEFAULT_ARCH_LIST)  # what a GPU-less build gets
     ops = cuda_ext.build(emulated=False, verbose=True, build_directory=str(tmp_path / "build"))
     log = cuda_ext.last_build_log()
     for op in ("attention_fwd", "attention_bwd", "residual_mean_fwd", "residual_mean_bwd", "segment_layernorm_fwd",
@@ -93,6 +93,9 @@ def test_nvcc_build_sm80_sm90_no_spills(tmp_path, monkeypatch):
             part = sass.split(f"arch = {arch}")[1].split("arch = ")[0] if f"arch = {arch}" in sass else ""
             for dtype_op in ("HMMA.16816.F32 ", "HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDSM.16.MT88.4"):
                 assert dtype_op in part, f"{obj} {arch}: no {dtype_op.strip()} in the SASS"
+        # +PTX: compute_90 PTX embedded beside the SASS, for GPUs newer than sm_90 to JIT-compile
+        ptx = subprocess.run([cuobjdump, "-lptx", str(tmp_path / "build" / obj)], capture_output=True, text=True).stdout
+        assert "sm_90" in ptx and "sm_80" not in ptx, f"{obj}: expected compute_90 PTX only, cuobjdump -lptx says {ptx!r}"
 
 
 def _cuobjdump():
