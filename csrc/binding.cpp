@@ -17,6 +17,7 @@ MBT_TORCH_LIBRARY(MBT_NS, m) {
     m.def("arch_test_block_chain(Tensor vals) -> Tensor");
     m.def("arch_test_vec16(Tensor src, int load_offset, int store_offset) -> Tensor");
     m.def("arch_test_launch(Tensor val, int grid_x, int grid_y, int grid_z, int threads, int smem_bytes, int max_dynamic_smem) -> Tensor");
+    m.def("arch_test_cp_async(Tensor src, int wait) -> Tensor");
 }
 
 // seg, row_mod and slot_start are small CPU tables even for the CUDA build; the dispatch key comes
@@ -37,4 +38,5 @@ MBT_TORCH_LIBRARY_IMPL(MBT_NS, MBT_DISPATCH, m) {
     m.impl("arch_test_block_chain", &MBT_NS::arch_test_block_chain);
     m.impl("arch_test_vec16", &MBT_NS::arch_test_vec16);
     m.impl("arch_test_launch", &MBT_NS::arch_test_launch);
+    m.impl("arch_test_cp_async", &MBT_NS::arch_test_cp_async);
 }

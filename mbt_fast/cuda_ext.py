@@ -183,6 +183,7 @@ _ARCH_TEST_FAKES = {
     "arch_test_block_chain": lambda vals: torch.empty_like(vals, memory_format=torch.contiguous_format),
     "arch_test_vec16": lambda src, load_offset, store_offset: torch.empty_like(src, memory_format=torch.contiguous_format),
     "arch_test_launch": lambda val, grid_x, grid_y, grid_z, threads, smem_bytes, max_dynamic_smem: val.new_empty(1),
+    "arch_test_cp_async": lambda src, wait: src.new_empty(2, 128),
 }
 
 

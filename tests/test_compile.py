@@ -186,6 +186,7 @@ def _samples(ops):
     out["arch_test_vec16"] = [(torch.arange(16, dtype=i32), lo, so) for lo, so in ((0, 4), (8, 12))]
     out["arch_test_launch"] = [(torch.tensor([7], dtype=i32), 2, 3, 1, 64, 1024, 48 * 1024),
                                (torch.tensor([-1], dtype=i32), 1, 1, 2, 32, 0, 64 * 1024)]
+    out["arch_test_cp_async"] = [(torch.arange(256, dtype=i32), 0), (torch.arange(256, dtype=i32) - 7, 0)]
     return out
 
 

@@ -63,6 +63,17 @@ MBT_DEVICE T shfl_xor(T v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, 
 
 MBT_DEVICE uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
+// cp.async (sm_80+): an asynchronous 16-byte copy global -> shared, bypassing L1 (.cg); both addresses
+// 16-byte aligned. Copies issued since the last commit form one group; wait<N> blocks until at most the
+// N most recent committed groups are still in flight. The data is visible to the issuing thread after
+// the wait and to the rest of the block after a __syncthreads that follows it.
+MBT_DEVICE void cp_async16(void* smem_dst, const void* gmem_src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
+}
+MBT_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+MBT_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
 // ldmatrix: p is this lane's row address in shared memory (16-byte aligned)
 MBT_DEVICE void ldmatrix_x1(uint32_t (&r)[1], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr(p)));

@@ -173,6 +173,42 @@ at::Tensor arch_test_vec16(const at::Tensor& src, int64_t load_offset, int64_t s
     return out;
 }
 
+// cp.async: 32 threads copy src (2 x 128 int32) into two shared arrays, 16 bytes each per array, as two
+// committed groups (array 0, then array 1), then wait for all of them (wait = 0), all but the newest
+// (wait = 1), or not at all (wait = -1), and read both arrays back after a __syncthreads. Bug: with
+// wait = 1 the second group, with wait = -1 both, may still be in flight when read.
+constexpr int kAsyncWords = 128;
+
+MBT_GLOBAL void _arch_test_cp_async_kernel(const int32_t* src, int wait, int32_t* out) {
+    MBT_STATIC_SMEM(int32_t, buf, 2 * kAsyncWords);
+    const int t = static_cast<int>(mbt::thread_x());
+    for (int a = 0; a < 2; ++a) {
+        mbt::cp_async16(buf + a * kAsyncWords + 4 * t, src + a * kAsyncWords + 4 * t);
+        mbt::cp_async_commit();
+    }
+    if (wait == 0)
+        mbt::cp_async_wait<0>();
+    else if (wait == 1)
+        mbt::cp_async_wait<1>();
+    mbt::sync_threads();
+    for (int i = t; i < 2 * kAsyncWords; i += 32) out[i] = buf[i];
+    mbt::sync_threads();      // every read done before the last copies may land
+    mbt::cp_async_wait<0>();  // nothing in flight when the block exits
+}
+
+at::Tensor arch_test_cp_async(const at::Tensor& src, int64_t wait) {
+    check_device(src, "src");
+    TORCH_CHECK(src.scalar_type() == at::kInt && src.numel() == 2 * kAsyncWords, "src: expected int32 [2, ", kAsyncWords, "]");
+    TORCH_CHECK(wait >= -1 && wait <= 1, "wait: expected -1 (none), 0 or 1, got ", wait);
+    MBT_DEVICE_GUARD(src);
+    auto s = src.contiguous();
+    auto out = at::empty({2, kAsyncWords}, s.options());
+    MBT_LAUNCH(_arch_test_cp_async_kernel, dim3(1), dim3(32), 0, MBT_STREAM, s.data_ptr<int32_t>(), static_cast<int>(wait),
+               out.data_ptr<int32_t>());
+    MBT_CHECK_LAUNCH();
+    return out;
+}
+
 // A trivial kernel launched with the configuration given, after setting its MaxDynamicSharedMemorySize
 // attribute: what the driver (or the emulation) accepts and refuses. Thread 0 of every block stores
 // val[0] (the same value from every block).

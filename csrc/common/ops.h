@@ -50,5 +50,7 @@ at::Tensor arch_test_block_chain(const at::Tensor& vals);
 at::Tensor arch_test_vec16(const at::Tensor& src, int64_t load_offset, int64_t store_offset);
 at::Tensor arch_test_launch(const at::Tensor& val, int64_t grid_x, int64_t grid_y, int64_t grid_z, int64_t threads,
                             int64_t smem_bytes, int64_t max_dynamic_smem);
+// cp.async into shared memory, two committed groups, then wait_group 0, 1 or no wait (-1)
+at::Tensor arch_test_cp_async(const at::Tensor& src, int64_t wait);
 
 }  // namespace MBT_NS

@@ -19,7 +19,9 @@
 //   on another block having run first gets a wrong answer (MBT_EMU_BLOCK_ORDER=shuffle|linear, default
 //   shuffle; MBT_EMU_SEED, default 0; read at every launch);
 // * 128-bit accesses (load16/store16) and ldmatrix rows must be 16-byte aligned, as the hardware requires;
-// * launch limits as the driver checks them (sm_90): see check_launch and set_max_dynamic_smem.
+// * launch limits as the driver checks them (sm_90): see check_launch and set_max_dynamic_smem;
+// * cp.async copies land in shared memory only at the cp_async_wait that covers their group (never
+//   without one), so a missing or too-weak wait reads the fill pattern where a GPU would race.
 // Misuse inside a kernel is recorded (LaunchState::fail) and raised as std::runtime_error after the
 // launch instead of crashing inside a worker thread; a bad launch configuration throws before any block.
 //
@@ -215,12 +217,20 @@ struct LaunchState {
     }
 };
 
+// a cp.async copy in flight: the 16 source bytes, read when issued, land in shared memory at the wait
+struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+};
+
 // per host thread: the emulated CUDA thread's identity
 struct ThreadState {
     Dim3 thread_idx, block_idx;
     unsigned linear = 0;     // linear thread index in the block
     unsigned phase = 0;      // collectives done by this lane (selects the scratch buffer)
     size_t static_cursor = 0;  // bytes of the static arena this block's declarations took so far
+    std::vector<AsyncCopy> async_copies;  // this thread's cp.async copies not yet waited for, in issue order
+    std::vector<size_t> async_groups;     // end index in async_copies of each committed group
     LaunchState* launch = nullptr;
 };
 inline thread_local ThreadState tls;
@@ -304,6 +314,9 @@ void launch(Kernel kernel, Dim3 grid, Dim3 block, size_t smem_bytes, Args... arg
         for (const uint64_t b : order) {
             tls.block_idx = Dim3(b % grid.x, (b / grid.x) % grid.y, b / (static_cast<uint64_t>(grid.x) * grid.y));
             tls.static_cursor = 0;
+            // copies a block never waited for never land (on a GPU they may, or not: either way a bug)
+            tls.async_copies.clear();
+            tls.async_groups.clear();
             kernel(args...);
             // the whole block finishes (and shared memory is refilled) before the next block starts
             st.block_end_bar->arrive_and_wait();
@@ -341,6 +354,29 @@ inline void store16(V* p, const V& v) {
     static_assert(sizeof(V) == 16, "store16: 16-byte vector types only");
     mbt_emu::check_aligned16(p, "16-byte store");
     std::memcpy(p, &v, 16);
+}
+
+// cp.async: the copy is deferred until the wait that covers its group, so shared memory read before
+// that wait still holds the fill pattern (NaN), where a GPU would race: a missing or too-weak wait shows.
+inline void cp_async16(void* smem_dst, const void* gmem_src) {
+    mbt_emu::check_aligned16(smem_dst, "cp.async shared destination");
+    mbt_emu::check_aligned16(gmem_src, "cp.async global source");
+    mbt_emu::AsyncCopy c;
+    c.dst = static_cast<unsigned char*>(smem_dst);
+    std::memcpy(c.bytes, gmem_src, 16);
+    mbt_emu::tls.async_copies.push_back(c);
+}
+inline void cp_async_commit() { mbt_emu::tls.async_groups.push_back(mbt_emu::tls.async_copies.size()); }
+template <int N>
+inline void cp_async_wait() {
+    auto& copies = mbt_emu::tls.async_copies;
+    auto& groups = mbt_emu::tls.async_groups;
+    if (groups.size() <= static_cast<size_t>(N)) return;  // at most N groups in flight already
+    const size_t done_groups = groups.size() - N, done = groups[done_groups - 1];
+    for (size_t i = 0; i < done; ++i) std::memcpy(copies[i].dst, copies[i].bytes, 16);
+    copies.erase(copies.begin(), copies.begin() + static_cast<std::ptrdiff_t>(done));
+    groups.erase(groups.begin(), groups.begin() + static_cast<std::ptrdiff_t>(done_groups));
+    for (auto& g : groups) g -= done;
 }
 
 template <class T>

@@ -5,6 +5,7 @@ tiny kernel of csrc/common/arch_tests.cu with one planted bug and shows that cud
   bf16), in every block, for static and dynamic shared memory;
 * a block that reads what block b-1 wrote gets the wrong answer in the (default) shuffled block order;
 * a misaligned 16-byte load or store raises;
+* a cp.async copy lands in shared memory only at the wait_group that covers it (a missing wait reads NaN);
 * a launch past the hardware's grid, block or shared-memory limits raises (on a GPU too).
 """
 import pytest
@@ -93,6 +94,33 @@ def test_aligned_16_byte_access(emu):
 def test_misaligned_16_byte_access_raises(emu, load, store, what):
     with pytest.raises(RuntimeError, match=f"{what}: address 0x[0-9a-f]+ not 16-byte aligned"):
         emu.arch_test_vec16(torch.arange(16, dtype=torch.int32), load, store)
+
+
+# ---- cp.async: a copy lands only at the wait that covers its group ---------------------------------------
+
+def test_cp_async_lands_at_its_wait(emu):
+    """Two committed groups (array 0, then array 1): wait_group 0 lands both, wait_group 1 only the older
+    one, no wait neither, so a missing or too-weak wait reads the fill pattern (-1: every byte 0xFF)."""
+    src = torch.arange(1, 257, dtype=torch.int32).view(2, 128)
+    assert torch.equal(emu.arch_test_cp_async(src, 0), src)
+    older_only = emu.arch_test_cp_async(src, 1)
+    assert torch.equal(older_only[0], src[0]) and (older_only[1] == -1).all(), older_only[1].tolist()
+    assert (emu.arch_test_cp_async(src, -1) == -1).all()
+
+
+def test_cp_async_bad_wait_is_named(emu):
+    with pytest.raises(RuntimeError, match="wait: expected -1"):
+        emu.arch_test_cp_async(torch.zeros(256, dtype=torch.int32), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_cp_async_on_gpu():
+    """The PTX definitions: cp.async.cg 16 bytes, commit_group, wait_group 0 (the waits that race are
+    the emulation's to catch: on a GPU their result depends on timing)."""
+    ops = cuda_ext.build(emulated=False)
+    src = torch.arange(1, 257, dtype=torch.int32, device="cuda").view(2, 128)
+    assert torch.equal(ops.arch_test_cp_async(src, 0), src)
 
 
 # ---- launch limits (sm_90), on the emulation and on a GPU ------------------------------------------------
