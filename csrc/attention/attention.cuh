@@ -57,18 +57,29 @@ MBT_DEVICE T* row_ptr_mut(const TensorRef& t, int64_t n, int b, int h) {
     return static_cast<T*>(t.ptr) + n * t.sn + b * t.sb + h * t.sh;
 }
 
-// Copy rows [r0, r0+ROWS) of t (head b,h) to a padded smem tile in 16-byte chunks; rows >= r_end are zero.
+// Start copying rows [r0, r0+ROWS) of t (head b,h) into a padded smem tile: one cp.async per 16-byte
+// chunk, so all of a thread's chunks are in flight at once (no register round trip); rows >= r_end are
+// zeroed with plain stores. The copies belong to the next committed group: the tile is complete for
+// this thread after the cp_async_wait covering it, and for the block after a sync_threads that follows.
 template <class T, int D, int ROWS>
-MBT_DEVICE void load_tile(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {
+MBT_DEVICE void load_tile_async(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {
     constexpr int kChunks = D / 8;  // 8 elements = 16 bytes
     for (int i = thread_x(); i < ROWS * kChunks; i += kThreads) {
         const int r = i / kChunks, c = i % kChunks;
-        uint4* dst = reinterpret_cast<uint4*>(tile + r * Shape<D>::kStride + c * 8);
+        T* dst = tile + r * Shape<D>::kStride + c * 8;
         if (r0 + r < r_end)
-            store16(dst, load16(reinterpret_cast<const uint4*>(row_ptr<T>(t, r0 + r, b, h) + c * 8)));
+            cp_async16(dst, row_ptr<T>(t, r0 + r, b, h) + c * 8);
         else
-            store16(dst, uint4{0, 0, 0, 0});
+            store16(reinterpret_cast<uint4*>(dst), uint4{0, 0, 0, 0});
     }
+}
+
+// load_tile_async, then wait for it: the tile is complete for this thread on return.
+template <class T, int D, int ROWS>
+MBT_DEVICE void load_tile(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {
+    load_tile_async<T, D, ROWS>(tile, t, r0, r_end, b, h);
+    cp_async_commit();
+    cp_async_wait<0>();
 }
 
 // A fragment (16x16) of a row-major smem tile at (row0, col0).

@@ -1,7 +1,8 @@
 // Multimodal bottleneck attention, forward: flash-style online softmax over each segment's key range.
 //
 // Block = one tile of kBlockM query rows of one segment, for one (batch, head); 4 warps x 16 rows.
-// Q fragments stay in registers; K and V tiles stream through shared memory; S = Q K^T and O += P V
+// Q fragments stay in registers; K and V tiles stream through shared memory in two stages: the next
+// tile's cp.async copies are in flight while the current one is computed on. S = Q K^T and O += P V
 // run on mma.m16n8k16 with fp32 accumulation; keys past the segment end are masked to -inf.
 #include "attention_host.h"
 
@@ -16,8 +17,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
     constexpr int S = Sh::kStride, BM = Sh::kBlockM, BN = Sh::kBlockN, NT = BN / 8;
     MBT_DYNAMIC_SMEM(T, smem);
     T* q_tile = smem;
-    T* k_tile = q_tile + BM * S;
-    T* v_tile = k_tile + BN * S;
+    T* kv_tiles = q_tile + BM * S;  // stage s: K at kv_tiles + 2 s BN S, V right after it
 
     const int4 blk = load16(p.blocks + block_x());
     const int q0 = blk.x, q1 = blk.y, k0 = blk.z, k1 = blk.w;
@@ -26,7 +26,12 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
     const int wrow = warp * 16;                 // this warp's first row in the tile
     const bool active = q0 + wrow < q1;         // warp-uniform: warps past the segment only help load
 
-    load_tile<T, D, BM>(q_tile, p.q, q0, q1, b, h);
+    // group 0: Q and the first K/V tile
+    load_tile_async<T, D, BM>(q_tile, p.q, q0, q1, b, h);
+    load_tile_async<T, D, BN>(kv_tiles, p.k, k0, k1, b, h);
+    load_tile_async<T, D, BN>(kv_tiles + BN * S, p.v, k0, k1, b, h);
+    cp_async_commit();
+    cp_async_wait<0>();
     sync_threads();
     uint32_t qf[D / 16][4];
     if (active) {
@@ -40,12 +45,23 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
     float m[2] = {-INFINITY, -INFINITY};  // running max of rows gid, gid+8 (log2 units, scaled)
     float l[2] = {0.f, 0.f};              // this lane's partial row sums
 
-    for (int kt = k0; kt < k1; kt += BN) {
-        sync_threads();  // previous K/V tiles fully consumed
-        load_tile<T, D, BN>(k_tile, p.k, kt, k1, b, h);
-        load_tile<T, D, BN>(v_tile, p.v, kt, k1, b, h);
-        sync_threads();
-        if (!active) continue;
+    for (int kt = k0, stage = 0; kt < k1; kt += BN, stage ^= 1) {
+        const T* k_tile = kv_tiles + 2 * stage * BN * S;
+        const T* v_tile = k_tile + BN * S;
+        // prefetch the next tile into the other stage, which every warp finished reading at the end of
+        // the previous iteration; an empty group past the last tile keeps the wait below uniform
+        if (kt + BN < k1) {
+            T* next = kv_tiles + 2 * (stage ^ 1) * BN * S;
+            load_tile_async<T, D, BN>(next, p.k, kt + BN, k1, b, h);
+            load_tile_async<T, D, BN>(next + BN * S, p.v, kt + BN, k1, b, h);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // everything but the prefetch: this tile's copies have landed
+        sync_threads();      // ... everyone's
+        if (!active) {
+            sync_threads();  // match the active warps' end-of-tile barrier
+            continue;
+        }
 
         float s[NT][4];
 #pragma unroll
@@ -99,6 +115,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(pf[kk], s[2 * kk], s[2 * kk + 1]);
         gemm_reg_nn<D, BN / 16, T>(acc, pf, v_tile);
+        sync_threads();  // this stage fully read before the next iteration's prefetch overwrites it
     }
 
     if (!active) return;  // warp-uniform, after the last block-wide barrier
@@ -122,7 +139,8 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
 template <class T, int D>
 static void launch_fwd(const Params& p, int nblocks, int bh) {
     using Sh = Shape<D>;
-    const size_t smem = static_cast<size_t>(Sh::kBlockM + 2 * Sh::kBlockN) * Sh::kStride * sizeof(T);
+    // Q, and two stages of K and V
+    const size_t smem = static_cast<size_t>(Sh::kBlockM + 4 * Sh::kBlockN) * Sh::kStride * sizeof(T);
     auto kernel = _mbt_attention_fwd_kernel<T, D>;  // named: a template-id's comma would split the macro arguments
     set_max_dynamic_smem(kernel, smem);
     MBT_LAUNCH(kernel, dim3(nblocks, bh), dim3(kThreads), smem, MBT_STREAM, p);

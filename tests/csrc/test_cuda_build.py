@@ -91,7 +91,8 @@ def test_nvcc_build_sm80_sm90_no_spills(tmp_path, monkeypatch):
         sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "build" / obj)], capture_output=True, text=True).stdout
         for arch in ("sm_80", "sm_90"):
             part = sass.split(f"arch = {arch}")[1].split("arch = ")[0] if f"arch = {arch}" in sass else ""
-            for dtype_op in ("HMMA.16816.F32 ", "HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDSM.16.MT88.4"):
+            # tensor cores fed by ldmatrix, tiles loaded by cp.async (LDGSTS), not LDG + STS through registers
+            for dtype_op in ("HMMA.16816.F32 ", "HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDSM.16.MT88.4", "LDGSTS.E.BYPASS.128"):
                 assert dtype_op in part, f"{obj} {arch}: no {dtype_op.strip()} in the SASS"
         # +PTX: compute_90 PTX embedded beside the SASS, for GPUs newer than sm_90 to JIT-compile
         ptx = subprocess.run([cuobjdump, "-lptx", str(tmp_path / "build" / obj)], capture_output=True, text=True).stdout
