@@ -37,8 +37,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
     MBT_DYNAMIC_SMEM(T, smem);
     T* q_tile = smem;
     T* do_tile = q_tile + BM * S;
-    T* k_tile = do_tile + BM * S;
-    T* v_tile = k_tile + BN * S;
+    T* kv_tiles = do_tile + BM * S;  // stage s: K at kv_tiles + 2 s BN S, V right after it
 
     const int4 blk = load16(p.blocks + block_x());
     const int q0 = blk.x, q1 = blk.y, k0 = blk.z, k1 = blk.w;
@@ -47,8 +46,12 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
     const int wrow = warp * 16;
     const bool active = q0 + wrow < q1;
 
-    load_tile<T, D, BM>(q_tile, p.q, q0, q1, b, h);
-    load_tile<T, D, BM>(do_tile, p.dout, q0, q1, b, h);
+    // group 0: Q, dO and the first K/V tile (waited for inside the loop)
+    load_tile_async<T, D, BM>(q_tile, p.q, q0, q1, b, h);
+    load_tile_async<T, D, BM>(do_tile, p.dout, q0, q1, b, h);
+    load_tile_async<T, D, BN>(kv_tiles, p.k, k0, k1, b, h);
+    load_tile_async<T, D, BN>(kv_tiles + BN * S, p.v, k0, k1, b, h);
+    cp_async_commit();
     // LSE (log2 units) and delta of rows gid, gid+8; rows past the segment get LSE = +inf, so P = 0
     float lse[2], delta[2];
 #pragma unroll
@@ -63,12 +66,22 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-    for (int kt = k0; kt < k1; kt += BN) {
-        sync_threads();
-        load_tile<T, D, BN>(k_tile, p.k, kt, k1, b, h);
-        load_tile<T, D, BN>(v_tile, p.v, kt, k1, b, h);
-        sync_threads();
-        if (!active) continue;
+    for (int kt = k0, stage = 0; kt < k1; kt += BN, stage ^= 1) {
+        const T* k_tile = kv_tiles + 2 * stage * BN * S;
+        const T* v_tile = k_tile + BN * S;
+        // prefetch the next K/V tile into the other stage (read to the end by every warp last iteration)
+        if (kt + BN < k1) {
+            T* next = kv_tiles + 2 * (stage ^ 1) * BN * S;
+            load_tile_async<T, D, BN>(next, p.k, kt + BN, k1, b, h);
+            load_tile_async<T, D, BN>(next + BN * S, p.v, kt + BN, k1, b, h);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // everything but the prefetch has landed (for this thread)
+        sync_threads();      // ... and for everyone
+        if (!active) {
+            sync_threads();  // match the active warps' end-of-tile barrier
+            continue;
+        }
 
         float s[NT][4], dp[NT][4];
 #pragma unroll
@@ -89,6 +102,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dsf[kk], s[2 * kk], s[2 * kk + 1]);
         gemm_reg_nn<D, BN / 16, T>(acc, dsf, k_tile);
+        sync_threads();  // this stage fully read before the next iteration's prefetch overwrites it
     }
     if (!active) return;
     store_acc<T, D>(acc, p.scale, p.scale, p.dq, q0 + wrow, q1, b, h);
@@ -101,10 +115,8 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
     MBT_DYNAMIC_SMEM(T, smem);
     T* k_tile = smem;
     T* v_tile = k_tile + BN * S;
-    T* q_tile = v_tile + BN * S;
-    T* do_tile = q_tile + BM * S;
-    float* lse_s = reinterpret_cast<float*>(do_tile + BM * S);
-    float* delta_s = lse_s + BM;
+    T* qdo_tiles = v_tile + BN * S;  // stage s: Q at qdo_tiles + 2 s BM S, dO right after it
+    float* stats = reinterpret_cast<float*>(qdo_tiles + 4 * BM * S);  // stage s: LSE at stats + 2 s BM, delta after
 
     const int4 blk = load16(p.blocks + block_x());
     const int k0 = blk.x, k1 = blk.y, q0 = blk.z, q1 = blk.w;
@@ -113,8 +125,22 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
     const int wrow = warp * 16;
     const bool active = k0 + wrow < k1;
 
-    load_tile<T, D, BN>(k_tile, p.k, k0, k1, b, h);
-    load_tile<T, D, BN>(v_tile, p.v, k0, k1, b, h);
+    // LSE (log2 units) and delta of the query tile at qt into a stage; P^T = 0 for queries past the segment
+    auto load_stats = [&](float* lse_s, int qt) {
+        for (int i = thread_x(); i < BM; i += kThreads) {
+            const int row = qt + i;
+            const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.Nq + row;
+            lse_s[i] = row < q1 ? p.lse[at] * kLog2e : INFINITY;
+            lse_s[BM + i] = row < q1 ? p.delta[at] : 0.f;
+        }
+    };
+    // group 0: K, V and the first Q/dO tile (waited for inside the loop)
+    load_tile_async<T, D, BN>(k_tile, p.k, k0, k1, b, h);
+    load_tile_async<T, D, BN>(v_tile, p.v, k0, k1, b, h);
+    load_tile_async<T, D, BM>(qdo_tiles, p.q, q0, q1, b, h);
+    load_tile_async<T, D, BM>(qdo_tiles + BM * S, p.dout, q0, q1, b, h);
+    cp_async_commit();
+    load_stats(stats, q0);
 
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -122,18 +148,25 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
 #pragma unroll
         for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
 
-    for (int qt = q0; qt < q1; qt += BM) {
-        sync_threads();
-        load_tile<T, D, BM>(q_tile, p.q, qt, q1, b, h);
-        load_tile<T, D, BM>(do_tile, p.dout, qt, q1, b, h);
-        for (int i = thread_x(); i < BM; i += kThreads) {
-            const int row = qt + i;
-            const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.Nq + row;
-            lse_s[i] = row < q1 ? p.lse[at] * kLog2e : INFINITY;  // P^T = 0 for queries past the segment
-            delta_s[i] = row < q1 ? p.delta[at] : 0.f;
+    for (int qt = q0, stage = 0; qt < q1; qt += BM, stage ^= 1) {
+        const T* q_tile = qdo_tiles + 2 * stage * BM * S;
+        const T* do_tile = q_tile + BM * S;
+        const float* lse_s = stats + 2 * stage * BM;
+        const float* delta_s = lse_s + BM;
+        // prefetch the next Q/dO tile and its statistics into the other stage (read to the end last iteration)
+        if (qt + BM < q1) {
+            T* next = qdo_tiles + 2 * (stage ^ 1) * BM * S;
+            load_tile_async<T, D, BM>(next, p.q, qt + BM, q1, b, h);
+            load_tile_async<T, D, BM>(next + BM * S, p.dout, qt + BM, q1, b, h);
+            load_stats(stats + 2 * (stage ^ 1) * BM, qt + BM);
         }
-        sync_threads();
-        if (!active) continue;
+        cp_async_commit();
+        cp_async_wait<1>();  // everything but the prefetch has landed (for this thread)
+        sync_threads();      // ... and for everyone
+        if (!active) {
+            sync_threads();  // match the active warps' end-of-tile barrier
+            continue;
+        }
 
         // transposed scores: rows = this warp's 16 keys, columns = the BM queries of the tile
         float st[NT][4], dpt[NT][4];
@@ -159,6 +192,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], dpt[2 * kk], dpt[2 * kk + 1]);
         gemm_reg_nn<D, BM / 16, T>(dk, pf, q_tile);
+        sync_threads();  // this stage fully read before the next iteration's prefetch overwrites it
     }
     if (!active) return;
     if (p.dk_acc == nullptr) {
@@ -199,7 +233,8 @@ static void launch_bwd(Params p, const std::vector<attn_host::Segment>& segs, co
         const std::vector<Segment> table = tile_table(segs, Sh::kBlockM, /*by_keys=*/false);
         at::Tensor blocks = table_tensor(table, device);
         p.blocks = reinterpret_cast<const int4*>(blocks.data_ptr<int32_t>());
-        const size_t smem = static_cast<size_t>(2 * Sh::kBlockM + 2 * Sh::kBlockN) * Sh::kStride * sizeof(T);
+        // Q, dO, and two stages of K and V
+        const size_t smem = static_cast<size_t>(2 * Sh::kBlockM + 4 * Sh::kBlockN) * Sh::kStride * sizeof(T);
         auto kernel = _mbt_attention_bwd_dq_kernel<T, D>;
         set_max_dynamic_smem(kernel, smem);
         MBT_LAUNCH(kernel, dim3(static_cast<unsigned>(table.size()), bh), dim3(kThreads), smem, MBT_STREAM, p);
@@ -223,8 +258,9 @@ static void launch_bwd(Params p, const std::vector<attn_host::Segment>& segs, co
         p.dk_acc = dk32.data_ptr<float>();
         p.dv_acc = dv32.data_ptr<float>();
     }
-    const size_t smem = static_cast<size_t>(2 * Sh::kBlockN + 2 * Sh::kBlockMBwd) * Sh::kStride * sizeof(T) +
-                        2 * Sh::kBlockMBwd * sizeof(float);
+    // K, V, and two stages of Q, dO and their LSE / delta
+    const size_t smem = static_cast<size_t>(2 * Sh::kBlockN + 4 * Sh::kBlockMBwd) * Sh::kStride * sizeof(T) +
+                        4 * Sh::kBlockMBwd * sizeof(float);
     auto kernel = _mbt_attention_bwd_dkv_kernel<T, D>;
     set_max_dynamic_smem(kernel, smem);
     for (const auto& w : waves) {
