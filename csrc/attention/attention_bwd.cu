@@ -2,7 +2,7 @@
 // ever reaches global memory.
 //
 // Three launches, all deterministic (no atomics):
-//   1. _mbt_attention_bwd_preprocess_kernel: delta = rowsum(dO * O) per query row (fp32);
+//   1. _mbt_attention_bwd_preprocess_kernel: delta = rowsum(dO * O) per query row (fp32), a warp per row;
 //   2. _mbt_attention_bwd_dq_kernel: one block per query tile (4 warps x 16 rows), loops over the
 //      segment's key tiles: S = Q K^T, P = exp(S - LSE), dP = dO V^T, dS = P (dP - delta), dQ += dS K;
 //   3. _mbt_attention_bwd_dkv_kernel: one block per key tile (4 warps x 16 keys), loops over the
@@ -16,18 +16,24 @@ namespace MBT_NS {
 using namespace mbt;
 using namespace mbt::attn;
 
-// delta[b, h, n] = sum_d dO[n, b, h, d] * O[n, b, h, d]; one thread per (n, b, h) row
+// delta[b, h, n] = sum_d dO[n, b, h, d] * O[n, b, h, d]: one warp per (n, b, h) row, lane l reading the
+// contiguous elements [l D/32, (l+1) D/32), so a warp reads each row in one coalesced pass (one thread
+// per row read 2 bytes at a time from 32 different rows), then a shuffle sum over the warp
 template <class T, int D>
 MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_preprocess_kernel(Params p) {
-    const int B = p.B;
-    const int64_t idx = static_cast<int64_t>(block_x()) * kThreads + thread_x();
-    if (idx >= static_cast<int64_t>(p.Nq) * B * p.H) return;
+    constexpr int E = D / 32;
+    const int B = p.B, lane = static_cast<int>(thread_x() % 32);
+    const int64_t idx = static_cast<int64_t>(block_x()) * kWarps + thread_x() / 32;  // this warp's row
+    if (idx >= static_cast<int64_t>(p.Nq) * B * p.H) return;  // warp-uniform
     const int n = static_cast<int>(idx / (B * p.H)), bh = static_cast<int>(idx % (B * p.H)), b = bh / p.H, h = bh % p.H;
-    const T* o = row_ptr<T>(p.o, n, b, h);
-    const T* g = row_ptr<T>(p.dout, n, b, h);
+    const T* o = row_ptr<T>(p.o, n, b, h) + lane * E;
+    const T* g = row_ptr<T>(p.dout, n, b, h) + lane * E;
     float acc = 0.f;
-    for (int d = 0; d < D; ++d) acc += TypeOps<T>::to_float(o[d]) * TypeOps<T>::to_float(g[d]);
-    p.delta[(static_cast<int64_t>(b) * p.H + h) * p.Nq + n] = acc;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc += TypeOps<T>::to_float(o[e]) * TypeOps<T>::to_float(g[e]);
+#pragma unroll
+    for (int mask = 16; mask > 0; mask >>= 1) acc += shfl_xor(acc, mask);
+    if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.H + h) * p.Nq + n] = acc;
 }
 
 template <class T, int D>
@@ -226,7 +232,7 @@ static void launch_bwd(Params p, const std::vector<attn_host::Segment>& segs, co
     {
         auto kernel = _mbt_attention_bwd_preprocess_kernel<T, D>;  // named: a template-id's comma would split macro args
         const int64_t rows = static_cast<int64_t>(p.Nq) * bh;
-        MBT_LAUNCH(kernel, dim3(static_cast<unsigned>((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0, MBT_STREAM, p);
+        MBT_LAUNCH(kernel, dim3(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), dim3(kThreads), 0, MBT_STREAM, p);  // a warp per row
         MBT_CHECK_LAUNCH();
     }
     {
