@@ -82,6 +82,15 @@ MBT_DEVICE void load_tile(T* tile, const TensorRef& t, int r0, int r_end, int b,
     cp_async_wait<0>();
 }
 
+// In a two-stage loop, after issuing the next tile's copies (or none past the last tile: the empty group
+// keeps the count uniform): commit them and wait for every older group, then a barrier, so the current
+// stage is complete for the whole block on return while the prefetch stays in flight.
+MBT_DEVICE void current_stage_ready() {
+    cp_async_commit();
+    cp_async_wait<1>();
+    sync_threads();
+}
+
 // A fragment (16x16) of a row-major smem tile at (row0, col0).
 template <int STRIDE, class T>
 MBT_DEVICE void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0) {

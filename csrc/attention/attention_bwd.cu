@@ -81,9 +81,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
             load_tile_async<T, D, BN>(next, p.k, kt + BN, k1, b, h);
             load_tile_async<T, D, BN>(next + BN * S, p.v, kt + BN, k1, b, h);
         }
-        cp_async_commit();
-        cp_async_wait<1>();  // everything but the prefetch has landed (for this thread)
-        sync_threads();      // ... and for everyone
+        current_stage_ready();
         if (!active) {
             sync_threads();  // match the active warps' end-of-tile barrier
             continue;
@@ -166,9 +164,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
             load_tile_async<T, D, BM>(next + BM * S, p.dout, qt + BM, q1, b, h);
             load_stats(stats + 2 * (stage ^ 1) * BM, qt + BM);
         }
-        cp_async_commit();
-        cp_async_wait<1>();  // everything but the prefetch has landed (for this thread)
-        sync_threads();      // ... and for everyone
+        current_stage_ready();
         if (!active) {
             sync_threads();  // match the active warps' end-of-tile barrier
             continue;

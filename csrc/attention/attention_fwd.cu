@@ -49,15 +49,13 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
         const T* k_tile = kv_tiles + 2 * stage * BN * S;
         const T* v_tile = k_tile + BN * S;
         // prefetch the next tile into the other stage, which every warp finished reading at the end of
-        // the previous iteration; an empty group past the last tile keeps the wait below uniform
+        // the previous iteration
         if (kt + BN < k1) {
             T* next = kv_tiles + 2 * (stage ^ 1) * BN * S;
             load_tile_async<T, D, BN>(next, p.k, kt + BN, k1, b, h);
             load_tile_async<T, D, BN>(next + BN * S, p.v, kt + BN, k1, b, h);
         }
-        cp_async_commit();
-        cp_async_wait<1>();  // everything but the prefetch: this tile's copies have landed
-        sync_threads();      // ... everyone's
+        current_stage_ready();
         if (!active) {
             sync_threads();  // match the active warps' end-of-tile barrier
             continue;
