@@ -10,7 +10,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-MODALITIES = ("spectrogram", "rgb")
+from mbt_fast.modalities import get_embedding, registered_modalities
+
 _CLASSIFIERS = ("token", "0", "gap", "gmp", "gsp")
 # field -> smallest value; ints must be true ints (JSON "64" or 4.0 is a mistake, not a size)
 _INT_FIELDS = {"hidden_size": 1, "num_heads": 1, "mlp_dim": 1, "num_layers": 1, "fusion_layer": 0, "n_bottlenecks": 0,
@@ -35,8 +36,10 @@ class MBTConfig:
     """Model configuration with Scenic's field names (``scenic/projects/mbt/model.py``).
 
     ``patches_size`` is Scenic's ``patches.size`` = ``[h, w, t]``; the spectrogram uses ``[h, w]`` as
-    (time, mel). ``input_shapes`` uses Scenic's layouts (rgb ``[B, T, H, W, 3]``, spectrogram
-    ``[B, time, mel, 3]``) and fixes the token grids; the batch entry is ignored.
+    (time, mel). ``modality_fusion`` lists any modalities of :mod:`mbt_fast.modalities` (two or more
+    fuse through the bottleneck); ``input_shapes`` gives each its layout there (Scenic's for rgb
+    ``[B, T, H, W, 3]`` and spectrogram ``[B, time, mel, 3]``; flow ``[B, T, H, W, 2]``, tokens
+    ``[B, n, d_in]``) and fixes the token grids; the batch entry is ignored.
     """
 
     hidden_size: int = 768
@@ -121,9 +124,10 @@ class MBTConfig:
             if not math.isfinite(getattr(self, name)):
                 bad(name, "a finite rate in [0, 1)", getattr(self, name))
 
-        if not self.modality_fusion or any(m not in MODALITIES for m in self.modality_fusion) \
-                or len(set(self.modality_fusion)) != len(self.modality_fusion):
-            bad("modality_fusion", f"distinct names from {MODALITIES}", self.modality_fusion)
+        if not self.modality_fusion or len(set(self.modality_fusion)) != len(self.modality_fusion):
+            bad("modality_fusion", f"distinct names from {registered_modalities()}", self.modality_fusion)
+        for m in self.modality_fusion:
+            get_embedding(m)  # raises, naming the registered modalities
         if self.classifier not in _CLASSIFIERS:
             bad("classifier", f"one of {_CLASSIFIERS}", self.classifier)
         if self.hidden_size % self.num_heads:
@@ -136,23 +140,13 @@ class MBTConfig:
             bad("temporal_encoding_method", "'3d_conv' (the method of the released models)", self.temporal_encoding_method)
         if self.use_bottleneck and self.n_bottlenecks < 0:
             bad("n_bottlenecks", ">= 0", self.n_bottlenecks)
-        fh, fw, ft = self.patches_size
         for m in self.modality_fusion:
             if m not in self.input_shapes:
                 bad("input_shapes", f"an entry for modality {m!r}", self.input_shapes)
-            rank = 5 if m == "rgb" else 4
-            shape = self.input_shapes[m]
-            if len(shape) != rank or min(shape[1:]) < 1:
-                layout = "[B, T, H, W, 3]" if m == "rgb" else "[B, time, mel, 3]"
-                bad(f"input_shapes[{m!r}]", f"{rank} dims {layout} with positive sizes", shape)
-        if "rgb" in self.modality_fusion:
-            t, h, w = self.rgb_shape
-            if t % ft or h % fh or w % fw:
-                bad("input_shapes['rgb']", f"T, H, W divisible by the tubelet (t={ft}, h={fh}, w={fw})", self.input_shapes["rgb"])
-        if "spectrogram" in self.modality_fusion:
-            t, f = self.spectrogram_shape
-            if t % fh or f % fw:
-                bad("input_shapes['spectrogram']", f"time, mel divisible by the patch ({fh}, {fw})", self.input_shapes["spectrogram"])
+            try:
+                get_embedding(m).token_grid(self.input_shapes[m][1:], self.patches_size)
+            except ValueError as e:
+                raise ValueError(f"input_shapes[{m!r}]: {e}") from None
         for name in ("dropout_rate", "attention_dropout_rate", "stochastic_droplayer_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "a rate in [0, 1)", getattr(self, name))
@@ -177,12 +171,12 @@ class MBTConfig:
         return self.classifier in ("token", "0")
 
     def patch_grid(self, modality: str) -> tuple[int, ...]:
-        fh, fw, ft = self.patches_size
-        if modality == "rgb":
-            t, h, w = self.rgb_shape
-            return (t // ft, h // fh, w // fw)
-        t, f = self.spectrogram_shape
-        return (t // fh, f // fw)
+        """The token grid of ``modality`` (CLS excluded), in token order."""
+        return get_embedding(modality).token_grid(self.input_shapes[modality][1:], self.patches_size)
+
+    def input_shape(self, modality: str) -> tuple[int, ...]:
+        """One sample's model input for ``modality`` (e.g. rgb ``(3, T, H, W)``)."""
+        return get_embedding(modality).input_shape(self.input_shapes[modality][1:])
 
     def num_patches(self, modality: str) -> int:
         n = 1

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from mbt_fast.config import MBTConfig
+from mbt_fast.modalities import SCENIC_MODALITIES
 
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"
@@ -128,6 +129,10 @@ def _same(x):
 def scenic_name_table(cfg: MBTConfig) -> list[Entry]:
     """Every torch tensor of ``MBT(cfg)`` and the Flax leaves it is made of."""
     mods = cfg.modality_fusion
+    other = [m for m in mods if m not in SCENIC_MODALITIES]
+    if other:
+        raise ValueError(f"modality_fusion: Scenic's MBT has parameters for {SCENIC_MODALITIES} only, got "
+                         f"{', '.join(map(repr, other))}; a Scenic checkpoint cannot fill them")
     table = []
     add = lambda t, f, fn=_same: table.append(Entry(t, tuple(f) if isinstance(f, (list, tuple)) else (f,), fn))  # noqa: E731
     for m in mods:

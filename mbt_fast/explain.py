@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from mbt_fast.config import MBTConfig
-from mbt_fast.model import SCENIC_CONTEXT_ORDER, MBT
+from mbt_fast.modalities import scenic_order
+from mbt_fast.model import MBT
 
 
 @dataclass
@@ -102,7 +103,7 @@ def _own_tokens(cfg: MBTConfig, m: str, n_keys: int, used) -> tuple[int, slice |
         return 0, None
     if cfg.use_bottleneck and n_keys == n_m + nb:
         return 0, slice(n_m, n_keys)  # cat([x_m, bottleneck])
-    ctx = sum(cfg.num_tokens(o) for o in SCENIC_CONTEXT_ORDER if o != m and o in used)
+    ctx = sum(cfg.num_tokens(o) for o in scenic_order(used) if o != m)
     if not cfg.use_bottleneck and n_keys == ctx + n_m:
         return ctx, None  # vanilla fusion: cat(other modalities + [x_m])
     raise RuntimeError(f"{m}: an attention matrix over {n_keys} tokens does not match the model's token layout")

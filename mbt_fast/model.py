@@ -17,15 +17,17 @@ from mbt_fast.backends import BACKENDS, resolve_backend, resolved_backend
 from mbt_fast.config import MBTConfig
 from mbt_fast.layers import LN_EPS, EncoderBlock, LayerPlan, packed_block
 from mbt_fast.layout import PackedLayout
+from mbt_fast.modalities import get_embedding, scenic_order
 
-SCENIC_CONTEXT_ORDER = ("rgb", "spectrogram")  # Scenic's _MODALITIES: context order of vanilla fusion
 MISSING = ("error", "drop")  # forward(missing=...): an absent modality is an error, or left out
 
 
 class MBT(nn.Module):
     """Multimodal Bottleneck Transformer.
 
-    Inputs: ``rgb`` float ``[B, 3, T, H, W]`` in [-1, 1]; ``spectrogram`` float ``[B, time, mel]``.
+    Inputs: one float tensor per modality of ``cfg.modality_fusion``, by name (:mod:`mbt_fast.modalities`):
+    ``rgb`` ``[B, 3, T, H, W]`` in [-1, 1], ``spectrogram`` ``[B, time, mel]``, ``flow``
+    ``[B, 2, T, H, W]``, ``tokens`` ``[B, n, d_in]``, or a registered modality's input.
     ``forward`` returns the mean of the per-modality logits ``[B, num_classes]`` (Scenic's eval
     output); ``forward_per_modality`` returns ``{modality: [B, num_classes]}`` (Scenic's train output;
     with ``gap``/``gmp``/``gsp`` pooling there is one pooled output, returned as ``{"all": ...}``).
@@ -39,13 +41,8 @@ class MBT(nn.Module):
         super().__init__()
         self.cfg = cfg
         C, mods = cfg.hidden_size, cfg.modality_fusion
-        fh, fw, ft = cfg.patches_size
-        if "rgb" in mods:
-            self.embed_rgb = nn.Conv3d(3, C, (ft, fh, fw), stride=(ft, fh, fw))
-        if "spectrogram" in mods:
-            # Scenic tiles the spectrogram to 3 identical channels; one channel with the kernel summed
-            # over them is the same function.
-            self.embed_spectrogram = nn.Conv2d(1, C, (fh, fw), stride=(fh, fw))
+        for m in scenic_order(mods):  # creation order fixes the seeded initialisation: Scenic's first
+            setattr(self, f"embed_{m}", get_embedding(m).create(cfg.input_shapes[m][1:], cfg.patches_size, C))
         for m in mods:
             if cfg.has_cls:
                 setattr(self, f"cls_{m}", nn.Parameter(torch.zeros(1, 1, C)))
@@ -76,7 +73,7 @@ class MBT(nn.Module):
     # ---- construction ------------------------------------------------------------------------------
     def _init_weights(self):
         """Scenic's initialisers: xavier-uniform q/k/v/out and MLP kernels, N(0, 1e-6) MLP biases,
-        zero head, lecun-normal patch embeddings."""
+        zero head, lecun-normal embeddings."""
         C = self.cfg.hidden_size
         for blocks in self.blocks:
             for blk in blocks.values():
@@ -88,15 +85,8 @@ class MBT(nn.Module):
                 for fc in (blk.mlp.fc1, blk.mlp.fc2):
                     nn.init.xavier_uniform_(fc.weight)
                     nn.init.normal_(fc.bias, std=1e-6)
-        for name in ("embed_rgb", "embed_spectrogram"):
-            conv = getattr(self, name, None)
-            if conv is not None:
-                # Flax's lecun_normal: truncated normal at 2 std, std corrected for the truncation;
-                # the spectrogram kernel's fan-in counts Scenic's 3 tiled channels
-                fan_in = conv.weight[0].numel() * (3 if name == "embed_spectrogram" else 1)
-                std = 1.0 / math.sqrt(fan_in) / 0.87962566103423978
-                nn.init.trunc_normal_(conv.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(conv.bias)
+        for m in scenic_order(self.cfg.modality_fusion):
+            getattr(self, f"embed_{m}").reset_scenic()
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -183,8 +173,7 @@ class MBT(nn.Module):
         out = {}
         for m in cfg.modality_fusion:
             x = inputs.get(m)
-            expected = (3, *cfg.rgb_shape) if m == "rgb" else cfg.spectrogram_shape
-            layout = "[B, 3, T, H, W]" if m == "rgb" else "[B, time, mel]"
+            expected, layout = cfg.input_shape(m), get_embedding(m).input_layout
             if x is None:
                 if missing == "drop":
                     continue
@@ -203,22 +192,20 @@ class MBT(nn.Module):
             raise ValueError(f"{', '.join(cfg.modality_fusion)}: expected at least one input tensor, got none")
         batches = {x.shape[0] for x in out.values()}
         if len(batches) != 1:
-            raise ValueError(f"rgb, spectrogram: expected one batch size, got {[tuple(x.shape) for x in out.values()]}")
+            raise ValueError(f"{', '.join(out)}: expected one batch size, got {[tuple(x.shape) for x in out.values()]}")
         return out
 
     def tokenize(self, m: str, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding, CLS and positional embedding: ``[B, n, C]``."""
-        conv = self.embed_rgb if m == "rgb" else self.embed_spectrogram
-        x = conv(x.to(conv.weight.dtype))
-        x = x.flatten(2).transpose(1, 2)  # time-major token order, as Flax's reshape
+        """Modality ``m``'s embedding, CLS and positional embedding: ``[B, n, C]``."""
+        x = getattr(self, f"embed_{m}")(x)
         if self.cfg.has_cls:
             x = torch.cat([getattr(self, f"cls_{m}").expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return x + getattr(self, f"pos_embed_{m}").to(x.dtype)
 
-    def _encode(self, rgb, spectrogram, missing: str) -> tuple[dict, torch.Tensor | None]:
+    def _encode(self, inputs: dict, missing: str) -> tuple[dict, torch.Tensor | None]:
         """(encoder output before ``encoder_norm`` per modality present, the final bottleneck tokens)."""
-        inputs = self._check_inputs({"rgb": rgb, "spectrogram": spectrogram}, missing)
-        tokens = {m: self.tokenize(m, x if m == "rgb" else x.unsqueeze(1)) for m, x in inputs.items()}
+        inputs = self._check_inputs(inputs, missing)
+        tokens = {m: self.tokenize(m, x) for m, x in inputs.items()}
         backend = self.backend
         if backend not in ("reference", "eager_sdpa"):
             backend = resolved_backend(backend, next(iter(tokens.values())).device.type)
@@ -226,9 +213,10 @@ class MBT(nn.Module):
             return self._encode_reference(tokens, sdpa=backend == "eager_sdpa")
         return self._encode_packed(tokens, backend)
 
-    def forward_features(self, rgb=None, spectrogram=None, missing: str = "error") -> dict[str, torch.Tensor]:
+    # every entry point takes the modalities by name: rgb and spectrogram also by position (Scenic's)
+    def forward_features(self, rgb=None, spectrogram=None, missing: str = "error", **inputs) -> dict[str, torch.Tensor]:
         """Encoder output before ``encoder_norm``: ``{modality: [B, n_m, C]}`` for each modality present."""
-        return self._encode(rgb, spectrogram, missing)[0]
+        return self._encode(dict(rgb=rgb, spectrogram=spectrogram, **inputs), missing)[0]
 
     def _pool(self, feats: dict) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -245,21 +233,22 @@ class MBT(nn.Module):
             pooled = {m: torch.tanh(self.pre_logits(v)) for m, v in pooled.items()}
         return {m: self.head(v) for m, v in pooled.items()}
 
-    def forward_per_modality(self, rgb=None, spectrogram=None, missing: str = "error") -> dict[str, torch.Tensor]:
+    def forward_per_modality(self, rgb=None, spectrogram=None, missing: str = "error", **inputs) -> dict[str, torch.Tensor]:
         """``{modality: [B, num_classes]}`` for each modality present (``{"all": ...}`` with pooling)."""
-        return self.forward_head(self.forward_features(rgb=rgb, spectrogram=spectrogram, missing=missing))
+        return self.forward_head(self.forward_features(rgb, spectrogram, missing, **inputs))
 
-    def forward(self, rgb=None, spectrogram=None, missing: str = "error") -> torch.Tensor:
+    def forward(self, rgb=None, spectrogram=None, missing: str = "error", **inputs) -> torch.Tensor:
         """Mean of the per-modality logits. ``missing="drop"``: an absent modality is left out (module doc)."""
-        logits = self.forward_per_modality(rgb=rgb, spectrogram=spectrogram, missing=missing)
+        logits = self.forward_per_modality(rgb, spectrogram, missing, **inputs)
         return sum(logits.values()) / len(logits)
 
-    def embed(self, rgb=None, spectrogram=None, missing: str = "error", bottleneck: bool = False) -> dict[str, torch.Tensor]:
+    def embed(self, rgb=None, spectrogram=None, missing: str = "error", bottleneck: bool = False,
+              **inputs) -> dict[str, torch.Tensor]:
         """Per-clip embeddings ``[B, C]``: each present modality's CLS after ``encoder_norm`` (with pooling,
         the one pooled vector as ``"all"``) and ``"mean"``, their mean; ``bottleneck=True`` adds
         ``"bottleneck"`` ``[B, n_bottleneck_tokens, C]``, the bottleneck tokens after the last layer
         and ``encoder_norm`` (fused models whose last layer is a fusion layer; otherwise an error)."""
-        feats, bottle = self._encode(rgb, spectrogram, missing)
+        feats, bottle = self._encode(dict(rgb=rgb, spectrogram=spectrogram, **inputs), missing)
         out = self._pool(feats)
         out["mean"] = sum(out.values()) / len(out)
         if bottleneck:
@@ -302,7 +291,7 @@ class MBT(nn.Module):
             elif not cfg.share_encoder:
                 x_new = {}
                 for m in mods:
-                    context = [x[o] for o in SCENIC_CONTEXT_ORDER if o != m and o in mods]
+                    context = [x[o] for o in scenic_order(mods) if o != m]
                     t = x[m].shape[1]
                     x_new[m] = self.block(lyr, m)(torch.cat(context + [x[m]], dim=1), sdpa)[:, -t:]
                 x = x_new

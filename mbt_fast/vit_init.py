@@ -12,6 +12,11 @@ What is copied (``scenic/projects/mbt/model_utils.initialise_from_train_state``)
   spectrogram's (time, mel) grid, and resized to the bottleneck count for the ``bottleneck`` tokens;
 * the ViT ``cls_token`` into the RGB CLS (or the only CLS of a single-modality model). Scenic looks
   for ``cls_spectrogram``, which never exists, so the spectrogram CLS keeps its zero init; so does ours.
+
+Beyond Scenic: ``flow`` gets the RGB treatment with the kernel averaged over the RGB channels and
+replicated over the two flow channels (the cross-modality initialisation of two-stream networks, TSN);
+a ``tokens`` or registered modality has no ViT counterpart and keeps its own embedding and positions.
+:func:`flow_from_rgb` initialises ``flow`` from an MBT's own RGB stream the same way.
 """
 from __future__ import annotations
 
@@ -89,7 +94,13 @@ def init_from_vit(model: MBT, state_dict: dict[str, torch.Tensor]) -> MBT:
             new["embed_rgb.weight"], new["embed_rgb.bias"] = w, bias
             frame = zoom_bilinear(grid, g[1:]) if g[1:] != (gs, gs) else grid
             new["pos_embed_rgb"] = with_cls(np.tile(frame.reshape(1, -1, C), (g[0], 1, 1)))
-        else:
+        elif m == "flow":  # two-stream (TSN) cross-modality init: the RGB kernel averaged over its channels
+            w = torch.zeros(C, 2, ft, fh, fw)
+            w[:, :, ft // 2] = kernel.mean(1, keepdim=True)
+            new["embed_flow.weight"], new["embed_flow.bias"] = w, bias
+            frame = zoom_bilinear(grid, g[1:]) if g[1:] != (gs, gs) else grid
+            new["pos_embed_flow"] = with_cls(np.tile(frame.reshape(1, -1, C), (g[0], 1, 1)))
+        elif m == "spectrogram":
             new["embed_spectrogram.weight"], new["embed_spectrogram.bias"] = kernel.sum(1, keepdim=True), bias
             new["pos_embed_spectrogram"] = with_cls(zoom_bilinear(grid, g))
         if cfg.has_cls and (m == "rgb" or len(mods) == 1):
@@ -101,6 +112,32 @@ def init_from_vit(model: MBT, state_dict: dict[str, torch.Tensor]) -> MBT:
     for k, v in new.items():
         if tuple(own[k].shape) != tuple(v.shape):
             raise ValueError(f"{k}: ViT-derived shape {tuple(v.shape)} does not fit the model's {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, v in new.items():
+            own[k].copy_(v)
+    return model
+
+
+def flow_from_rgb(model: MBT, blocks: bool = True) -> MBT:
+    """Initialise ``model``'s flow stream from its RGB stream, as two-stream networks do (TSN): the RGB
+    tubelet kernel averaged over its 3 channels into each of the 2 flow channels, the bias, positional
+    embedding and CLS copied (the grids must match), and with ``blocks`` the RGB encoder blocks copied
+    into the flow blocks (no-op with a shared encoder)."""
+    mods = model.cfg.modality_fusion
+    if "rgb" not in mods or "flow" not in mods:
+        raise ValueError(f"flow_from_rgb: expected a model with rgb and flow in modality_fusion, got {mods}")
+    own = model.state_dict()
+    new = {"embed_flow.weight": model.embed_rgb.weight.mean(1, keepdim=True).expand_as(model.embed_flow.weight),
+           "embed_flow.bias": model.embed_rgb.bias, "pos_embed_flow": model.pos_embed_rgb}
+    if model.cfg.has_cls:
+        new["cls_flow"] = model.cls_rgb
+    if blocks and not model.cfg.share_encoder:
+        for lyr, blk in enumerate(model.blocks):
+            new.update({f"blocks.{lyr}.flow.{k}": v for k, v in blk["rgb"].state_dict().items()})
+    for k, v in new.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(f"{k}: the RGB stream's {tuple(v.shape)} does not fit the flow stream's "
+                             f"{tuple(own[k].shape)} (flow needs the RGB input's T, H, W)")
     with torch.no_grad():
         for k, v in new.items():
             own[k].copy_(v)

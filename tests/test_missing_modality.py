@@ -64,7 +64,7 @@ def test_the_rule_by_hand(kept):
     model = make_model(cfg).eval()
     x_in = make_inputs(cfg, batch=2)[kept]
     with torch.no_grad():
-        x = model.tokenize(kept, x_in if kept == "rgb" else x_in.unsqueeze(1))
+        x = model.tokenize(kept, x_in)
         b = model.bottleneck.expand(2, -1, -1)
         for lyr in range(cfg.num_layers):
             blk = model.block(lyr, kept)

@@ -9,6 +9,7 @@ import mbt_fast
 from compare import assert_close_2x
 from mbt_fast.backends import unavailable_reasons
 from mbt_fast.config import MBTConfig
+from mbt_fast.modalities import scenic_order
 
 TINY = MBTConfig(hidden_size=32, num_heads=1, mlp_dim=48, num_layers=3, fusion_layer=1, n_bottlenecks=3, num_classes=4,
                  input_shapes={"rgb": (-1, 4, 32, 32, 3), "spectrogram": (-1, 48, 16, 3)})
@@ -41,10 +42,9 @@ def make_model(cfg, seed=0):
 def make_inputs(cfg, batch, seed=1):
     g = torch.Generator().manual_seed(seed)
     out = {}
-    if "rgb" in cfg.modality_fusion:
-        out["rgb"] = torch.rand(batch, 3, *cfg.rgb_shape, generator=g) * 2 - 1
-    if "spectrogram" in cfg.modality_fusion:
-        out["spectrogram"] = torch.randn(batch, *cfg.spectrogram_shape, generator=g)
+    for m in scenic_order(cfg.modality_fusion):  # rgb in [-1, 1]; flow, features, spectrogram standard normal
+        shape = (batch, *cfg.input_shape(m))
+        out[m] = torch.rand(shape, generator=g) * 2 - 1 if m == "rgb" else torch.randn(shape, generator=g)
     return out
 
 
@@ -91,8 +91,8 @@ def test_backend_matches_reference(mode, backend):
         assert err <= bwd_tol, f"{mode}/{backend} grad {n}: relative error {err:.3e} > {bwd_tol}"
 
 
-def run_autocast(model, inputs, backend):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def run_autocast(model, inputs, backend, dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         return run(model, inputs, backend)
 
 
@@ -134,7 +134,7 @@ def test_stochastic_depth_drops_whole_branches_without_rescale(backend):
         for blk in blocks.values():
             blk.droplayer_p = 0.999999999
     feats = list(model.forward_features(**inputs).values())
-    embedded = [model.tokenize(m, inputs[m] if m == "rgb" else inputs[m].unsqueeze(1)) for m in cfg.modality_fusion]
+    embedded = [model.tokenize(m, inputs[m]) for m in cfg.modality_fusion]
     for f, e in zip(feats, embedded):
         torch.testing.assert_close(f, e, rtol=0, atol=0)
     # p -> 0 in train mode equals eval mode (no 1/(1-p) rescale of kept branches)
@@ -236,7 +236,8 @@ def test_single_modality_rejects_other_input():
 @pytest.mark.parametrize("field,value,match", [
     ("fusion_layer", 9, "fusion_layer: expected 0 <= fusion_layer <= num_layers"),
     ("classifier", "mean", "classifier: expected one of"),
-    ("modality_fusion", ("audio",), "modality_fusion: expected distinct names"),
+    ("modality_fusion", ("audio",), "modality_fusion: .audio. is not a registered modality"),
+    ("modality_fusion", ("rgb", "rgb"), "modality_fusion: expected distinct names"),
     ("num_heads", 3, "hidden_size: expected a multiple of num_heads=3"),
     ("input_shapes", {"rgb": (-1, 3, 32, 32, 3), "spectrogram": (-1, 48, 16, 3)}, "T, H, W divisible"),
 ])
