@@ -46,12 +46,14 @@ def config(name: str):
 
 
 def make_batch(cfg, batch: int, device, seed: int = 0):
+    from mbt_fast.modalities import scenic_order
+
     g = torch.Generator().manual_seed(seed)
     inputs = {}
-    if "rgb" in cfg.modality_fusion:
-        inputs["rgb"] = (torch.rand(batch, 3, *cfg.rgb_shape, generator=g) * 2 - 1).to(device)
-    if "spectrogram" in cfg.modality_fusion:
-        inputs["spectrogram"] = torch.randn(batch, *cfg.spectrogram_shape, generator=g).to(device)
+    for m in scenic_order(cfg.modality_fusion):  # rgb in [-1, 1], the others standard normal
+        shape = (batch, *cfg.input_shape(m))
+        x = torch.rand(shape, generator=g) * 2 - 1 if m == "rgb" else torch.randn(shape, generator=g)
+        inputs[m] = x.to(device)
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
     return inputs, labels
 

@@ -1,6 +1,7 @@
 """mbt_fast: Scenic's Multimodal Bottleneck Transformer on fused Triton and CUDA kernels."""
 from mbt_fast.config import PRESETS, MBTConfig
 from mbt_fast.model import MBT
+from mbt_fast.modalities import register_modality, registered_modalities
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ def init_from_vit(model: MBT, state_dict) -> MBT:
     return _init(model, state_dict)
 
 
-__all__ = ["MBT", "MBTConfig", "PRESETS", "load_scenic_checkpoint", "init_from_vit", "__version__"]
+__all__ = ["MBT", "MBTConfig", "PRESETS", "load_scenic_checkpoint", "init_from_vit", "register_modality",
+           "registered_modalities", "__version__"]

@@ -281,3 +281,9 @@ PRESETS: dict[str, MBTConfig] = {
     "tiny": MBTConfig(hidden_size=64, num_heads=2, mlp_dim=128, num_layers=4, fusion_layer=2, n_bottlenecks=4,
                       num_classes=10, input_shapes={"rgb": (-1, 8, 32, 32, 3), "spectrogram": (-1, 64, 32, 3)}),
 }
+# MBT-B with optical flow at the RGB clip's size as a third modality (two-stream video + audio)
+PRESETS["mbt_base_16x2_flow"] = dataclasses.replace(_MBT_B, modality_fusion=("spectrogram", "rgb", "flow"),
+                                                    input_shapes={**_MBT_B.input_shapes, "flow": (-1, 32, 224, 224, 2)})
+# tiny with a third modality, 2-channel optical flow at the RGB clip's size (+16 tokens, + CLS)
+PRESETS["tiny_trimodal"] = dataclasses.replace(PRESETS["tiny"], modality_fusion=("spectrogram", "rgb", "flow"),
+                                               input_shapes={**PRESETS["tiny"].input_shapes, "flow": (-1, 8, 32, 32, 2)})

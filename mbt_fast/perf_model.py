@@ -617,12 +617,7 @@ def _meta_model(cfg, dtype):
 
 
 def _inputs(cfg, batch: int, dtype):
-    out = {}
-    if "rgb" in cfg.modality_fusion:
-        out["rgb"] = torch.empty(batch, 3, *cfg.rgb_shape, dtype=dtype, device="meta")
-    if "spectrogram" in cfg.modality_fusion:
-        out["spectrogram"] = torch.empty(batch, *cfg.spectrogram_shape, dtype=dtype, device="meta")
-    return out
+    return {m: torch.empty(batch, *cfg.input_shape(m), dtype=dtype, device="meta") for m in cfg.modality_fusion}
 
 
 _AUTOCAST = torch.autocast

@@ -35,6 +35,23 @@ def workers(text: str):
 workers.__name__ = "'auto' or int>=0"
 
 
+def synthetic_shapes(cfg) -> dict:
+    """The synthetic task's shapes of the modalities beyond rgb and spectrogram: flow ``(T, H, W)``,
+    feature sequences ``(n, d_in)``; the task has no generator for another kind of input."""
+    from mbt_fast.modalities import FeatureEmbedding, FlowEmbedding, get_embedding
+
+    out = {}
+    for m in cfg.modality_fusion:
+        if m in ("rgb", "spectrogram"):
+            continue
+        emb = get_embedding(m)
+        if not issubclass(emb, (FlowEmbedding, FeatureEmbedding)):
+            raise ValueError(f"--data synthetic: modality {m!r} ({emb.__name__}) has no synthetic generator; the "
+                             f"synthetic task makes rgb, spectrogram, flow and feature sequences (FeatureEmbedding)")
+        out[m] = cfg.input_shapes[m][1:4] if issubclass(emb, FlowEmbedding) else cfg.input_shapes[m][1:3]
+    return out
+
+
 def build_datasets(args, cfg):
     """(model config with num_classes set, train dataset, validation dataset or None)."""
     from mbt_fast.data import SyntheticAVDataset, VideoDataset
@@ -44,10 +61,11 @@ def build_datasets(args, cfg):
     spec_shape = cfg.spectrogram_shape if "spectrogram" in cfg.input_shapes else (800, 128)
     kind = _kind(args)
     if kind == "synthetic":
+        extra = synthetic_shapes(cfg)
         train_ds = SyntheticAVDataset(args.train_size, rgb_shape, spec_shape, seed=args.seed, split="train",
-                                      modalities=mods)
+                                      modalities=mods, extra_shapes=extra)
         val_ds = SyntheticAVDataset(args.val_size, rgb_shape, spec_shape, seed=args.seed, split="val",
-                                    modalities=mods) if args.val_size > 0 else None
+                                    modalities=mods, extra_shapes=extra) if args.val_size > 0 else None
         return dataclasses.replace(cfg, num_classes=train_ds.num_classes), train_ds, val_ds
     common = dict(rgb_shape=rgb_shape, spectrogram_shape=spec_shape, modalities=mods, spec_mean=args.spec_mean,
                   spec_std=args.spec_std, spec_augment=not args.no_spec_augment)
@@ -241,7 +259,7 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train MBT (synthetic data or video files; Scenic's recipe by default)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None,
-                   help="model preset (default tiny; tiny, mbt_base_16x2, mbt_base_16x2_spec, mbt_base_16x2_rgb); "
+                   help="model preset (default tiny; tiny, tiny_trimodal, mbt_base_16x2, mbt_base_16x2_spec, mbt_base_16x2_rgb); "
                         "not with --init-from")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, eval.jsonl, checkpoint, curves.png")
     p.add_argument("--steps", type=positive_int, default=1000, help="total optimizer steps (the schedule spans them)")

@@ -241,8 +241,8 @@ def collate_skip_bad(batch: list) -> dict:
     }
     if not good:
         return out
-    for k in ("rgb", "spectrogram", "label"):
-        if k in good[0]:
+    for k, v in good[0].items():  # every modality and the label
+        if torch.is_tensor(v):
             out[k] = torch.stack([b[k] for b in good])
     out["index"] = torch.tensor([b["index"] for b in good])
     return out

@@ -15,6 +15,13 @@ Each attribute of the last group is shared by two classes, so either modality al
 to a pair, and the distractors make the other group's pair a coin flip: the best unimodal accuracy is
 (2 + 2/2 + 4/2) / 8 = 62.5 %, while fusing both modalities can reach 100 %.
 
+More modalities (``extra_shapes``, e.g. ``{"flow": (T, H, W)}`` or ``{"tokens": (n, d_in)}``): every
+clip also carries a *motion bit*, shown by each extra modality and by nothing else -- ``flow``: a patch
+of the frame moves right (bit 0) or up (bit 1) over flow noise; a feature sequence (``tokens`` or any
+other name): one of its vectors, at a random position, is the bit's prototype over Gaussian features.
+Class = AV class + 8 * bit, 16 classes: rgb + spectrogram alone reach at most 50 %, one modality at
+most 31.25 %, all of them together 100 %.
+
 Determinism: an example is a function of (dataset seed, split, index) -- or of the ``(index, seed)``
 key that :class:`~mbt_fast.data.sampler.ResumableSampler` yields, which gives fresh training examples
 every epoch. Items have the same layout as :class:`~mbt_fast.data.dataset.VideoDataset`'s.
@@ -83,19 +90,57 @@ def make_frames(pattern: int, shape, g: torch.Generator, noise: float = 1.0) -> 
     return x.clamp(-1.0, 1.0)
 
 
-class SyntheticAVDataset(Dataset):
-    """The task of the module docstring at the model's input shapes (tiny: rgb (8, 32, 32), spec (64, 32))."""
+def make_flow(bit: int, shape, g: torch.Generator, noise: float = 1.0) -> torch.Tensor:
+    """``[2, T, H, W]`` (x, y displacement, roughly unit scale): a random rectangle moves right (bit 0)
+    or up (bit 1) at a random speed; the rest is flow noise (camera shake, the same for both bits)."""
+    t, h, w = shape
+    x = 0.5 * noise * torch.randn(2, t, h, w, generator=g)
+    x += torch.randn(2, 1, 1, 1, generator=g) * 0.3  # global shake: no information
+    ph, pw = max(1, h // 2), max(1, w // 2)
+    y0, x0 = int(torch.randint(0, h - ph + 1, (), generator=g)), int(torch.randint(0, w - pw + 1, (), generator=g))
+    angle = bit * math.pi / 2 + _uniform(g, -0.3, 0.3)
+    speed = _uniform(g, 0.8, 1.5)
+    x[0, :, y0:y0 + ph, x0:x0 + pw] += speed * math.cos(angle)
+    x[1, :, y0:y0 + ph, x0:x0 + pw] -= speed * math.sin(angle)  # image y points down: "up" is negative
+    return x
 
-    num_classes = NUM_CLASSES
+
+def make_features(bit: int, shape, g: torch.Generator, noise: float = 1.0) -> torch.Tensor:
+    """``[n, d]`` Gaussian features, one of them (random position) the bit's fixed prototype."""
+    n, d = shape
+    x = noise * torch.randn(n, d, generator=g)
+    proto = torch.randn(2, d, generator=torch.Generator().manual_seed(1234 + d))  # fixed per feature width
+    # 4 noise standard deviations along the prototype's direction: clear, but only in that direction
+    x[int(torch.randint(0, n, (), generator=g))] += 4.0 * proto[bit] / proto[bit].norm()
+    return x
+
+
+class SyntheticAVDataset(Dataset):
+    """The task of the module docstring at the model's input shapes (tiny: rgb (8, 32, 32), spec (64, 32));
+    ``extra_shapes`` adds modalities and the motion bit (16 classes)."""
+
     multi_label = False
 
     def __init__(self, size: int, rgb_shape=(8, 32, 32), spectrogram_shape=(64, 32), seed: int = 0,
-                 split: str = "train", noise: float = 1.0, modalities=("spectrogram", "rgb")):
+                 split: str = "train", noise: float = 1.0, modalities=("spectrogram", "rgb"), extra_shapes=None):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.size, self.seed, self.split, self.noise = size, seed, split, noise
         self.rgb_shape, self.spectrogram_shape = tuple(rgb_shape), tuple(spectrogram_shape)
+        self.extra_shapes = {m: tuple(v) for m, v in (extra_shapes or {}).items()}
+        for m, v in self.extra_shapes.items():
+            if m in ("rgb", "spectrogram") or len(v) != (3 if m == "flow" else 2) or min(v) < 1:
+                raise ValueError(f"extra_shapes[{m!r}]: expected flow (T, H, W) or a feature sequence (n, d_in) "
+                                 f"of positive sizes for a modality other than rgb and spectrogram, got {v}")
         self.modalities = tuple(modalities)
+        unknown = [m for m in self.modalities if m not in ("rgb", "spectrogram", *self.extra_shapes)]
+        if unknown:
+            raise ValueError(f"modalities: {unknown} need a shape in extra_shapes, got {self.extra_shapes}")
+        self.num_classes = NUM_CLASSES * (2 if self.extra_shapes else 1)
+
+    @property
+    def best_unimodal_accuracy(self) -> float:
+        return BEST_UNIMODAL_ACCURACY / (2 if self.extra_shapes else 1)
 
     def __len__(self):
         return self.size
@@ -116,5 +161,12 @@ class SyntheticAVDataset(Dataset):
             item["spectrogram"] = spec
         if "rgb" in self.modalities:
             item["rgb"] = rgb
-        item["label"] = torch.nn.functional.one_hot(torch.tensor(label), NUM_CLASSES).float()
+        if self.extra_shapes:  # drawn after the AV pair, so the AV part of an item is the 2-modality task's
+            bit = int(torch.randint(0, 2, (), generator=g))
+            for m, shape in self.extra_shapes.items():
+                x = (make_flow if m == "flow" else make_features)(bit, shape, g, self.noise)
+                if m in self.modalities:
+                    item[m] = x
+            label += NUM_CLASSES * bit
+        item["label"] = torch.nn.functional.one_hot(torch.tensor(label), self.num_classes).float()
         return item

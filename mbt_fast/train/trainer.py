@@ -253,7 +253,7 @@ def evaluate(model, dataset, multi_label: bool, batch_size: int = 32, device="cp
         if "label" not in batch:
             continue
         inputs = model_inputs(batch, mods, device)
-        multi_clip = inputs[mods[0]].dim() == (6 if mods[0] == "rgb" else 4)
+        multi_clip = inputs[mods[0]].dim() == len(model.cfg.input_shape(mods[0])) + 2
         if multi_clip:
             b, k = inputs[mods[0]].shape[:2]
             inputs = {m: x.flatten(0, 1) for m, x in inputs.items()}

@@ -55,3 +55,45 @@ def test_patterns_are_visible_in_the_signal():
             centre = (audio_choices[0] + 0.5) * 32 / 6
             peak = item["spectrogram"].mean(0).argmax().item()
             assert abs(peak - centre) <= 3, (c, peak, centre)
+
+
+def test_extra_modalities_carry_the_motion_bit():
+    """flow and a feature sequence show bit = label // 8 and nothing else; the AV part is the 2-modality task's."""
+    import math
+
+    from mbt_fast.data.synthetic import make_features
+
+    mods = ("spectrogram", "rgb", "flow", "tokens")
+    ds = SyntheticAVDataset(64, seed=2, modalities=mods, extra_shapes={"flow": (4, 16, 16), "tokens": (10, 24)})
+    av = SyntheticAVDataset(64, seed=2)
+    assert ds.num_classes == 16 and ds.best_unimodal_accuracy == BEST_UNIMODAL_ACCURACY / 2
+    protos = torch.randn(2, 24, generator=torch.Generator().manual_seed(1234 + 24))
+    bits = []
+    for i in range(64):
+        item, ref = ds[i], av[i]
+        assert item["flow"].shape == (2, 4, 16, 16) and item["tokens"].shape == (10, 24)
+        assert torch.equal(item["rgb"], ref["rgb"]) and torch.equal(item["spectrogram"], ref["spectrogram"])
+        label = int(item["label"].argmax())
+        assert label % 8 == int(ref["label"].argmax())
+        bit = label // 8
+        bits.append(bit)
+        # the moving patch (a quarter of the frame) against the background's shake: it moves right (bit 0)
+        # or up (bit 1, y negative in image coordinates)
+        mean = item["flow"].mean(1).flatten(1)  # [2, H*W]
+        rel = mean - mean.median(dim=1, keepdim=True).values
+        patch = rel[:, rel.norm(dim=0).topk(rel.shape[1] // 4).indices].mean(1)
+        angle = math.atan2(-patch[1].item(), patch[0].item())
+        assert abs(angle - bit * math.pi / 2) < 0.6, (i, bit, angle)
+        proj = item["tokens"] @ (protos / protos.norm(dim=1, keepdim=True)).T  # [n, 2]
+        assert proj.max(0).values.argmax().item() == bit, (i, bit, proj.max(0).values)
+    assert 10 < sum(bits) < 54
+    assert make_features(0, (10, 24), torch.Generator().manual_seed(0)).shape == (10, 24)
+
+
+def test_extra_modalities_are_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"extra_shapes\['flow'\]: expected flow \(T, H, W\)"):
+        SyntheticAVDataset(4, extra_shapes={"flow": (4, 16)})
+    with pytest.raises(ValueError, match=r"modalities: \['tokens'\] need a shape in extra_shapes"):
+        SyntheticAVDataset(4, modalities=("rgb", "tokens"))

@@ -245,3 +245,39 @@ def test_cli_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path, capsys, c
     assert message.startswith(f"mbt-fast train: {out / 'checkpoint.safetensors'}: not a readable safetensors file "
                               f"(truncated, empty or another format?)"), message
     assert (out / "checkpoint.safetensors").read_bytes() == content  # nothing overwritten
+
+
+def test_train_a_three_modality_model_and_resume_it(tmp_path):
+    """``--preset tiny_trimodal``: rgb, spectrogram and optical flow on the synthetic task (16 classes, the
+    flow carrying the motion bit); the saved model has the three streams and loads back; resume goes on."""
+    import torch
+
+    import mbt_fast
+
+    out = tmp_path / "tri"
+    argv = _args(out)
+    argv[argv.index("tiny")] = "tiny_trimodal"
+    assert cli_main(argv) == 0
+    model = mbt_fast.MBT.from_pretrained(out / "model.safetensors")
+    assert model.cfg.modality_fusion == ("spectrogram", "rgb", "flow") and model.cfg.num_classes == 16
+    assert "embed_flow.weight" in model.state_dict() and "blocks.3.flow.mlp.fc1.weight" in model.state_dict()
+    with torch.no_grad():
+        logits = model(rgb=torch.zeros(1, 3, 8, 32, 32), spectrogram=torch.zeros(1, 64, 32), flow=torch.zeros(1, 2, 8, 32, 32))
+    assert logits.shape == (1, 16) and torch.isfinite(logits).all()
+    argv[argv.index("4")] = "6"
+    assert cli_main([*argv, "--resume"]) == 0
+    assert _steps_losses(out)[0] == list(range(1, 7))
+
+
+def test_train_synthetic_refuses_a_modality_it_cannot_generate(tmp_path, capsys, monkeypatch):
+    from mbt_fast import config, modalities
+
+    class Imu(modalities.SpectrogramEmbedding):  # any tokenizer the synthetic task has no generator for
+        pass
+
+    monkeypatch.setitem(modalities._REGISTRY, "imu", Imu)
+    monkeypatch.setitem(config.PRESETS, "tiny_imu", config.MBTConfig.preset(
+        "tiny", modality_fusion=("rgb", "imu"), input_shapes={"rgb": (-1, 8, 32, 32, 3), "imu": (-1, 64, 32, 3)}))
+    argv = _args(tmp_path / "imu")
+    argv[argv.index("tiny")] = "tiny_imu"
+    assert "modality 'imu' (Imu) has no synthetic generator" in _error(capsys, argv)
