@@ -102,5 +102,5 @@ def read_features(path: Path, shape: tuple[int, int]) -> tuple[torch.Tensor, int
                            f"got {list(arr.shape)}")
     length = min(arr.shape[0], n)
     out = torch.zeros(n, d)
-    out[:length] = torch.from_numpy(np.asarray(arr[:length], dtype=np.float32))
+    out[:length] = torch.from_numpy(np.array(arr[:length], dtype=np.float32))  # a copy: the file is mapped read-only
     return out, length
