@@ -68,7 +68,9 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 AUDIOSET_NUM_CLASSES = 527
 MODES = ("train", "eval", "test")
 BUILTIN_MODALITIES = ("rgb", "spectrogram", "flow")  # any other modality is a feature sequence
-RESERVED_KEYS = ("label", "index", "skipped", "audio_missing", "decode_fallback")  # item keys, not modalities
+# item and batch keys of their own (collate_skip_bad), so not modality names
+RESERVED_KEYS = ("label", "index", "skipped", "audio_missing", "decode_fallback", "num_skipped", "num_audio_missing",
+                 "num_decode_fallback")
 
 
 def parse_labels(text: str) -> list[int]:

@@ -4,9 +4,8 @@ feature sequences (:class:`mbt_fast.data.dataset.VideoDataset` documents the for
 For ``clips/a.mp4`` and modality ``m`` the file is ``clips/a.m.npy`` (``<root>/a.m.npy`` when a root
 folder is given). Files are memory-mapped, so a clip reads only the flow fields it uses, and of them
 only the window under its crop box (32 fields of a 640x360 video to a 224 crop: ~20-30 ms on one core,
-a third of resizing whole fields). Every problem
-with a file (missing, unreadable, wrong dtype or shape) raises :class:`SidecarError` naming the file;
-the dataset turns it into a skipped item.
+a third of resizing whole fields). Every problem with a file (missing, unreadable, wrong dtype or
+shape) raises :class:`SidecarError` naming the file; the dataset turns it into a skipped item.
 """
 from __future__ import annotations
 

@@ -280,6 +280,6 @@ def test_constructor_checks(tmp_path):
         VideoDataset([], num_classes=1, modalities=("text",), feature_shapes={"text": (4,)})
     with pytest.raises(ValueError, match="flow_scale"):
         VideoDataset([], num_classes=1, modalities=("flow",), flow_scale=0)
-    for name in ("label", "text_length", "a/b", ""):
+    for name in ("label", "num_skipped", "text_length", "a/b", ""):
         with pytest.raises(ValueError, match="not a usable modality name"):
             VideoDataset([], num_classes=1, modalities=(name,), feature_shapes={name: (1, 1)})
