@@ -322,16 +322,23 @@ class DecodedClips:
     frames_substituted: int = 0             # wanted frames no decode produced, replaced by the nearest
     frames_decoded: int = 0                 # video frames decoded (the last pass, when a seek fell back)
     logmel: torch.Tensor | None = None      # un-normalised log-mel of the whole track (prepared cache only)
+    # what the clips were made of, for modalities aligned with the RGB (optical flow); None from the prepared cache
+    source_frames: list[np.ndarray] | None = None  # per clip [T] source frame index of each clip frame
+    crops: list[CropPlan] | None = None     # per clip its resize/crop/flip
+    source_size: tuple[int, int] | None = None  # (h, w) of the source frames
+    num_source_frames: int = 0              # frames of the video stream (its index)
 
 
 def read_clips(path: str, num_frames: int, crop: tuple[int, int], mode: str, num_clips: int = 1,
                rng: np.random.Generator | None = None, want_rgb: bool = True, want_audio: bool = True,
-               seek: bool = True, stages: dict | None = None) -> DecodedClips:
+               seek: bool = True, stages: dict | None = None, want_plan: bool = False) -> DecodedClips:
     """Open ``path`` and return the sampled RGB clip(s) and the whole audio track (module docstring).
 
     ``seek=False`` always decodes from the start (the reference the seek path is tested against);
-    ``stages``: a dict that receives seconds per stage. Raises on unreadable files (the dataset turns
-    that into a skipped example).
+    ``stages``: a dict that receives seconds per stage; ``want_plan`` with ``want_rgb=False``: still draw
+    the crops and name the source frames (``source_frames``, ``crops``, ``source_size``), decoding no
+    frame -- for optical flow without RGB. Raises on unreadable files (the dataset turns that into a
+    skipped example).
     """
     clock = _Stages(stages)
     container = _open(path)
@@ -343,12 +350,16 @@ def read_clips(path: str, num_frames: int, crop: tuple[int, int], mode: str, num
         index, waveform = _index_and_audio(container, vstream, astream, clock)
         tick_src = ticks_to_source_frames(index.times)
         plans = plan_clips(len(tick_src), num_frames, mode, num_clips, rng)
-        if not want_rgb:
+        if not (want_rgb or want_plan):
             return DecodedClips(None, _nonempty(waveform), [p.start_proportion for p in plans])
         h, w = vstream.codec_context.height, vstream.codec_context.width
         if not (h > 0 and w > 0):
             raise ValueError(f"{path}: the video stream has no frame size ({w}x{h})")
         crops = [plan_crop(h, w, crop, train=(mode == "train"), rng=rng) for _ in plans]
+        if not want_rgb:  # the plan only: the frames the clips would show, none decoded
+            return DecodedClips(None, _nonempty(waveform), [p.start_proportion for p in plans],
+                                source_frames=[tick_src[p.ticks].astype(np.int64) for p in plans], crops=crops,
+                                source_size=(h, w), num_source_frames=len(index.times))
         wanted = {int(tick_src[t]) for p in plans for t in p.ticks}
         col = _Collector(wanted, {c.size for c in crops}, clock)
         why = index.problem or (None if seek else "seek=False")
@@ -367,14 +378,16 @@ def read_clips(path: str, num_frames: int, crop: tuple[int, int], mode: str, num
     if not col.got:
         raise ValueError(f"{path}: no video frame could be decoded ({decode})")
     keys = np.asarray(sorted(col.got))
-    rgb, substituted = [], 0
+    rgb, substituted, sources = [], 0, []
     for p, c in zip(plans, crops):
         idx = [int(keys[np.abs(keys - tick_src[t]).argmin()]) for t in p.ticks]
         substituted += sum(i != tick_src[t] for i, t in zip(idx, p.ticks))
         rgb.append(assemble_clip([col.frames[(i, c.size)] for i in idx], crop, c))
+        sources.append(np.asarray(idx, dtype=np.int64))
     clock.lap("resize/crop")
     return DecodedClips(rgb, _nonempty(waveform), [p.start_proportion for p in plans], decode, int(substituted),
-                        col.num_decoded)
+                        col.num_decoded, source_frames=sources, crops=crops, source_size=(h, w),
+                        num_source_frames=len(index.times))
 
 
 def _nonempty(waveform: torch.Tensor | None) -> torch.Tensor | None:
