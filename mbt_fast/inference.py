@@ -22,7 +22,7 @@ import torch
 
 from mbt_fast.config import MBTConfig
 from mbt_fast.data import audio as audio_lib
-from mbt_fast.data.dataset import AUDIOSET_NUM_CLASSES, VIDEO_EXTENSIONS, VideoDataset, csv_rows
+from mbt_fast.data.dataset import AUDIOSET_NUM_CLASSES, VIDEO_EXTENSIONS, VideoDataset, csv_rows, video_shapes
 from mbt_fast.model import MBT
 
 AUDIOSET_LABELS = "audioset_class_labels_indices.csv"  # mbt_fast/data/labels/, see its README
@@ -137,9 +137,8 @@ def decode_clip(path, cfg: MBTConfig, num_clips: int = 1, spec_mean: float = aud
     if num_clips < 1:
         raise ValueError(f"num_clips: expected an integer >= 1, got {num_clips}")
     mods = cfg.modality_fusion
-    shapes = {f"{m}_shape": cfg.rgb_shape if m == "rgb" else cfg.spectrogram_shape for m in mods}
     ds = VideoDataset([(str(path), [])], num_classes=cfg.num_classes, mode="test" if num_clips > 1 else "eval",
-                      num_clips=num_clips, modalities=mods, spec_mean=spec_mean, spec_std=spec_std, **shapes)
+                      num_clips=num_clips, modalities=mods, spec_mean=spec_mean, spec_std=spec_std, **video_shapes(cfg))
     quiet = logging.getLogger("mbt_fast.data")  # its per-file warnings are training's; the caller reports
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -148,7 +147,8 @@ def decode_clip(path, cfg: MBTConfig, num_clips: int = 1, spec_mean: float = aud
     finally:
         quiet.setLevel(level)
     if "skipped" in item:
-        raise ValueError(f"{path}: not a readable video ({item['skipped'].split(': ', 1)[-1]})")
+        why = item["skipped"].split(": ", 1)[-1]
+        raise ValueError(f"{path}: {why}" if item.get("sidecar") else f"{path}: not a readable video ({why})")
     inputs = {m: item[m] if num_clips > 1 else item[m].unsqueeze(0) for m in mods}
     missing = bool(item["audio_missing"])
     if missing:

@@ -55,10 +55,11 @@ def synthetic_shapes(cfg) -> dict:
 def build_datasets(args, cfg):
     """(model config with num_classes set, train dataset, validation dataset or None)."""
     from mbt_fast.data import SyntheticAVDataset, VideoDataset
+    from mbt_fast.data.dataset import video_shapes
 
     mods = cfg.modality_fusion
-    rgb_shape = cfg.rgb_shape if "rgb" in cfg.input_shapes else (32, 224, 224)
-    spec_shape = cfg.spectrogram_shape if "spectrogram" in cfg.input_shapes else (800, 128)
+    shapes = video_shapes(cfg)
+    rgb_shape, spec_shape = shapes["rgb_shape"], shapes["spectrogram_shape"]
     kind = _kind(args)
     if kind == "synthetic":
         extra = synthetic_shapes(cfg)
@@ -67,8 +68,9 @@ def build_datasets(args, cfg):
         val_ds = SyntheticAVDataset(args.val_size, rgb_shape, spec_shape, seed=args.seed, split="val",
                                     modalities=mods, extra_shapes=extra) if args.val_size > 0 else None
         return dataclasses.replace(cfg, num_classes=train_ds.num_classes), train_ds, val_ds
-    common = dict(rgb_shape=rgb_shape, spectrogram_shape=spec_shape, modalities=mods, spec_mean=args.spec_mean,
-                  spec_std=args.spec_std, spec_augment=not args.no_spec_augment)
+    common = dict(**shapes, modalities=mods, spec_mean=args.spec_mean, spec_std=args.spec_std,
+                  spec_augment=not args.no_spec_augment, flow_scale=args.flow_scale, flow_root=args.flow_root,
+                  features_root=args.features_root)
     eval_mode = "test" if args.num_test_clips > 1 else "eval"
     eval_kw = dict(common, num_clips=args.num_test_clips)
     if kind == "prepared":
@@ -126,6 +128,10 @@ def run_args(args) -> dict:
         return {**d, "train_size": args.train_size, "val_size": args.val_size}
     d.update(data_dir=path(args.data_dir), num_test_clips=args.num_test_clips, spec_mean=args.spec_mean,
              spec_std=args.spec_std, no_spec_augment=args.no_spec_augment)
+    # the sidecar options only when given, so that runs from before they existed resume as they were
+    sidecar = {"flow_root": path(args.flow_root), "features_root": path(args.features_root),
+               "flow_scale": args.flow_scale if args.flow_scale != 20.0 else None}
+    d.update({k: v for k, v in sidecar.items() if v is not None})
     if kind == "folder":
         return {**d, "val_dir": path(args.val_dir)}
     if kind == "prepared":
@@ -296,6 +302,12 @@ def register(sub) -> None:
     d.add_argument("--num-classes", type=positive_int, default=527, help="classes of a CSV dataset (AudioSet: 527)")
     d.add_argument("--single-label", action="store_true", help="CSV labels are single (softmax, top-1/top-5)")
     d.add_argument("--num-test-clips", type=positive_int, default=1, help="clips per validation video (Scenic test: 4)")
+    d.add_argument("--flow-root", metavar="DIR", help="folder of the flow sidecar files <video stem>.flow.npy "
+                                                      "(default: beside each video; README, Any set of modalities)")
+    d.add_argument("--flow-scale", type=positive_float, default=20.0,
+                   help="flow: displacement in pixels mapped to 1 (then clamped to [-1, 1])")
+    d.add_argument("--features-root", metavar="DIR", help="folder of feature-sequence sidecar files "
+                                                          "<video stem>.<modality>.npy (default: beside each video)")
     d.add_argument("--train-size", type=positive_int, default=8192, help="synthetic: examples per epoch")
     d.add_argument("--val-size", type=nonneg_int, default=512, help="synthetic: validation examples (0: none)")
     d.add_argument("--spec-mean", type=finite_float, default=1.102, help="log-mel normalisation mean (Scenic's)")

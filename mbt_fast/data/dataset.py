@@ -130,6 +130,23 @@ def item_seed(*parts) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
+def video_shapes(cfg) -> dict:
+    """:class:`VideoDataset`'s shape arguments for an ``MBTConfig``: the rgb, spectrogram and flow shapes
+    and the ``(n, d_in)`` of every other modality, read as a feature sequence from its sidecar file."""
+    mods = cfg.modality_fusion
+    out = {"rgb_shape": cfg.rgb_shape if "rgb" in mods else (32, 224, 224),
+           "spectrogram_shape": cfg.spectrogram_shape if "spectrogram" in mods else (800, 128),
+           "flow_shape": cfg.input_shape("flow")[1:] if "flow" in mods else None, "feature_shapes": {}}
+    for m in mods:
+        if m not in BUILTIN_MODALITIES:
+            shape = cfg.input_shape(m)
+            if len(shape) != 2:
+                raise ValueError(f"{m}: a video dataset reads modality {m!r} as a feature sequence [n, d_in] from "
+                                 f"'<video stem>.{m}.npy', but its model input is {shape}")
+            out["feature_shapes"][m] = shape
+    return out
+
+
 class VideoDataset(Dataset):
     """Video files -> MBT inputs, Scenic's sampling parameterised by the model's input shapes.
 
@@ -247,10 +264,10 @@ class VideoDataset(Dataset):
         return [flow_clip(flow, frames, plan, crop, self.flow_shape[1:], self.flow_scale)
                 for frames, plan in zip(clips.source_frames, clips.crops)]
 
-    def _skip(self, index: int, reason: str) -> dict:
+    def _skip_sidecar(self, index: int, reason: str) -> dict:
         self.stats["skipped"] += 1
         log.warning("skipping %s; %d skipped so far in this process", reason, self.num_skipped)
-        return {"skipped": reason, "index": index}
+        return {"skipped": reason, "index": index, "sidecar": True}
 
     def _spectrogram(self, clips: DecodedClips, rng_torch) -> list[torch.Tensor]:
         t, mel = self.spectrogram_shape
@@ -283,7 +300,7 @@ class VideoDataset(Dataset):
             features = {m: read_features(sidecar_path(path, m, self.features_root), self.feature_shapes[m])
                         for m in self.feature_modalities}
         except SidecarError as e:
-            return self._skip(index, f"{path}: {e}")
+            return self._skip_sidecar(index, f"{path}: {e}")
         try:
             clips = self._decode(index, rng, want_rgb, want_audio)
         except Exception as e:  # noqa: BLE001 -- any decoding failure means "skip this file"
@@ -295,7 +312,7 @@ class VideoDataset(Dataset):
             try:
                 flows = self._flow(flow_path, flow, clips)
             except SidecarError as e:
-                return self._skip(index, f"{path}: {e}")
+                return self._skip_sidecar(index, f"{path}: {e}")
         fallback = clips.decode.startswith("full")
         if want_rgb:
             self.stats["decode_fallback" if fallback else clips.decode] += 1  # "seek" or "prepared"

@@ -281,3 +281,31 @@ def test_train_synthetic_refuses_a_modality_it_cannot_generate(tmp_path, capsys,
     argv = _args(tmp_path / "imu")
     argv[argv.index("tiny")] = "tiny_imu"
     assert "modality 'imu' (Imu) has no synthetic generator" in _error(capsys, argv)
+
+
+def test_train_and_predict_with_flow_from_sidecar_files(tmp_path, capsys):
+    """Videos with their optical flow beside them (``<stem>.flow.npy``): train a three-modality model on
+    them, predict from a video with its flow, and name the flow file when it is missing."""
+    import numpy as np
+
+    from mbt_fast.data.testing import write_clip
+
+    root = tmp_path / "videos"
+    for c in ("a", "b"):
+        for i in range(2):
+            (root / c).mkdir(parents=True, exist_ok=True)
+            path = write_clip(root / c / f"{c}{i}.mp4", seconds=1.5, fps=10, size=(64, 48))
+            flow = np.random.default_rng(i).standard_normal((15, 48, 64, 2)).astype(np.float16)
+            np.save(path.with_suffix(".flow.npy"), flow)
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny_trimodal", "--data-dir", str(root), "--val-dir", str(root), "--steps", "2",
+            "--batch-size", "2", "--no-progress", "--threads", "1", "--num-workers", "0", "--out", str(out)]
+    assert cli_main(argv) == 0
+    assert cli_main(["predict", str(out / "model.safetensors"), str(root / "a" / "a0.mp4"), "--json",
+                     "--no-progress"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row["file"].endswith("a0.mp4") and len(row["top"]) >= 1
+    (root / "b" / "b1.flow.npy").unlink()
+    assert cli_main(["predict", str(out / "model.safetensors"), str(root / "b" / "b1.mp4"), "--json",
+                     "--no-progress"]) == 1
+    assert f"sidecar file {root / 'b' / 'b1.flow.npy'} does not exist" in capsys.readouterr().err
