@@ -199,16 +199,21 @@ def _title(expl: Explanation, what: str) -> str:
             f"softmax weight on each patch (scale per row)")
 
 
-def plot_rgb(expl: Explanation, rgb: torch.Tensor, path) -> Path:
+def plot_rgb(expl: Explanation, rgb: torch.Tensor, path, modality: str = "rgb") -> Path:
     """The CLS and bottleneck attention to the RGB patches over one frame per temporal patch position.
 
-    ``rgb``: the model input ``[3, T, H, W]`` (or ``[1, 3, T, H, W]``) in [-1, 1]."""
+    ``rgb``: the model input ``[3, T, H, W]`` (or ``[1, 3, T, H, W]``) in [-1, 1]; with
+    ``modality="flow"``, the flow ``[2, T, H, W]``, drawn as its magnitude (grey, per-clip scale)."""
     from matplotlib.figure import Figure
 
     fh, fw, ft = expl.cfg.patches_size
-    video = ((rgb.reshape(rgb.shape[-4:]).float().cpu() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).numpy()
-    rows = _rows(expl, "rgb")
-    n_t = expl.cfg.patch_grid("rgb")[0]
+    if modality == "flow":
+        mag = rgb.reshape(rgb.shape[-4:]).float().cpu().norm(dim=0)
+        video = (mag / (mag.max() if mag.max() > 0 else 1.0))[..., None].expand(*mag.shape, 3).numpy()
+    else:
+        video = ((rgb.reshape(rgb.shape[-4:]).float().cpu() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).numpy()
+    rows = _rows(expl, modality)
+    n_t = expl.cfg.patch_grid(modality)[0]
     fig = Figure(figsize=(max(1.6 * n_t + 2.2, 6.0), 1.8 * len(rows) + 1.2), layout="constrained")
     axes = fig.subplots(len(rows), n_t, squeeze=False)
     for r, (label, grid) in enumerate(rows):
@@ -224,7 +229,7 @@ def plot_rgb(expl: Explanation, rgb: torch.Tensor, path) -> Path:
                 ax.set_title(f"frames {t * ft}-{t * ft + ft - 1}", fontsize=8)
         axes[r, 0].set_ylabel(label.replace(" (", "\n("), fontsize=8)
         fig.colorbar(im, ax=list(axes[r]), shrink=0.9, label="attention")
-    fig.suptitle(_title(expl, "RGB"), fontsize=9)
+    fig.suptitle(_title(expl, "RGB" if modality == "rgb" else "optical-flow (magnitude)"), fontsize=9)
     fig.savefig(path, dpi=100)
     return Path(path)
 
@@ -286,7 +291,8 @@ def save(out_dir, explanations: list[Explanation], inputs: dict[str, torch.Tenso
 
     ``inputs``: the clips' model inputs with a leading clip axis (rgb ``[K, 3, T, H, W]``, spectrogram
     ``[K, time, mel]``); ``scores``: the file's ``[num_classes]`` scores (of its clip-averaged logits),
-    shown in the chart. Per clip: ``rgb_attention.png``, ``spectrogram_attention.png`` (``_clip<k>``
+    shown in the chart. Per clip: ``rgb_attention.png``, ``spectrogram_attention.png``,
+    ``flow_attention.png`` (``_clip<k>``
     suffixed when K > 1); once: ``top_classes.png`` and ``attention.npz``: every map with a leading clip
     axis (``cls_<modality>``, ``bottleneck_<modality>``), ``clip_logits`` ``[K, C]``, ``scores``,
     ``class_names``, ``layer``, ``num_heads``, ``num_bottleneck_tokens``, ``modalities``, ``notes``."""
@@ -300,6 +306,8 @@ def save(out_dir, explanations: list[Explanation], inputs: dict[str, torch.Tenso
             paths.append(plot_rgb(expl, inputs["rgb"][k], out / f"rgb_attention{suffix}.png"))
         if "spectrogram" in expl.modalities:
             paths.append(plot_spectrogram(expl, inputs["spectrogram"][k], out / f"spectrogram_attention{suffix}.png"))
+        if "flow" in expl.modalities:
+            paths.append(plot_rgb(expl, inputs["flow"][k], out / f"flow_attention{suffix}.png", modality="flow"))
     first = explanations[0]
     clips = f", {len(explanations)} clips" if len(explanations) > 1 else ""
     paths.append(plot_top_classes(names, scores, out / "top_classes.png", top_k,

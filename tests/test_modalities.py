@@ -279,3 +279,26 @@ def test_missing_modalities_of_four(backend, mode, subset):
     for m in ref:
         err = (out[m] - ref[m]).abs().max().item()
         assert err <= TOLS[backend][0], f"{mode}/{backend}/{subset} logits[{m}]: {err:.3e} > {TOLS[backend][0]}"
+
+
+def test_explain_maps_every_modality():
+    from mbt_fast.explain import explain
+
+    cfg = config(SETS["M4"])
+    expl = explain(make_model(cfg), make_inputs(cfg, 1))
+    grids = {m: cfg.patch_grid(m) for m in cfg.modality_fusion}
+    assert {m: a.shape for m, a in expl.cls.items()} == grids == {m: a.shape for m, a in expl.bottleneck.items()}
+
+
+def test_explain_saves_a_flow_map(tmp_path):
+    from mbt_fast.explain import explain, save
+
+    cfg = config(SETS["M3"])
+    inputs = make_inputs(cfg, 1)
+    expl = explain(make_model(cfg), inputs)
+    paths = save(tmp_path, [expl], inputs, [f"c{i}" for i in range(cfg.num_classes)], expl.logits, top_k=3)
+    assert (tmp_path / "flow_attention.png").stat().st_size > 1000 and tmp_path / "flow_attention.png" in paths
+    import numpy as np
+
+    npz = np.load(tmp_path / "attention.npz")
+    assert npz["cls_flow"].shape == (1, *cfg.patch_grid("flow"))
