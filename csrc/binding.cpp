@@ -2,8 +2,8 @@
 #include "common/ops.h"
 
 MBT_TORCH_LIBRARY(MBT_NS, m) {
-    m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor seg, float scale) -> Tensor[]");
-    m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seg, float scale) -> Tensor[]");
+    m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor seg, float scale, Tensor key_mask) -> Tensor[]");
+    m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seg, float scale, Tensor key_mask) -> Tensor[]");
     m.def("residual_mean_fwd(Tensor x, Tensor y, Tensor keep, Tensor row_mod, Tensor slot_start, int n_bottleneck, int mode) -> Tensor");
     m.def("residual_mean_bwd(Tensor grad, Tensor keep, Tensor row_mod, Tensor slot_start, int n_bottleneck, int mode) -> Tensor[]");
     m.def("segment_layernorm_fwd(Tensor x, Tensor weight, Tensor bias, Tensor row_weight, float eps) -> Tensor[]");

@@ -46,11 +46,13 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------------
 # reference
 # ----------------------------------------------------------------------------------------------------
-def mbt_attention_ref(q, k, v, segments, scale: float | None = None, dtype: torch.dtype = torch.float32):
+def mbt_attention_ref(q, k, v, segments, scale: float | None = None, dtype: torch.dtype = torch.float32,
+                      key_mask=None):
     """Naive masked attention over the full ``[Nq, Nk]`` score matrix, computed in ``dtype``.
 
     ``dtype=float32`` is the oracle of the tests; a low ``dtype`` gives the "eager low precision"
-    error that sets their tolerance. Returns ``[Nq, B, H, D]`` in ``dtype``; differentiable.
+    error that sets their tolerance. ``key_mask``: bool ``[B, Nk]`` or None. Returns ``[Nq, B, H, D]``
+    in ``dtype``; differentiable.
     """
     nq, nk = q.shape[0], k.shape[0]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -62,6 +64,8 @@ def mbt_attention_ref(q, k, v, segments, scale: float | None = None, dtype: torc
     allowed = allowed | ~covered
     qf, kf, vf = (t.to(dtype).permute(1, 2, 0, 3) for t in (q, k, v))  # [B, H, N, D]
     scores = (qf @ kf.transpose(-1, -2)) * scale
+    if key_mask is not None:  # [B, 1, Nq, Nk]: padding keys masked in every covered row
+        allowed = allowed & (key_mask[:, None, None, :] | ~covered)
     p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     out = (p @ vf).permute(2, 0, 1, 3)
     return torch.where(covered[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
@@ -79,12 +83,24 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _fwd_key_block(acc, l_i, m_i, q, K, V, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
+def _key_valid(KM, offs_n, k_end, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """The keys of a block that may be attended: inside the segment (``MASKED`` tail) and, with a key
+    mask, not padding (``KM``: this sample's uint8 mask row)."""
+    if HAS_KEY_MASK:
+        if MASKED:
+            return (offs_n < k_end) & (tl.load(KM + offs_n, mask=offs_n < k_end, other=0) != 0)
+        return tl.load(KM + offs_n) != 0
+    return offs_n < k_end
+
+
+@triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, K, V, KM, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   SCALE_POSITIVE: tl.constexpr, DOT_FP32: tl.constexpr):
+                   SCALE_POSITIVE: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_FP32: tl.constexpr):
     """One key block of the online softmax. Only a segment's last, partial block is ``MASKED``: full
     blocks load without predicates and never select, and fold the scale into the exponent (one FFMA
-    per score: ``exp2(qk * scale - max)``, the row max taken on the unscaled scores)."""
+    per score: ``exp2(qk * scale - max)``, the row max taken on the unscaled scores). A key mask
+    selects on every block."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
     rows_n = offs_n.to(tl.int64)[:, None]  # int64: N * stride_n can pass 2**31 at large batch
     if MASKED:
@@ -93,17 +109,22 @@ def _fwd_key_block(acc, l_i, m_i, q, K, V, n_start, k_end, stride_kn, stride_vn,
     else:
         k = tl.load(K + rows_n * stride_kn + offs_d[None, :])
     qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
-    if MASKED:
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+    if MASKED or HAS_KEY_MASK:
+        valid = _key_valid(KM, offs_n, k_end, MASKED, HAS_KEY_MASK)
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        if HAS_KEY_MASK:  # a block of padding keeps a row's max at -inf: exponentiate against 0 instead
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # the first key block of a segment always holds a valid key, so m_new is finite from the start
+            m_base = m_new
+        p = tl.math.exp2(qk - m_base[:, None])
     else:
         # max(s * x) = s * max(x) for s >= 0 and s * min(x) for s < 0 (a negative user scale)
         row = tl.max(qk, 1) if SCALE_POSITIVE else tl.min(qk, 1)
         m_new = tl.maximum(m_i, row * qk_scale)
+        m_base = m_new
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    # the first key block of a segment always holds a valid key, so m_new is finite from the start
-    alpha = tl.math.exp2(m_i - m_new)
+    alpha = tl.math.exp2(m_i - m_base)
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
@@ -115,14 +136,14 @@ def _fwd_key_block(acc, l_i, m_i, q, K, V, n_start, k_end, stride_kn, stride_vn,
 
 @triton.jit
 def _mbt_attention_fwd_kernel(
-    Q, K, V, Out, Lse, QBlocks,
+    Q, K, V, Out, Lse, QBlocks, KeyMask,
     stride_qn, stride_qb, stride_qh,
     stride_kn, stride_kb, stride_kh,
     stride_vn, stride_vb, stride_vh,
     stride_on, stride_ob, stride_oh,
-    num_heads, nq, sm_scale,
+    num_heads, nq, mask_stride, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
-    PEEL_TAIL: tl.constexpr, DOT_FP32: tl.constexpr,
+    PEEL_TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """One program = one query block of one segment, for one (sample, head)."""
     blk = tl.program_id(0)
@@ -143,6 +164,7 @@ def _mbt_attention_fwd_kernel(
                 mask=m_mask[:, None], other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
+    KeyMask += b * mask_stride
 
     qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp(x * s) = exp2(x * s * log2 e)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -152,11 +174,12 @@ def _mbt_attention_fwd_kernel(
     if PEEL_TAIL:  # the full key blocks unmasked, then the partial one
         k_tail += (k_end - k_start) // BLOCK_N * BLOCK_N
         for n_start in range(k_start, k_tail, BLOCK_N):
-            acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, n_start, k_end, stride_kn, stride_vn, offs_d,
-                                           qk_scale, BLOCK_M, BLOCK_N, False, SCALE_POSITIVE, DOT_FP32)
+            acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, KeyMask, n_start, k_end, stride_kn, stride_vn,
+                                           offs_d, qk_scale, BLOCK_M, BLOCK_N, False, SCALE_POSITIVE, HAS_KEY_MASK,
+                                           DOT_FP32)
     for n_start in range(k_tail, k_end, BLOCK_N):  # masked: the tail, or every block without PEEL_TAIL
-        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, n_start, k_end, stride_kn, stride_vn, offs_d,
-                                       qk_scale, BLOCK_M, BLOCK_N, True, SCALE_POSITIVE, DOT_FP32)
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, KeyMask, n_start, k_end, stride_kn, stride_vn, offs_d,
+                                       qk_scale, BLOCK_M, BLOCK_N, True, SCALE_POSITIVE, HAS_KEY_MASK, DOT_FP32)
 
     acc = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + rows_m * stride_on + offs_d[None, :],
@@ -221,15 +244,15 @@ def _dkdv_query_block(dk, dv, k, v, Q, DO, Lse, Delta, m_start, q_end, stride_qn
 
 @triton.jit
 def _mbt_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse, Delta, KBlocks, SegQ,
+    Q, K, V, DO, DK, DV, Lse, Delta, KBlocks, SegQ, KeyMask,
     stride_qn, stride_qb, stride_qh,
     stride_kn, stride_kb, stride_kh,
     stride_vn, stride_vb, stride_vh,
     stride_don, stride_dob, stride_doh,
     stride_gn, stride_gb, stride_gh,
-    num_heads, nq, sm_scale,
+    num_heads, nq, mask_stride, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PEEL_TAIL: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """One program = one key block, for one (sample, head): dK and dV of its rows.
 
@@ -276,14 +299,19 @@ def _mbt_attention_bwd_dkdv_kernel(
                                        offs_d, qk_scale, BLOCK_M, BLOCK_N, True, DOT_FP32)
 
     dk = dk * sm_scale  # dS is the gradient of the scaled scores
+    if HAS_KEY_MASK:  # a padding key's P column is 0, and its dK, dV rows depend on that column alone
+        valid = _key_valid(KeyMask + b * mask_stride, offs_n, n_end, True, True)
+        dk = tl.where(valid[:, None], dk, 0.0)
+        dv = tl.where(valid[:, None], dv, 0.0)
     rows_g = rows_n * stride_gn + b * stride_gb + h * stride_gh + offs_d[None, :]
     tl.store(DK + rows_g, dk.to(DK.dtype.element_ty), mask=n_mask[:, None])
     tl.store(DV + rows_g, dv.to(DV.dtype.element_ty), mask=n_mask[:, None])
 
 
 @triton.jit
-def _dq_key_block(dq, q, do, lse2, delta, K, V, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+def _dq_key_block(dq, q, do, lse2, delta, K, V, KM, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
     """One key block's share of dQ; only a segment's last, partial key block is ``MASKED``."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
     rows_n = offs_n.to(tl.int64)[:, None]
@@ -296,8 +324,8 @@ def _dq_key_block(dq, q, do, lse2, delta, K, V, n_start, k_end, stride_kn, strid
         v = tl.load(V + rows_n * stride_vn + offs_d[None, :])
     qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-    if MASKED:
-        p = tl.where(n_mask[None, :], p, 0.0)
+    if MASKED or HAS_KEY_MASK:
+        p = tl.where(_key_valid(KM, offs_n, k_end, MASKED, HAS_KEY_MASK)[None, :], p, 0.0)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
     ds = p * (dp - delta[:, None])
     return _dot(ds.to(k.dtype), k, dq, DOT_FP32)
@@ -305,15 +333,15 @@ def _dq_key_block(dq, q, do, lse2, delta, K, V, n_start, k_end, stride_kn, strid
 
 @triton.jit
 def _mbt_attention_bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse, Delta, QBlocks,
+    Q, K, V, DO, DQ, Lse, Delta, QBlocks, KeyMask,
     stride_qn, stride_qb, stride_qh,
     stride_kn, stride_kb, stride_kh,
     stride_vn, stride_vb, stride_vh,
     stride_don, stride_dob, stride_doh,
     stride_gn, stride_gb, stride_gh,
-    num_heads, nq, sm_scale,
+    num_heads, nq, mask_stride, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PEEL_TAIL: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """One program = one query block, for one (sample, head): dQ of its rows over the segment's keys."""
     blk = tl.program_id(0)
@@ -337,6 +365,7 @@ def _mbt_attention_bwd_dq_kernel(
     delta = tl.load(Delta + bh.to(tl.int64) * nq + offs_m, mask=m_mask, other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
+    KeyMask += b * mask_stride
 
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -344,11 +373,11 @@ def _mbt_attention_bwd_dq_kernel(
     if PEEL_TAIL:  # the full key blocks unmasked, then the partial one
         k_tail += (k_end - k_start) // BLOCK_N * BLOCK_N
         for n_start in range(k_start, k_tail, BLOCK_N):
-            dq = _dq_key_block(dq, q, do, lse2, delta, K, V, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
-                               BLOCK_M, BLOCK_N, False, DOT_FP32)
+            dq = _dq_key_block(dq, q, do, lse2, delta, K, V, KeyMask, n_start, k_end, stride_kn, stride_vn, offs_d,
+                               qk_scale, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, DOT_FP32)
     for n_start in range(k_tail, k_end, BLOCK_N):  # masked: the tail, or every block without PEEL_TAIL
-        dq = _dq_key_block(dq, q, do, lse2, delta, K, V, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
-                           BLOCK_M, BLOCK_N, True, DOT_FP32)
+        dq = _dq_key_block(dq, q, do, lse2, delta, K, V, KeyMask, n_start, k_end, stride_kn, stride_vn, offs_d,
+                           qk_scale, BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, DOT_FP32)
 
     dq = dq * sm_scale
     tl.store(DQ + b * stride_gb + h * stride_gh + rows_m * stride_gn + offs_d[None, :],
@@ -464,10 +493,18 @@ def _strides(t: torch.Tensor) -> tuple:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _mask_args(key_mask, dummy: torch.Tensor) -> tuple:
+    """(pointer, row stride, HAS_KEY_MASK): the bool ``[B, Nk]`` mask as uint8 rows, or an unread dummy."""
+    if key_mask is None:
+        return dummy, 0, False
+    m = key_mask.contiguous().view(torch.uint8)
+    return m, m.stride(0), True
+
+
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
-def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | None = None):
+def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | None = None, key_mask=None):
     """Returns ``out [Nq, B, H, D]`` (dtype of q) and ``lse [B, H, Nq]`` fp32 (natural log)."""
     interpreting = triton_interpreting()
     cfg = (configs or _configs(q.shape[-1], q.dtype, interpreting))["fwd"]
@@ -477,18 +514,19 @@ def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | N
     q_gaps = _gaps(segments, nq, 0)
     out = _new_rows(q.shape, q.dtype, q.device, q_gaps)
     lse = _new_rows((B, H, nq), torch.float32, q.device, q_gaps, dim=2)  # never read for gap rows; defined anyway
+    mask, mask_stride, has_mask = _mask_args(key_mask, table)
     _mbt_attention_fwd_kernel[(table.shape[0], B * H)](
-        q, k, v, out, lse, table,
+        q, k, v, out, lse, table, mask,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, nq, scale,
+        H, nq, mask_stride, scale,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, SCALE_POSITIVE=scale >= 0,
-        PEEL_TAIL=_peel_tail(q.dtype), DOT_FP32=interpreting,
+        PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask, DOT_FP32=interpreting,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
 
 def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, configs: dict | None = None,
-                       grads: tuple | None = None):
+                       grads: tuple | None = None, key_mask=None):
     """Returns ``dq, dk, dv`` (contiguous, dtypes of q, k, v); rows no segment touches get 0.
     ``grads``: three tensors shaped like q, k, v (D stride 1, dk and dv with equal strides) to write
     them into instead, such as the views of one packed ``[N, B, 3, H, D]`` gradient."""
@@ -515,20 +553,23 @@ def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, con
     assert dk.stride() == dv.stride() and dq.stride(-1) == dk.stride(-1) == 1
     c = cfgs["dkdv"]
     kblocks, seg_q = _tables(segments, "k", 0, c["BLOCK_N"], dev)
+    mask, mask_stride, has_mask = _mask_args(key_mask, kblocks)
     _mbt_attention_bwd_dkdv_kernel[(kblocks.shape[0], B * H)](
-        q, k, v, do, dk, dv, lse, delta, kblocks, seg_q,
+        q, k, v, do, dk, dv, lse, delta, kblocks, seg_q, mask,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        H, nq, scale,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype), DOT_FP32=interpreting,
+        H, nq, mask_stride, scale,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask,
+        DOT_FP32=interpreting,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfgs["dq"]
     qblocks = _tables(segments, "q", c["BLOCK_M"], 0, dev)
     _mbt_attention_bwd_dq_kernel[(qblocks.shape[0], B * H)](
-        q, k, v, do, dq, lse, delta, qblocks,
+        q, k, v, do, dq, lse, delta, qblocks, mask,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, nq, scale,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype), DOT_FP32=interpreting,
+        H, nq, mask_stride, scale,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask,
+        DOT_FP32=interpreting,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     return dq, dk, dv
 
@@ -543,39 +584,40 @@ def _rows(flat: list[int]) -> tuple:
 
 @torch.library.custom_op("mbt_fast_triton::attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[int],
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mbt_attention_fwd(q, k, v, _rows(segments), scale)
+                      scale: float, key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mbt_attention_fwd(q, k, v, _rows(segments), scale, key_mask=key_mask)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, segments, scale):
+def _(q, k, v, segments, scale, key_mask=None):
     nq, B, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty(B, H, nq, dtype=torch.float32)
 
 
 @torch.library.custom_op("mbt_fast_triton::attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, segments: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _mbt_attention_bwd(do, q, k, v, out, lse, _rows(segments), scale)
+                      lse: torch.Tensor, segments: list[int], scale: float,
+                      key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mbt_attention_bwd(do, q, k, v, out, lse, _rows(segments), scale, key_mask=key_mask)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, segments, scale):
+def _(do, q, k, v, out, lse, segments, scale, key_mask=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.custom_op("mbt_fast_triton::attention_bwd_qkv", mutates_args=())
 def _attention_bwd_qkv_op(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          segments: list[int], scale: float) -> torch.Tensor:
+                          segments: list[int], scale: float, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The backward for a packed ``qkv [N, B, 3, H, D]``: dq, dk, dv written into one gradient of that
     shape, so autograd does not stack three tensors into it (a copy of the whole buffer)."""
     grad = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    _mbt_attention_bwd(do, *qkv.unbind(2), out, lse, _rows(segments), scale, grads=grad.unbind(2))
+    _mbt_attention_bwd(do, *qkv.unbind(2), out, lse, _rows(segments), scale, grads=grad.unbind(2), key_mask=key_mask)
     return grad
 
 
 @_attention_bwd_qkv_op.register_fake
-def _(do, qkv, out, lse, segments, scale):
+def _(do, qkv, out, lse, segments, scale, key_mask=None):
     return qkv.new_empty(qkv.shape)
 
 
@@ -587,24 +629,26 @@ class MBTAttentionFunction(torch.autograd.Function):
     ``configs`` (block sizes, tests only) calls the launchers directly instead of the ops."""
 
     @staticmethod
-    def forward(ctx, q, k, v, segments: tuple, scale: float, configs: dict | None = None):
+    def forward(ctx, q, k, v, segments: tuple, scale: float, configs: dict | None = None, key_mask=None):
         if configs is None:
-            out, lse = torch.ops.mbt_fast_triton.attention_fwd(q, k, v, [c for row in segments for c in row], scale)
+            out, lse = torch.ops.mbt_fast_triton.attention_fwd(q, k, v, [c for row in segments for c in row], scale,
+                                                               key_mask)
         else:
-            out, lse = _mbt_attention_fwd(q, k, v, segments, scale, configs)
-        ctx.save_for_backward(q, k, v, out, lse)
+            out, lse = _mbt_attention_fwd(q, k, v, segments, scale, configs, key_mask)
+        ctx.save_for_backward(q, k, v, out, lse, key_mask)
         ctx.segments, ctx.scale, ctx.configs = segments, scale, configs
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
         if ctx.configs is None:
             flat = [c for row in ctx.segments for c in row]
-            dq, dk, dv = torch.ops.mbt_fast_triton.attention_bwd(grad_out, q, k, v, out, lse, flat, ctx.scale)
+            dq, dk, dv = torch.ops.mbt_fast_triton.attention_bwd(grad_out, q, k, v, out, lse, flat, ctx.scale, key_mask)
         else:
-            dq, dk, dv = _mbt_attention_bwd(grad_out, q, k, v, out, lse, ctx.segments, ctx.scale, ctx.configs)
-        return dq, dk, dv, None, None, None
+            dq, dk, dv = _mbt_attention_bwd(grad_out, q, k, v, out, lse, ctx.segments, ctx.scale, ctx.configs,
+                                            key_mask=key_mask)
+        return dq, dk, dv, None, None, None, None
 
 
 class MBTAttentionQKVFunction(torch.autograd.Function):
@@ -612,17 +656,18 @@ class MBTAttentionQKVFunction(torch.autograd.Function):
     returns the packed gradient (``attention_bwd_qkv``)."""
 
     @staticmethod
-    def forward(ctx, qkv, segments: tuple, scale: float):
+    def forward(ctx, qkv, segments: tuple, scale: float, key_mask=None):
         flat = [c for row in segments for c in row]
-        out, lse = torch.ops.mbt_fast_triton.attention_fwd(*qkv.unbind(2), flat, scale)
-        ctx.save_for_backward(qkv, out, lse)
+        out, lse = torch.ops.mbt_fast_triton.attention_fwd(*qkv.unbind(2), flat, scale, key_mask)
+        ctx.save_for_backward(qkv, out, lse, key_mask)
         ctx.flat, ctx.scale = flat, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, out, lse = ctx.saved_tensors
-        return torch.ops.mbt_fast_triton.attention_bwd_qkv(grad_out, qkv, out, lse, ctx.flat, ctx.scale), None, None
+        qkv, out, lse, key_mask = ctx.saved_tensors
+        grad = torch.ops.mbt_fast_triton.attention_bwd_qkv(grad_out, qkv, out, lse, ctx.flat, ctx.scale, key_mask)
+        return grad, None, None, None
 
 
 def _check(q, k, v, segments) -> tuple:
@@ -659,14 +704,23 @@ def _check(q, k, v, segments) -> tuple:
     return tuple(tuple(int(x) for x in row) for row in seg)
 
 
-def mbt_attention(q, k, v, segments, scale: float | None = None):
+def _check_key_mask(key_mask, q, nk: int):
+    if key_mask is not None and (not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool
+                                 or tuple(key_mask.shape) != (q.shape[1], nk) or key_mask.device != q.device):
+        got = (f"{key_mask.dtype} {list(key_mask.shape)} on {key_mask.device}" if isinstance(key_mask, torch.Tensor)
+               else type(key_mask).__name__)
+        raise ValueError(f"key_mask: expected None or a bool tensor [B, Nk] = {[q.shape[1], nk]} on {q.device}, got {got}")
+    return None if key_mask is None else key_mask.contiguous()
+
+
+def mbt_attention(q, k, v, segments, scale: float | None = None, key_mask=None):
     """Segment-masked attention (see the module docstring); differentiable in q, k and v."""
     seg = _check(q, k, v, segments)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return MBTAttentionFunction.apply(q, k, v, seg, scale)
+    return MBTAttentionFunction.apply(q, k, v, seg, scale, None, _check_key_mask(key_mask, q, k.shape[0]))
 
 
-def mbt_attention_qkv(qkv, segments, scale: float | None = None):
+def mbt_attention_qkv(qkv, segments, scale: float | None = None, key_mask=None):
     """``mbt_attention(*qkv.unbind(2), segments, scale)`` for a packed ``qkv [N, B, 3, H, D]``, whose
     gradient comes back packed (no stack copy); differentiable in qkv."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -674,7 +728,7 @@ def mbt_attention_qkv(qkv, segments, scale: float | None = None):
         raise ValueError(f"qkv: expected a tensor [N, B, 3, H, D], got {got}")
     seg = _check(*qkv.unbind(2), segments)
     scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
-    return MBTAttentionQKVFunction.apply(qkv, seg, scale)
+    return MBTAttentionQKVFunction.apply(qkv, seg, scale, _check_key_mask(key_mask, qkv, qkv.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -701,7 +755,7 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64) -> list[di
     ty = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     cfgs = _configs(D, dtype, interpreting=False)
     strides = lambda *names: {f"stride_{n}{x}": "i32" for n in names for x in "nbh"}  # noqa: E731
-    scalars = {"num_heads": "i32", "nq": "i32", "sm_scale": "fp32"}
+    scalars = {"num_heads": "i32", "nq": "i32", "mask_stride": "i32", "sm_scale": "fp32"}
 
     def spec(fn, direction, sig, cfg, consts):
         names = list(fn.arg_names)
@@ -715,21 +769,21 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64) -> list[di
 
     def blocks(cfg):
         return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": D, "PEEL_TAIL": _peel_tail(dtype),
-                "DOT_FP32": False}
+                "HAS_KEY_MASK": False, "DOT_FP32": False}
 
     fwd, pre, dkdv, dq = cfgs["fwd"], cfgs["pre"], cfgs["dkdv"], cfgs["dq"]
     return [
         spec(_mbt_attention_fwd_kernel, "fwd",
-             {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32",
+             {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32", "KeyMask": "*u8",
               **strides("q", "k", "v", "o"), **scalars}, fwd, {**blocks(fwd), "SCALE_POSITIVE": True}),
         spec(_mbt_attention_bwd_preprocess_kernel, "bwd",
              {"Out": ty, "DO": ty, "Delta": "*fp32", **strides("o", "do"), "num_heads": "i32", "nq": "i32"},
              pre, {"BLOCK_M": pre["BLOCK_M"], "BLOCK_D": D}),
         spec(_mbt_attention_bwd_dkdv_kernel, "bwd",
              {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "Lse": "*fp32", "Delta": "*fp32",
-              "KBlocks": "*i32", "SegQ": "*i32", **strides("q", "k", "v", "do", "g"), **scalars},
+              "KBlocks": "*i32", "SegQ": "*i32", "KeyMask": "*u8", **strides("q", "k", "v", "do", "g"), **scalars},
              dkdv, blocks(dkdv)),
         spec(_mbt_attention_bwd_dq_kernel, "bwd",
              {"Q": ty, "K": ty, "V": ty, "DO": ty, "DQ": ty, "Lse": "*fp32", "Delta": "*fp32", "QBlocks": "*i32",
-              **strides("q", "k", "v", "do", "g"), **scalars}, dq, blocks(dq)),
+              "KeyMask": "*u8", **strides("q", "k", "v", "do", "g"), **scalars}, dq, blocks(dq)),
     ]

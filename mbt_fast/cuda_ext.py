@@ -250,21 +250,23 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 class MBTAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seg, scale, emulated):
-        out, lse = _ops(emulated).attention_fwd(q, k, v, seg, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, seg, scale, key_mask, emulated):
+        out, lse = _ops(emulated).attention_fwd(q, k, v, seg, scale, key_mask)
+        ctx.save_for_backward(q, k, v, out, lse, key_mask)
         ctx.seg, ctx.scale, ctx.emulated = seg, scale, emulated
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ops(ctx.emulated).attention_bwd(_aligned(grad_out), q, k, v, out, lse, ctx.seg, ctx.scale)
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
+        dq, dk, dv = _ops(ctx.emulated).attention_bwd(_aligned(grad_out), q, k, v, out, lse, ctx.seg, ctx.scale,
+                                                      key_mask)
+        return dq, dk, dv, None, None, None, None
 
 
-def mbt_attention(q, k, v, seg, scale, emulated: bool = False):
-    """Contract of ``mbt_fast.ops.mbt_attention`` (seg: int32 [S, 4] CPU table, already validated)."""
+def mbt_attention(q, k, v, seg, scale, key_mask=None, emulated: bool = False):
+    """Contract of ``mbt_fast.ops.mbt_attention`` (seg: int32 [S, 4] CPU table, already validated;
+    key_mask: None or a validated contiguous bool [B, Nk])."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_device(name, t, emulated)
         if t.dtype not in (torch.float16, torch.bfloat16):
@@ -273,7 +275,8 @@ def mbt_attention(q, k, v, seg, scale, emulated: bool = False):
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"q: the {_BACKEND[emulated]} attention kernel supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
     seg = _table(seg, "cpu")  # a host table: the C++ launcher builds its block tables from it
-    return MBTAttentionFunction.apply(_aligned(q), _aligned(k), _aligned(v), seg, float(scale), emulated)
+    key_mask = q.new_empty(0, dtype=torch.bool) if key_mask is None else key_mask  # empty: no mask (op schema)
+    return MBTAttentionFunction.apply(_aligned(q), _aligned(k), _aligned(v), seg, float(scale), key_mask, emulated)
 
 
 # ----------------------------------------------------------------------------------------------------

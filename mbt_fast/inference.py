@@ -118,12 +118,14 @@ def multi_label(model: MBT, override: bool | None = None) -> bool:
 class Clip:
     """One file's inputs: ``inputs[m]`` has a leading clip axis ``K`` (rgb ``[K, 3, T, H, W]`` in
     [-1, 1], spectrogram ``[K, time, mel]``); ``present`` lists the modalities with data, in the model's
-    order (a file without an audio track has no spectrogram)."""
+    order (a file without an audio track has no spectrogram); ``lengths``: ``[K]`` rows holding data of
+    each ragged feature sequence (its sidecar file's length, for the model's ``lengths``)."""
 
     path: str
     inputs: dict[str, torch.Tensor]
     present: tuple[str, ...]
     audio_missing: bool
+    lengths: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def decode_clip(path, cfg: MBTConfig, num_clips: int = 1, spec_mean: float = audio_lib.SCENIC_SPEC_MEAN,
@@ -150,12 +152,13 @@ def decode_clip(path, cfg: MBTConfig, num_clips: int = 1, spec_mean: float = aud
         why = item["skipped"].split(": ", 1)[-1]
         raise ValueError(f"{path}: {why}" if item.get("sidecar") else f"{path}: not a readable video ({why})")
     inputs = {m: item[m] if num_clips > 1 else item[m].unsqueeze(0) for m in mods}
+    lengths = {m: torch.full((num_clips,), item[f"{m}_length"]) for m in mods if f"{m}_length" in item}
     missing = bool(item["audio_missing"])
     if missing:
         del inputs["spectrogram"]  # zeros are not the audio; the model answers from the rest
         if not inputs:
             raise ValueError(f"{path}: no audio track, and this model reads only the spectrogram")
-    return Clip(str(path), inputs, tuple(m for m in mods if m in inputs), missing)
+    return Clip(str(path), inputs, tuple(m for m in mods if m in inputs), missing, lengths)
 
 
 def expand_sources(sources) -> list[str]:
@@ -201,7 +204,8 @@ def _as_list(batch):
 def run_files(model: MBT, paths: list[str], fn, num_clips: int = 1, batch_size: int = 8, num_workers: int = 0,
               progress: bool = True, **decode_kw):
     """Yield ``(path, clip, outputs, error)`` per file, in order. ``fn(model, inputs)`` maps a batch of
-    clips (``{modality: [n, ...]}``, the modalities present) to ``{name: [n, ...]}``; each file's outputs
+    clips (``{modality: [n, ...]}``, the modalities present, and ``lengths`` for ragged ones) to
+    ``{name: [n, ...]}``; each file's outputs
     are the mean over its clips. Files are decoded in ``num_workers`` processes; files that share their
     modalities run through the model together, ``batch_size`` files at a time. A file that cannot be read
     gives ``error`` (a message naming it) and never stops the others. ``decode_kw``: for ``decode_clip``."""
@@ -217,6 +221,9 @@ def run_files(model: MBT, paths: list[str], fn, num_clips: int = 1, batch_size: 
         for present in dict.fromkeys(c.present for c in clips):  # one model call per set of modalities
             group = [c for c in clips if c.present == present]
             inputs = {m: torch.cat([c.inputs[m] for c in group]).to(device, dtype) for m in present}
+            ragged = [m for m in present if m in group[0].lengths]
+            if ragged:
+                inputs["lengths"] = {m: torch.cat([c.lengths[m] for c in group]).to(device) for m in ragged}
             out = fn(model, inputs)
             counts = [next(iter(c.inputs.values())).shape[0] for c in group]
             for c, parts in zip(group, zip(*(torch.split(v.float().cpu(), counts) for v in out.values()))):

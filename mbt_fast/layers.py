@@ -31,14 +31,17 @@ class Attention(nn.Module):
         # the line-by-line branch below, so the fused paths never pay for it
         self.record = None
 
-    def forward(self, x, sdpa: bool = False):
+    def forward(self, x, sdpa: bool = False, key_mask=None):
+        """``key_mask``: None or bool ``[B, N]``, False on padding keys (ragged modalities)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
         if sdpa:  # the eager_sdpa baseline: what a timm-style port writes
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
             return self.proj(o.transpose(1, 2).reshape(B, N, C))
         q = q / math.sqrt(self.head_dim)  # Flax scales the query before the dot product
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        scores = q @ k.transpose(-2, -1)
+        attn = (scores if mask is None else scores.masked_fill(~mask, float("-inf"))).softmax(dim=-1)
         if self.record is not None:
             self.record(attn)
         attn = F.dropout(attn, self.attn_drop, self.training)
@@ -75,8 +78,8 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(dim, mlp_dim, dropout)
         self.dropout, self.droplayer_p = dropout, droplayer_p
 
-    def forward(self, inputs, sdpa: bool = False):
-        x = F.dropout(self.attn(self.norm1(inputs), sdpa), self.dropout, self.training)
+    def forward(self, inputs, sdpa: bool = False, key_mask=None):
+        x = F.dropout(self.attn(self.norm1(inputs), sdpa, key_mask), self.dropout, self.training)
         keep = drop_pattern(inputs.shape[0], self.droplayer_p, self.training, inputs.device)
         x = inputs + (x if keep is None else x * keep[:, None, None])
         y = self.mlp(self.norm2(x))
@@ -110,8 +113,9 @@ def _keep(blocks, batch, training, device, shared_draw: bool):
 
 
 def packed_block(blocks: list[EncoderBlock], x: torch.Tensor, layout: PackedLayout, plan: LayerPlan,
-                 row_weight: torch.Tensor, backend: str, shared_draw: bool = False) -> torch.Tensor:
-    """One encoder layer for every modality: ``blocks[m]`` holds modality ``m``'s weights."""
+                 row_weight: torch.Tensor, backend: str, shared_draw: bool = False, key_mask=None) -> torch.Tensor:
+    """One encoder layer for every modality: ``blocks[m]`` holds modality ``m``'s weights; ``key_mask``
+    (bool ``[B, N]`` or None): padding rows no query attends to."""
     N, B, C = x.shape
     blk0 = blocks[0]
     H, D = blk0.attn.num_heads, blk0.attn.head_dim
@@ -136,12 +140,12 @@ def packed_block(blocks: list[EncoderBlock], x: torch.Tensor, layout: PackedLayo
             ks.append(k)
             vs.append(v)
         o = ops.mbt_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), plan.segments, dropout_p=attn_drop,
-                              backend=backend)
+                              key_mask=None if key_mask is None else key_mask.repeat(1, M), backend=backend)
     else:
         h = ops.segment_layernorm(x, _stack(blocks, lambda b: b.norm1.weight), _stack(blocks, lambda b: b.norm1.bias),
                                   row_weight, LN_EPS, segments=rows, backend=backend)
         qkv = ops.segment_linear(h, qkv_w, qkv_b, rows).view(N, B, 3, H, D)
-        o = ops.mbt_attention_qkv(qkv, plan.segments, dropout_p=attn_drop, backend=backend)
+        o = ops.mbt_attention_qkv(qkv, plan.segments, dropout_p=attn_drop, key_mask=key_mask, backend=backend)
     y = ops.segment_linear(o.reshape(N, B, C), [b.attn.proj.weight for b in blocks],
                            [b.attn.proj.bias for b in blocks], rows)
     y = F.dropout(y, blk0.dropout, training)

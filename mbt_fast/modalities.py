@@ -16,6 +16,10 @@ name            ``input_shapes`` entry       model input            embedding
 ``tokens``      ``[B, n, d_in]``             ``[B, n, d_in]``       a linear projection of precomputed features
 =============== ============================ ====================== =====================================
 
+A ragged feature sequence (``tokens`` or another ``FeatureEmbedding`` modality) takes per-sample
+lengths, ``model(..., lengths={"tokens": L})``: the rows past ``L[b]`` are padding, which no attention
+attends to and no pooling reads.
+
 ``register_modality(name, embedding)`` adds one: ``embedding`` is an ``nn.Module`` subclass with the
 contract of :class:`ModalityEmbedding` (``FeatureEmbedding`` serves any feature sequence, e.g.
 ``register_modality("text", FeatureEmbedding)``). Registration is per process: register before building
@@ -29,7 +33,7 @@ import torch
 import torch.nn as nn
 
 # names the model uses for other things: output keys (embed/_pool), the shared block, forward's arguments
-RESERVED_NAMES = frozenset({"all", "mean", "bottleneck", "shared", "missing", "label", "index"})
+RESERVED_NAMES = frozenset({"all", "mean", "bottleneck", "shared", "missing", "lengths", "label", "index"})
 
 
 def _lecun_normal_(weight: torch.Tensor, fan_in: int) -> None:
@@ -48,6 +52,7 @@ class ModalityEmbedding:
 
     config_layout = "[B, ...]"
     input_layout = "[B, ...]"
+    ragged = False  # True: one token per input row, so a per-sample length can mask the padding rows
 
     @classmethod
     def token_grid(cls, shape: tuple[int, ...], patches_size: tuple[int, int, int]) -> tuple[int, ...]:
@@ -166,6 +171,7 @@ class FeatureEmbedding(nn.Linear, ModalityEmbedding):
     model's features), projected to the model width; one token per feature vector."""
 
     config_layout = input_layout = "[B, n, d_in]"
+    ragged = True
 
     @classmethod
     def token_grid(cls, shape, patches_size):

@@ -202,54 +202,104 @@ class MBT(nn.Module):
             x = torch.cat([getattr(self, f"cls_{m}").expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return x + getattr(self, f"pos_embed_{m}").to(x.dtype)
 
-    def _encode(self, inputs: dict, missing: str) -> tuple[dict, torch.Tensor | None]:
-        """(encoder output before ``encoder_norm`` per modality present, the final bottleneck tokens)."""
+    def _token_masks(self, lengths, inputs: dict) -> dict[str, torch.Tensor]:
+        """``lengths`` ``{modality: int [B]}`` (ragged modalities only) -> ``{modality: bool [B, n_m]}``, True
+        on the tokens that hold data (the CLS and the first ``L[b]`` rows); modalities absent are skipped."""
+        if lengths is None:
+            return {}
+        if not isinstance(lengths, dict):
+            raise TypeError(f"lengths: expected a dict {{modality: int tensor [B]}}, got {type(lengths).__name__}")
+        cfg, out = self.cfg, {}
+        batch = next(iter(inputs.values())).shape[0]
+        for m, L in lengths.items():
+            if m not in cfg.modality_fusion:
+                raise ValueError(f"lengths: {m!r} is not one of this model's modalities {cfg.modality_fusion}")
+            if L is None or m not in inputs:
+                continue
+            emb = get_embedding(m)
+            if not emb.ragged:
+                raise ValueError(f"lengths[{m!r}]: only sequence modalities (one token per input row, e.g. "
+                                 f"FeatureEmbedding) take lengths; {m!r} is tokenized by {emb.__name__}")
+            if not isinstance(L, torch.Tensor) or L.is_floating_point() or L.dtype == torch.bool or L.shape != (batch,):
+                got = f"{L.dtype} {tuple(L.shape)}" if isinstance(L, torch.Tensor) else type(L).__name__
+                raise ValueError(f"lengths[{m!r}]: expected an integer tensor [B] = [{batch}], got {got}")
+            if L.device != inputs[m].device:
+                raise ValueError(f"lengths[{m!r}]: expected device {inputs[m].device} (the input's), got {L.device}")
+            n, lo = cfg.num_patches(m), 0 if cfg.has_cls else 1  # without a CLS a row must keep a token
+            ok = ((L >= lo) & (L <= n)).all()
+            what = f"lengths[{m!r}]: expected values in [{lo}, {n}] (rows of the input holding data)"
+            if L.device.type == "cpu" and not torch.compiler.is_compiling():
+                if not bool(ok):
+                    raise ValueError(f"{what}, got min {int(L.min())}, max {int(L.max())}")
+            else:
+                torch._assert_async(ok, what)  # no host sync on a GPU
+            rows = torch.arange(n, device=L.device)[None, :] < L[:, None]
+            out[m] = torch.cat([rows.new_ones(batch, int(cfg.has_cls)), rows], dim=1)
+        return out
+
+    def _encode(self, inputs: dict, missing: str, lengths=None) -> tuple[dict, torch.Tensor | None, dict]:
+        """(encoder output before ``encoder_norm`` per modality present, the final bottleneck tokens, the
+        token masks of ragged modalities)."""
         inputs = self._check_inputs(inputs, missing)
+        valid = self._token_masks(lengths, inputs)
         tokens = {m: self.tokenize(m, x) for m, x in inputs.items()}
         backend = self.backend
         if backend not in ("reference", "eager_sdpa"):
             backend = resolved_backend(backend, next(iter(tokens.values())).device.type)
         if backend in ("reference", "eager_sdpa"):
-            return self._encode_reference(tokens, sdpa=backend == "eager_sdpa")
-        return self._encode_packed(tokens, backend)
+            return (*self._encode_reference(tokens, sdpa=backend == "eager_sdpa", valid=valid), valid)
+        return (*self._encode_packed(tokens, backend, valid), valid)
 
-    # every entry point takes the modalities by name: rgb and spectrogram also by position (Scenic's)
-    def forward_features(self, rgb=None, spectrogram=None, missing: str = "error", **inputs) -> dict[str, torch.Tensor]:
-        """Encoder output before ``encoder_norm``: ``{modality: [B, n_m, C]}`` for each modality present."""
-        return self._encode(dict(rgb=rgb, spectrogram=spectrogram, **inputs), missing)[0]
+    # every entry point takes the modalities by name: rgb and spectrogram also by position (Scenic's);
+    # ``lengths`` ``{modality: int [B]}`` marks the padding of ragged feature sequences (module doc)
+    def forward_features(self, rgb=None, spectrogram=None, missing: str = "error", lengths=None,
+                         **inputs) -> dict[str, torch.Tensor]:
+        """Encoder output before ``encoder_norm``: ``{modality: [B, n_m, C]}`` for each modality present
+        (padding rows of ragged modalities included, computed but never attended to)."""
+        return self._encode(dict(rgb=rgb, spectrogram=spectrogram, **inputs), missing, lengths)[0]
 
-    def _pool(self, feats: dict) -> dict[str, torch.Tensor]:
+    def _pool(self, feats: dict, valid: dict | None = None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         if cfg.has_cls:
             # encoder_norm is per token, so normalising the CLS rows alone equals Scenic's norm-then-index
             return {m: self.encoder_norm(f[:, 0]) for m, f in feats.items()}
         allx = self.encoder_norm(torch.cat(list(feats.values()), dim=1))
-        fn = {"gap": torch.mean, "gmp": lambda t, dim: t.max(dim).values, "gsp": torch.sum}[cfg.classifier]
-        return {"all": fn(allx, dim=1)}
+        if not valid:
+            fn = {"gap": torch.mean, "gmp": lambda t, dim: t.max(dim).values, "gsp": torch.sum}[cfg.classifier]
+            return {"all": fn(allx, dim=1)}
+        keep = torch.cat([valid[m] if m in valid else f.new_ones(f.shape[:2], dtype=torch.bool) for m, f in feats.items()],
+                         dim=1)[..., None]  # [B, n, 1]: padding rows are not pooled
+        if cfg.classifier == "gmp":
+            return {"all": allx.masked_fill(~keep, float("-inf")).max(1).values}
+        total = (allx * keep).sum(1)
+        return {"all": total / keep.sum(1) if cfg.classifier == "gap" else total}
 
-    def forward_head(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pooled = self._pool(feats)
+    def forward_head(self, feats: dict[str, torch.Tensor], valid: dict | None = None) -> dict[str, torch.Tensor]:
+        """Logits from ``forward_features``; ``valid``: the token masks of ragged modalities, for pooling."""
+        pooled = self._pool(feats, valid)
         if self.pre_logits is not None:
             pooled = {m: torch.tanh(self.pre_logits(v)) for m, v in pooled.items()}
         return {m: self.head(v) for m, v in pooled.items()}
 
-    def forward_per_modality(self, rgb=None, spectrogram=None, missing: str = "error", **inputs) -> dict[str, torch.Tensor]:
+    def forward_per_modality(self, rgb=None, spectrogram=None, missing: str = "error", lengths=None,
+                             **inputs) -> dict[str, torch.Tensor]:
         """``{modality: [B, num_classes]}`` for each modality present (``{"all": ...}`` with pooling)."""
-        return self.forward_head(self.forward_features(rgb, spectrogram, missing, **inputs))
+        feats, _, valid = self._encode(dict(rgb=rgb, spectrogram=spectrogram, **inputs), missing, lengths)
+        return self.forward_head(feats, valid)
 
-    def forward(self, rgb=None, spectrogram=None, missing: str = "error", **inputs) -> torch.Tensor:
+    def forward(self, rgb=None, spectrogram=None, missing: str = "error", lengths=None, **inputs) -> torch.Tensor:
         """Mean of the per-modality logits. ``missing="drop"``: an absent modality is left out (module doc)."""
-        logits = self.forward_per_modality(rgb, spectrogram, missing, **inputs)
+        logits = self.forward_per_modality(rgb, spectrogram, missing, lengths, **inputs)
         return sum(logits.values()) / len(logits)
 
-    def embed(self, rgb=None, spectrogram=None, missing: str = "error", bottleneck: bool = False,
+    def embed(self, rgb=None, spectrogram=None, missing: str = "error", bottleneck: bool = False, lengths=None,
               **inputs) -> dict[str, torch.Tensor]:
         """Per-clip embeddings ``[B, C]``: each present modality's CLS after ``encoder_norm`` (with pooling,
         the one pooled vector as ``"all"``) and ``"mean"``, their mean; ``bottleneck=True`` adds
         ``"bottleneck"`` ``[B, n_bottleneck_tokens, C]``, the bottleneck tokens after the last layer
         and ``encoder_norm`` (fused models whose last layer is a fusion layer; otherwise an error)."""
-        feats, bottle = self._encode(dict(rgb=rgb, spectrogram=spectrogram, **inputs), missing)
-        out = self._pool(feats)
+        feats, bottle, valid = self._encode(dict(rgb=rgb, spectrogram=spectrogram, **inputs), missing, lengths)
+        out = self._pool(feats, valid)
         out["mean"] = sum(out.values()) / len(out)
         if bottleneck:
             if bottle is None:
@@ -263,12 +313,23 @@ class MBT(nn.Module):
         cfg = self.cfg
         return cfg.use_bottleneck and len(cfg.modality_fusion) > 1 and (self.training or cfg.test_with_bottlenecks)
 
-    def _encode_reference(self, tokens: dict, sdpa: bool = False) -> tuple[dict, torch.Tensor | None]:
+    def _encode_reference(self, tokens: dict, sdpa: bool = False, valid: dict | None = None) -> tuple[dict, torch.Tensor | None]:
         """Scenic's ``Encoder.__call__``, line by line (before ``encoder_norm``); ``sdpa=True`` is the
-        ``eager_sdpa`` baseline (the same structure with SDPA attention), never the oracle."""
+        ``eager_sdpa`` baseline (the same structure with SDPA attention), never the oracle. ``valid``: the
+        token masks of ragged modalities; each block's keys are masked where its input is padding."""
         cfg, mods = self.cfg, tuple(tokens)  # the modalities present, in modality_fusion order
         x = dict(tokens)
         B = next(iter(x.values())).shape[0]
+        valid = valid or {}
+
+        def keys(parts):  # the key mask of a block over cat(parts) (modality names or the bottleneck)
+            if not valid:
+                return None
+            return torch.cat([valid[p] if p in valid else torch.ones(B, tokens[p].shape[1] if p in tokens else
+                                                                      bottleneck.shape[1], dtype=torch.bool,
+                                                                      device=x[mods[0]].device)
+                              for p in parts], dim=1)
+
         bottleneck = self.bottleneck.expand(B, -1, -1) if cfg.use_bottleneck else None
         fused = False  # whether a fusion layer updated the bottleneck
         x_combined = None
@@ -278,12 +339,13 @@ class MBT(nn.Module):
             # still exchanges with the bottleneck, whose mean is then over the one modality present
             if lyr < cfg.fusion_layer or (not uses_bottleneck and (len(mods) == 1 or cfg.use_bottleneck)):
                 for m in mods:
-                    x[m] = self.block(lyr, m)(x[m], sdpa)
+                    x[m] = self.block(lyr, m)(x[m], sdpa, keys([m]))
             elif cfg.use_bottleneck:
                 bottle = []
                 for m in mods:
                     t_mod = x[m].shape[1]
-                    out = self.block(lyr, m)(torch.cat([x[m], bottleneck.to(x[m].dtype)], dim=1), sdpa)
+                    out = self.block(lyr, m)(torch.cat([x[m], bottleneck.to(x[m].dtype)], dim=1), sdpa,
+                                             keys([m, "bottleneck"]))
                     x[m] = out[:, :t_mod]
                     bottle.append(out[:, t_mod:])
                 bottleneck = torch.stack(bottle, dim=-1).mean(dim=-1)
@@ -291,14 +353,15 @@ class MBT(nn.Module):
             elif not cfg.share_encoder:
                 x_new = {}
                 for m in mods:
-                    context = [x[o] for o in scenic_order(mods) if o != m]
+                    context = [o for o in scenic_order(mods) if o != m]
                     t = x[m].shape[1]
-                    x_new[m] = self.block(lyr, m)(torch.cat(context + [x[m]], dim=1), sdpa)[:, -t:]
+                    x_new[m] = self.block(lyr, m)(torch.cat([x[o] for o in context] + [x[m]], dim=1), sdpa,
+                                                  keys(context + [m]))[:, -t:]
                 x = x_new
             else:
                 if x_combined is None:
                     x_combined = torch.cat([x[m] for m in mods], dim=1)
-                x_combined = self.block(lyr, mods[0])(x_combined, sdpa)
+                x_combined = self.block(lyr, mods[0])(x_combined, sdpa, keys(mods))
         if x_combined is not None:
             x = dict(zip(mods, torch.split(x_combined, [tokens[m].shape[1] for m in mods], dim=1)))
         return {m: x[m] for m in mods}, bottleneck if fused else None
@@ -336,22 +399,28 @@ class MBT(nn.Module):
                                     for m, s in enumerate(map(layout.modality_rows, range(M)))), "add", cross_weights=True)
         return [unimodal if lyr < cfg.fusion_layer else fused for lyr in range(cfg.num_layers)]
 
-    def _encode_packed(self, tokens: dict, backend: str) -> tuple[dict, torch.Tensor | None]:
+    def _encode_packed(self, tokens: dict, backend: str, valid: dict | None = None) -> tuple[dict, torch.Tensor | None]:
         cfg, mods = self.cfg, tuple(tokens)  # the modalities present, in modality_fusion order
         layout = self.layout(mods)
         B = next(iter(tokens.values())).shape[0]
-        parts = []
+        parts, masks = [], []
         for m in mods:
             parts.append(tokens[m].transpose(0, 1))
+            masks.append(valid[m] if valid and m in valid else None)
             if layout.n_bottleneck:
                 parts.append(self.bottleneck.to(tokens[m].dtype).transpose(0, 1).expand(-1, B, -1))
+                masks.append(None)
         x = torch.cat(parts).contiguous()  # the packed [N, B, C] buffer, assembled once
+        # the padding of ragged modalities as one [B, N] key mask of the buffer (None: no padding anywhere)
+        key_mask = None if not valid else torch.cat(
+            [mk if mk is not None else torch.ones(B, p.shape[0], dtype=torch.bool, device=x.device)
+             for p, mk in zip(parts, masks)], dim=1)
         row_weight = self._row_weight(layout, x.device)
         joint = cfg.share_encoder and not cfg.use_bottleneck
         for lyr, plan in enumerate(self.layer_plans(layout)):
             blocks = [self.block(lyr, m) for m in mods]
             x = packed_block(blocks, x, layout, plan, row_weight, backend,
-                             shared_draw=joint and lyr >= cfg.fusion_layer)
+                             shared_draw=joint and lyr >= cfg.fusion_layer, key_mask=key_mask)
         feats = {name: x[layout.modality_rows(m)].transpose(0, 1) for m, name in enumerate(mods)}
         fused = layout.n_bottleneck > 0 and cfg.fusion_layer < cfg.num_layers
         # after a fusion layer every modality's bottleneck slot holds the same mean

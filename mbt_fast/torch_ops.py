@@ -10,16 +10,18 @@ import torch.nn.functional as F
 from mbt_fast.layout import PackedLayout
 
 
-def mbt_attention(q, k, v, segments: tuple, scale: float, dropout_p: float = 0.0):
-    """``segments``: validated ``(q_start, q_end, k_start, k_end)`` int rows (see ``mbt_fast.ops``)."""
+def mbt_attention(q, k, v, segments: tuple, scale: float, dropout_p: float = 0.0, key_mask=None):
+    """``segments``: validated ``(q_start, q_end, k_start, k_end)`` int rows (see ``mbt_fast.ops``);
+    ``key_mask``: None or bool ``[B, Nk]``."""
     pieces, row = [], 0
     for qs, qe, ks, ke in sorted(segments):
         if qs > row:  # rows in no segment output zeros
             pieces.append(q.new_zeros(qs - row, *q.shape[1:]))
-        # [n, B, H, D] -> [B, H, n, D] views; SDPA picks flash/efficient/math by device
+        # [n, B, H, D] -> [B, H, n, D] views; SDPA picks flash/efficient/math by device (a mask rules out flash)
+        mask = None if key_mask is None else key_mask[:, None, None, ks:ke]
         o = F.scaled_dot_product_attention(
             q[qs:qe].permute(1, 2, 0, 3), k[ks:ke].permute(1, 2, 0, 3), v[ks:ke].permute(1, 2, 0, 3),
-            dropout_p=dropout_p, scale=scale)
+            attn_mask=mask, dropout_p=dropout_p, scale=scale)
         pieces.append(o.permute(2, 0, 1, 3))
         row = qe
     if row < q.shape[0]:

@@ -150,11 +150,15 @@ def _samples(ops):
     """Two sample calls per op (op name -> list of argument tuples)."""
     out = {}
     fwd, bwd = [], []
-    for shape in ((37, 37, 2, 2, 32), (70, 45, 1, 1, 64)):
+    for shape, masked in (((37, 37, 2, 2, 32), False), ((70, 45, 1, 1, 64), True)):
         q, k, v, seg = _attention_samples(*shape)
-        o, lse = ops.attention_fwd(q, k, v, seg, 0.2)
-        fwd.append((q, k, v, seg, 0.2))
-        bwd.append((torch.randn_like(o), q, k, v, o, lse, seg, 0.2))
+        mask = torch.rand(shape[2], shape[1], generator=torch.Generator().manual_seed(0)) > 0.3 if masked else \
+            torch.empty(0, dtype=torch.bool)
+        if masked:
+            mask[:, [0, shape[1] // 3]] = True  # each segment keeps its first key
+        o, lse = ops.attention_fwd(q, k, v, seg, 0.2, mask)
+        fwd.append((q, k, v, seg, 0.2, mask))
+        bwd.append((torch.randn_like(o), q, k, v, o, lse, seg, 0.2, mask))
     out["attention_fwd"], out["attention_bwd"] = fwd, bwd
 
     fwd, bwd, lnf, lnb, gf, gb = [], [], [], [], [], []
@@ -213,11 +217,15 @@ def _triton_samples():
     for shape in ((37, 37, 2, 2, 32), (70, 45, 1, 1, 64), (45, 45, 3, 1, 64)):
         q, k, v, seg = _attention_samples(*shape, dtype=torch.float32)
         flat = seg.flatten().tolist()
+        mask = torch.ones(shape[2], shape[1], dtype=torch.bool)
+        mask[:, 1::3] = False  # padding keys; each segment's first key (0, nk // 3) stays
+        mask[:, [0, shape[1] // 3]] = True
         o, lse = ops.attention_fwd(q, k, v, flat, 0.2)
         if shape[0] == shape[1]:  # a packed qkv: self-attention
             out["attention_bwd_qkv"].append((torch.randn_like(o), torch.stack((q, k, v), 2), o, lse, flat, 0.2))
+            out["attention_bwd_qkv"].append((torch.randn_like(o), torch.stack((q, k, v), 2), o, lse, flat, 0.2, mask))
         if len(out["attention_fwd"]) < 2:
-            out["attention_fwd"].append((q, k, v, flat, 0.2))
+            out["attention_fwd"] += [(q, k, v, flat, 0.2), (q, k, v, flat, 0.2, mask)]
             out["attention_bwd"].append((torch.randn_like(o), q, k, v, o, lse, flat, 0.2))
     for tokens, nb, B, C in (([9, 6], 3, 2, 16), ([5, 4, 3], 1, 3, 40)):
         layout = PackedLayout(tuple(f"m{i}" for i in range(len(tokens))), tuple(tokens), nb)

@@ -122,7 +122,7 @@ def test_bottleneck_is_the_mean_over_all_modalities():
                    for m in cfg.modality_fusion]
         expected = sum(updated) / len(updated)
         for backend in ("reference", "torch"):
-            _, bottle = model.set_backend(backend)._encode(inputs, "error")
+            _, bottle, _ = model.set_backend(backend)._encode(inputs, "error")
             torch.testing.assert_close(bottle, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -302,3 +302,93 @@ def test_explain_saves_a_flow_map(tmp_path):
 
     npz = np.load(tmp_path / "attention.npz")
     assert npz["cls_flow"].shape == (1, *cfg.patch_grid("flow"))
+
+
+# ---- ragged feature sequences: per-sample lengths ------------------------------------------------------
+
+RAGGED_MODES = ["bottleneck", "vanilla", "vanilla_shared", "gap_bottleneck", "late_fusion"]
+
+
+def _ragged(cfg, seed=7):
+    inputs = make_inputs(cfg, batch=3, seed=seed)
+    lengths = {"tokens": torch.tensor([5, 2, 3] if cfg.has_cls else [5, 1, 3])}
+    return inputs, lengths
+
+
+def _run_ragged(model, inputs, lengths, backend):
+    model.set_backend(backend).zero_grad()
+    model.train()
+    logits = model.forward_per_modality(**inputs, lengths=lengths)
+    w = torch.Generator().manual_seed(5)
+    sum((v.float() * torch.randn(v.shape, generator=w)).sum() for v in logits.values()).backward()
+    return logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", RAGGED_MODES)
+@pytest.mark.parametrize("backend", ["eager_sdpa", "torch", "triton"])
+def test_ragged_tokens_match_reference(backend, mode):
+    """Lengths 5, 2, 3 (1 without CLS) of 5 feature rows in the M = 4 model: fp32 against the reference."""
+    skip_unavailable(backend)
+    cfg = config(SETS["M4"], **MODES[mode])
+    model = make_model(cfg)
+    inputs, lengths = _ragged(cfg)
+    ref, ref_grads = _run_ragged(model, inputs, lengths, "reference")
+    out, grads = _run_ragged(model, inputs, lengths, backend)
+    fwd_tol, bwd_tol = TOLS[backend]
+    for m in ref:
+        err = (out[m] - ref[m]).abs().max().item()
+        assert err <= fwd_tol, f"{mode}/{backend} logits[{m}]: {err:.3e} > {fwd_tol}"
+    for n, g in ref_grads.items():
+        err = (grads[n] - g).abs().max().item() / max(1.0, g.abs().max().item())
+        assert err <= bwd_tol, f"{mode}/{backend} grad {n}: relative error {err:.3e} > {bwd_tol}"
+
+
+@pytest.mark.parametrize("mode", ["bottleneck", "vanilla"])
+def test_ragged_tokens_cuda_emu_bf16(mode):
+    skip_unavailable("cuda-emu")
+    cfg = config(SETS["M4"], **MODES[mode])
+    model = make_model(cfg)
+    inputs, lengths = _ragged(cfg)
+    ref, ref_grads = _run_ragged(model, inputs, lengths, "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, low_grads = _run_ragged(model, inputs, lengths, "reference")
+        out, grads = _run_ragged(model, inputs, lengths, "cuda-emu")
+    for m in ref:
+        assert_close_2x(out[m].float(), ref[m], low[m].float(), torch.bfloat16, name=f"{mode} logits[{m}]")
+    for n, g in ref_grads.items():
+        scale = max(1.0, g.abs().max().item())
+        assert_close_2x(grads[n] / scale, g / scale, low_grads[n] / scale, torch.bfloat16, backward=True,
+                        name=f"{mode} grad {n} (relative)")
+
+
+@pytest.mark.parametrize("mode", ["bottleneck", "vanilla", "gap_bottleneck"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_padding_rows_do_not_matter(backend, mode):
+    """What the padding rows hold changes nothing; full lengths equal no lengths; a shorter length does
+    change the answer (the mask is used)."""
+    cfg = config(SETS["M4"], **MODES[mode])
+    model = make_model(cfg).set_backend(backend).eval()
+    inputs, lengths = _ragged(cfg)
+    noisy = dict(inputs, tokens=inputs["tokens"].clone())
+    for b, n in enumerate(lengths["tokens"].tolist()):
+        noisy["tokens"][b, n:] = 100.0 * torch.randn(5 - n, 7)
+    with torch.no_grad():
+        out = model(**inputs, lengths=lengths)
+        torch.testing.assert_close(model(**noisy, lengths=lengths), out, rtol=1e-5, atol=1e-5)
+        full = torch.full((3,), 5)
+        assert torch.equal(model(**inputs, lengths={"tokens": full}), model(**inputs))
+        assert not torch.allclose(out[0], model(**inputs, lengths={"tokens": torch.tensor([4, 2, 3])})[0])
+
+
+@pytest.mark.parametrize("lengths,error,match", [
+    ({"rgb": torch.tensor([1, 1])}, ValueError, r"lengths\['rgb'\]: only sequence modalities"),
+    ({"tokens": torch.tensor([1.0, 2.0])}, ValueError, r"lengths\['tokens'\]: expected an integer tensor \[B\] = \[2\]"),
+    ({"tokens": torch.tensor([6, 2])}, ValueError, r"expected values in \[0, 5\].*got min 2, max 6"),
+    ({"audio": torch.tensor([1, 1])}, ValueError, "'audio' is not one of this model's modalities"),
+    ([5, 5], TypeError, "lengths: expected a dict"),
+])
+def test_bad_lengths(lengths, error, match):
+    cfg = config(SETS["M4"])
+    model = make_model(cfg).set_backend("torch")
+    with pytest.raises(error, match=match):
+        model(**make_inputs(cfg, batch=2), lengths=lengths)

@@ -35,9 +35,15 @@ struct Params {
     float* dk_acc;  // fp32 [Nk, B, H, D] accumulators when segments share keys, else nullptr
     float* dv_acc;
     const int4* blocks;  // per block: (row_start, row_end, other_start, other_end)
+    const uint8_t* key_mask;  // [B, Nk] 1: the key may be attended (0: padding); nullptr: every key
     int B, H, Nq, Nk;
     float scale, scale_log2;  // softmax scale, and scale * log2(e) for exp2
 };
+
+// whether key `col` of sample b may be attended (the segment bounds are checked by the caller)
+MBT_DEVICE bool key_allowed(const Params& p, int b, int col) {
+    return p.key_mask == nullptr || p.key_mask[static_cast<int64_t>(b) * p.Nk + col] != 0;
+}
 
 template <int D>
 struct Shape {

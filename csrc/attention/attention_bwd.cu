@@ -99,7 +99,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int col = kt + 8 * j + 2 * tig + (i % 2);
-                const float pr = col < k1 ? exp2f(s[j][i] * p.scale_log2 - lse[i / 2]) : 0.f;
+                const float pr = col < k1 && key_allowed(p, b, col) ? exp2f(s[j][i] * p.scale_log2 - lse[i / 2]) : 0.f;
                 s[j][i] = pr * (dp[j][i] - delta[i / 2]);  // dS (unscaled)
             }
         uint32_t dsf[BN / 16][4];
@@ -197,6 +197,16 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
         sync_threads();  // this stage fully read before the next iteration's prefetch overwrites it
     }
     if (!active) return;
+    if (p.key_mask != nullptr) {
+        // a padding key's column of P is 0, and its dK and dV rows depend on that column alone
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = k0 + wrow + gid + 8 * half;
+            if (row < k1 && key_allowed(p, b, row)) continue;
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) dk[j][2 * half] = dk[j][2 * half + 1] = dv[j][2 * half] = dv[j][2 * half + 1] = 0.f;
+        }
+    }
     if (p.dk_acc == nullptr) {
         store_acc<T, D>(dk, p.scale, p.scale, p.dk, k0 + wrow, k1, b, h);
         store_acc<T, D>(dv, 1.f, 1.f, p.dv, k0 + wrow, k1, b, h);
@@ -288,7 +298,7 @@ static void dispatch_bwd(int d, const Params& p, const std::vector<attn_host::Se
 
 std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                      const at::Tensor& seg, double scale) {
+                                      const at::Tensor& seg, double scale, const at::Tensor& key_mask) {
     using namespace attn_host;
     check_qkv(q, "q", q);
     check_qkv(k, "k", q);
@@ -315,6 +325,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& 
     p.dq = ref(dq); p.dk = ref(dk); p.dv = ref(dv);
     p.lse = lse.data_ptr<float>();
     p.delta = delta.data_ptr<float>();
+    p.key_mask = key_mask_ptr(key_mask, q, B, nk);
     p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Nq = static_cast<int>(nq); p.Nk = static_cast<int>(nk);
     p.scale = static_cast<float>(scale);
     p.scale_log2 = static_cast<float>(scale) * kLog2e;

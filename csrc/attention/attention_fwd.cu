@@ -3,7 +3,8 @@
 // Block = one tile of kBlockM query rows of one segment, for one (batch, head); 4 warps x 16 rows.
 // Q fragments stay in registers; K and V tiles stream through shared memory in two stages: the next
 // tile's cp.async copies are in flight while the current one is computed on. S = Q K^T and O += P V
-// run on mma.m16n8k16 with fp32 accumulation; keys past the segment end are masked to -inf.
+// run on mma.m16n8k16 with fp32 accumulation; keys past the segment end, and padding keys of the
+// optional key mask, are masked to -inf.
 #include "attention_host.h"
 
 namespace MBT_NS {
@@ -75,22 +76,24 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
             }
         }
 
-        // online softmax in log2 units; columns past the segment's keys get -inf
+        // online softmax in log2 units; columns past the segment's keys, or padding, get -inf
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int col = kt + 8 * j + 2 * tig + (i % 2);
-                s[j][i] = col < k1 ? s[j][i] * p.scale_log2 : -INFINITY;
+                s[j][i] = col < k1 && key_allowed(p, b, col) ? s[j][i] * p.scale_log2 : -INFINITY;
                 mx[i / 2] = fmaxf(mx[i / 2], s[j][i]);
             }
-        float alpha[2];
+        float alpha[2], base[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            // every tile has at least one valid key, so the new max is finite
+            // without a key mask every tile holds a valid key and the new max is finite; a tile of
+            // padding can leave it at -inf, and the exponentials are then taken against 0
             const float m_new = fmaxf(m[r], quad_max(mx[r]));
-            alpha[r] = exp2f(m[r] - m_new);
+            base[r] = m_new == -INFINITY ? 0.f : m_new;
+            alpha[r] = exp2f(m[r] - base[r]);
             m[r] = m_new;
             l[r] *= alpha[r];
         }
@@ -98,7 +101,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                s[j][i] = exp2f(s[j][i] - m[i / 2]);
+                s[j][i] = exp2f(s[j][i] - base[i / 2]);
                 l[i / 2] += s[j][i];
             }
 #pragma unroll
@@ -153,7 +156,7 @@ static void dispatch_fwd(int d, const Params& p, int nblocks, int bh) {
 }
 
 std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& seg, double scale) {
+                                      const at::Tensor& seg, double scale, const at::Tensor& key_mask) {
     using namespace attn_host;
     check_qkv(q, "q", q);
     check_qkv(k, "k", q);
@@ -173,6 +176,7 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, 
     p.q = ref(q); p.k = ref(k); p.v = ref(v); p.o = ref(out);
     p.lse = lse.data_ptr<float>();
     p.blocks = reinterpret_cast<const int4*>(blocks.data_ptr<int32_t>());
+    p.key_mask = key_mask_ptr(key_mask, q, B, nk);
     p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Nq = static_cast<int>(nq); p.Nk = static_cast<int>(nk);
     p.scale = static_cast<float>(scale);
     p.scale_log2 = static_cast<float>(scale) * kLog2e;

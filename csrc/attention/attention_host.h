@@ -36,6 +36,16 @@ inline void check_qkv(const at::Tensor& t, const char* name, const at::Tensor& q
                     t.strides());
 }
 
+// the key mask's bytes (bool [B, Nk], contiguous, on q's device), or nullptr for an empty tensor (no mask)
+inline const uint8_t* key_mask_ptr(const at::Tensor& m, const at::Tensor& q, int64_t B, int64_t nk) {
+    if (m.numel() == 0) return nullptr;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B && m.size(1) == nk && m.is_contiguous(),
+                "key_mask: expected a contiguous bool tensor [B, Nk] = [", B, ", ", nk, "], got ", m.scalar_type(), " ",
+                m.sizes());
+    TORCH_CHECK(m.device() == q.device(), "key_mask: expected device ", q.device(), " (q's), got ", m.device());
+    return reinterpret_cast<const uint8_t*>(m.data_ptr());
+}
+
 inline TensorRef ref(const at::Tensor& t) {
     // strides of size-1 dims are irrelevant (index 0) and may be anything; zero them
     return TensorRef{t.data_ptr(), t.size(0) == 1 ? 0 : t.stride(0), t.size(1) == 1 ? 0 : t.stride(1),

@@ -7,14 +7,15 @@
 
 namespace MBT_NS {
 
-// mbt_attention: q [Nq,B,H,D], k/v [Nk,B,H,D] (last dim contiguous), seg int32 [S,4] on the CPU.
+// mbt_attention: q [Nq,B,H,D], k/v [Nk,B,H,D] (last dim contiguous), seg int32 [S,4] on the CPU,
+// key_mask bool [B,Nk] contiguous on q's device (true: the key may be attended) or empty (every key).
 // Returns (out [Nq,B,H,D], lse fp32 [B,H,Nq]).
 std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& seg, double scale);
+                                      const at::Tensor& seg, double scale, const at::Tensor& key_mask);
 // Returns (dq, dk, dv) with the shapes of q, k, v.
 std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                      const at::Tensor& seg, double scale);
+                                      const at::Tensor& seg, double scale, const at::Tensor& key_mask);
 
 // residual_mean: x, y [N,B,C] contiguous, keep [B,M] or empty, row_mod int32 [N] (modality of each row),
 // slot_start int32 [M] (first bottleneck row of each modality), mode 0 add / 1 keep / 2 mean.

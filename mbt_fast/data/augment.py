@@ -42,10 +42,14 @@ def sample_mixup_lambda(alpha: float, generator: torch.Generator | None = None) 
 
 def mixup(batch: dict, lam: float, keys=("rgb", "spectrogram", "label")) -> dict:
     """Scenic's ``mixup_modalities``: ``x <- lam * x + (1 - lam) * x[::-1]`` for every modality and the
-    labels with the same lambda (partner = the reversed batch). Returns a new dict."""
+    labels with the same lambda (partner = the reversed batch). Returns a new dict. A ragged feature
+    sequence's ``<key>_length`` becomes the longer of the two: its mix holds data wherever either does."""
     out = dict(batch)
     for k in keys:
         if k in batch and torch.is_tensor(batch[k]):
             x = batch[k]
             out[k] = lam * x + (1.0 - lam) * x.flip(0)
+        if f"{k}_length" in batch:
+            n = batch[f"{k}_length"]
+            out[f"{k}_length"] = torch.maximum(n, n.flip(0))
     return out

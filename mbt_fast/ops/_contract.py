@@ -33,6 +33,21 @@ def check_tensor(name: str, t, ndim: int, like: torch.Tensor | None = None) -> N
         raise ValueError(f"{name}: expected device {like.device}, got {t.device}")
 
 
+def check_key_mask(key_mask, batch: int, nk: int, like: torch.Tensor):
+    """``key_mask``: None, or a bool ``[B, Nk]`` tensor on q's device (True: the key may be attended)."""
+    if key_mask is None:
+        return None
+    if not isinstance(key_mask, torch.Tensor):
+        raise TypeError(f"key_mask: expected a bool torch.Tensor [B, Nk] or None, got {type(key_mask).__name__}")
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask: expected dtype torch.bool (True: the key may be attended), got {key_mask.dtype}")
+    if tuple(key_mask.shape) != (batch, nk):
+        raise ValueError(f"key_mask: expected shape [B, Nk] = {[batch, nk]}, got {list(key_mask.shape)}")
+    if key_mask.device != like.device:
+        raise ValueError(f"key_mask: expected device {like.device} (q's), got {key_mask.device}")
+    return key_mask.contiguous()
+
+
 def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")

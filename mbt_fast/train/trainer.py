@@ -234,7 +234,13 @@ def build_optimizer(params, tc: TrainConfig) -> torch.optim.Optimizer:
 
 
 def model_inputs(batch: dict, modalities, device) -> dict:
-    return {m: batch[m].to(device, non_blocking=True) for m in modalities}
+    """The model's keyword arguments from a batch: each modality, and the ``lengths`` of ragged feature
+    sequences the dataset reports (``<modality>_length``, from sidecar files of unequal length)."""
+    out = {m: batch[m].to(device, non_blocking=True) for m in modalities}
+    lengths = {m: batch[f"{m}_length"].to(device, non_blocking=True) for m in modalities if f"{m}_length" in batch}
+    if lengths:
+        out["lengths"] = lengths
+    return out
 
 
 @torch.no_grad()
@@ -256,7 +262,10 @@ def evaluate(model, dataset, multi_label: bool, batch_size: int = 32, device="cp
         multi_clip = inputs[mods[0]].dim() == len(model.cfg.input_shape(mods[0])) + 2
         if multi_clip:
             b, k = inputs[mods[0]].shape[:2]
+            lengths = inputs.pop("lengths", None)
             inputs = {m: x.flatten(0, 1) for m, x in inputs.items()}
+            if lengths:  # one length per file, the same for each of its clips
+                inputs["lengths"] = {m: n.repeat_interleave(k) for m, n in lengths.items()}
         with _autocast(device):
             out = model(**inputs).float()
         if multi_clip:

@@ -29,17 +29,20 @@ def _run(fn, tensors, dout):
     return [out.detach().float().cpu()] + [t.grad.float().cpu() for t in leaves]
 
 
-def _compare(backend, q, k, v, segs, dtype, backward=True, dout=None):
+def _compare(backend, q, k, v, segs, dtype, backward=True, dout=None, key_mask=None):
     """q, k, v fp32 CPU masters; runs reference (fp32), eager (dtype) and the kernel (dtype)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     seg_t = tuple(tuple(int(x) for x in row) for row in torch.as_tensor(segs).reshape(-1, 4).tolist())
     if backward and dout is None:
         dout = torch.randn(q.shape)
-    ref = _run(lambda a, b, c: torch_ops.mbt_attention(a, b, c, seg_t, scale), (q, k, v), dout if backward else None)
+    ref = _run(lambda a, b, c: torch_ops.mbt_attention(a, b, c, seg_t, scale, key_mask=key_mask), (q, k, v),
+               dout if backward else None)
     low = [t.to(dtype) for t in (q, k, v)]
-    eager = _run(lambda a, b, c: torch_ops.mbt_attention(a, b, c, seg_t, scale), low, dout if backward else None)
+    eager = _run(lambda a, b, c: torch_ops.mbt_attention(a, b, c, seg_t, scale, key_mask=key_mask), low,
+                 dout if backward else None)
     dev = _device(backend)
-    got = _run(lambda a, b, c: ops.mbt_attention(a, b, c, seg_t, backend=backend),
+    mask = None if key_mask is None else key_mask.to(dev)
+    got = _run(lambda a, b, c: ops.mbt_attention(a, b, c, seg_t, key_mask=mask, backend=backend),
                [t.to(dev) for t in low], dout.to(dev) if backward else None)
     for name, g, r, e, bwd in zip(("out", "dq", "dk", "dv"), got, ref, eager, (False, True, True, True)):
         check(name, g, r, e, dtype, bwd)
@@ -144,9 +147,9 @@ def test_rejects_more_than_65535_batch_heads_forward_and_backward(backend):
     seg = torch.tensor([(0, 2, 0, 2)], dtype=torch.int32)
     lse = torch.zeros(65536, 1, 2, device=x.device)
     with pytest.raises(RuntimeError, match="batch x heads must be at most 65535"):
-        lib.attention_fwd(x, x, x, seg, 1.0)
+        lib.attention_fwd(x, x, x, seg, 1.0, torch.empty(0, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="batch x heads must be at most 65535"):
-        lib.attention_bwd(x, x, x, x, x, lse, seg, 1.0)
+        lib.attention_bwd(x, x, x, x, x, lse, seg, 1.0, torch.empty(0, dtype=torch.bool))
 
 
 def test_rejects_an_empty_segment_table(backend):
@@ -155,7 +158,7 @@ def test_rejects_an_empty_segment_table(backend):
     lib = cuda_ext.build(emulated=backend == "cuda-emu")
     x = torch.zeros(4, 1, 1, 32, dtype=torch.float16, device=_device(backend))
     with pytest.raises(RuntimeError, match="seg: expected at least one"):
-        lib.attention_fwd(x, x, x, torch.zeros(0, 4, dtype=torch.int32), 1.0)
+        lib.attention_fwd(x, x, x, torch.zeros(0, 4, dtype=torch.int32), 1.0, torch.empty(0, dtype=torch.bool))
 
 
 @pytest.mark.slow
@@ -166,3 +169,18 @@ def test_mbt_b_token_counts(backend):
     n = layout.total_rows
     q, k, v = (torch.randn(n, 1, 1, 64) for _ in range(3))
     _compare(backend, q, k, v, layout.attn_segments(True), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_key_mask(backend, dtype):
+    """Padding keys (key_mask False) get no weight and zero dK/dV; with 64-key tiles the first segment's
+    first tile is all padding (a row's running max starts at -inf) and so is a tile inside the second."""
+    segs = [(0, 150, 0, 150), (150, 240, 150, 240)]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(240, 3, 2, 64, generator=g) for _ in range(3))
+    mask = torch.rand(3, 240, generator=g) > 0.3
+    mask[:, :70] = False
+    mask[:, 160:230] = False
+    mask[:, [149, 239]] = True  # every query row keeps a key
+    _, _, dk, dv = _compare(backend, q, k, v, segs, dtype, key_mask=mask)
+    assert (dk[~mask.T] == 0).all() and (dv[~mask.T] == 0).all()

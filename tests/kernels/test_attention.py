@@ -41,16 +41,17 @@ def _assert_close(name, got, ref32, eager, floor):
     assert err <= bound, f"{name}: max|triton - ref32| = {err:.3e} > 2 * max|eager - ref32| ({eager_err:.3e}) + {floor}"
 
 
-def _run_and_check(q, k, v, segments, scale=None, grad=True, fn=None):
+def _run_and_check(q, k, v, segments, scale=None, grad=True, fn=None, ref_kw=None):
     """Kernel vs fp32 reference (and vs the same reference run in q's dtype for the tolerance)."""
+    ref_kw = ref_kw or {}
     dtype = q.dtype
     fwd_floor, bwd_floor = FLOORS[dtype]
     out = mbt_attention(q, k, v, segments, scale) if fn is None else fn(q, k, v)
     assert out.shape == q.shape and out.dtype == dtype
     leaves32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
     leaves_lo = [t.detach().requires_grad_() for t in (q, k, v)]
-    ref = mbt_attention_ref(*leaves32, segments, scale)
-    eager = mbt_attention_ref(*leaves_lo, segments, scale, dtype=dtype)
+    ref = mbt_attention_ref(*leaves32, segments, scale, **ref_kw)
+    eager = mbt_attention_ref(*leaves_lo, segments, scale, dtype=dtype, **ref_kw)
     _assert_close("out", out, ref, eager, fwd_floor)
     if not grad:
         return out
@@ -337,3 +338,43 @@ def test_cpu_without_interpreter(monkeypatch):
 def test_aot_specs_bad_dtype():
     with pytest.raises(TypeError, match=r"dtype: expected"):
         attn.aot_specs(torch.float64)
+
+
+def _random_key_mask(B, nk, segments, seed):
+    """About a third of the keys masked per sample, each segment's last key kept so that every query
+    row keeps a key (the op's contract); with the interpreter's 32-key tiles, the first segment's first
+    block is all padding (a row's running max starts at -inf) and so is a block inside the last one."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, nk, generator=g) > 0.35
+    mask[:, :33] = False
+    mask[:, 77:109] = False
+    for _, _, _, ke in segments:
+        mask[:, ke - 1] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("memory", ["contiguous", "packed"])
+def test_key_mask_matches_reference(dtype, memory):
+    """Padding keys (``key_mask`` False) get no weight and no gradient; ragged fused segments, batch 3."""
+    segments = [(0, 37, 0, 45), (37, 45, 0, 45), (45, 130, 45, 140), (130, 140, 45, 140)]
+    n, B = 140, 3
+    q, k, v = _inputs(n, n, B, 2, 32, dtype, memory, seed=3)
+    mask = _random_key_mask(B, n, segments, seed=4)
+    out, (dq, dk, dv) = _run_and_check(q, k, v, segments, fn=lambda q, k, v: mbt_attention(q, k, v, segments, key_mask=mask),
+                                       ref_kw={"key_mask": mask})
+    assert (dk.float()[~mask.T] == 0).all() and (dv.float()[~mask.T] == 0).all()
+    other = mask.clone()
+    other[1, 50] = ~other[1, 50]  # a mask that differs in one key changes that sample's output
+    assert not torch.equal(mbt_attention(q, k, v, segments, key_mask=other)[:, 1], out[:, 1])
+
+
+def test_key_mask_on_the_packed_qkv_op():
+    segments = ((0, 50, 0, 50), (50, 99, 50, 99))
+    qkv = torch.randn(99, 2, 3, 1, 64, generator=torch.Generator().manual_seed(0)).to(F16).requires_grad_()
+    mask = _random_key_mask(2, 99, segments, seed=1)
+    out = attn.mbt_attention_qkv(qkv, segments, key_mask=mask)
+    ref = mbt_attention(*qkv.detach().unbind(2), segments, key_mask=mask)
+    assert torch.equal(out, ref)
+    out.float().sum().backward()
+    assert (qkv.grad[:, :, 1:][~mask.T] == 0).all()  # dk, dv of padding keys

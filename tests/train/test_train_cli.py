@@ -309,3 +309,46 @@ def test_train_and_predict_with_flow_from_sidecar_files(tmp_path, capsys):
     assert cli_main(["predict", str(out / "model.safetensors"), str(root / "b" / "b1.mp4"), "--json",
                      "--no-progress"]) == 1
     assert f"sidecar file {root / 'b' / 'b1.flow.npy'} does not exist" in capsys.readouterr().err
+
+
+def test_train_and_predict_with_ragged_feature_files(tmp_path, capsys):
+    """rgb + a ``tokens`` feature sequence read from ``<stem>.tokens.npy`` files of unequal length: the
+    dataset pads them and reports their lengths, training and predict pass them to the model as
+    ``lengths``, and predict answers exactly as the model does with those lengths."""
+    import numpy as np
+    import torch
+
+    import mbt_fast
+    from mbt_fast import inference
+    from mbt_fast.data import VideoDataset
+    from mbt_fast.data.dataset import video_shapes
+    from mbt_fast.data.testing import write_clip
+    from mbt_fast.train.trainer import TrainConfig, train
+
+    cfg = mbt_fast.MBTConfig.preset("tiny", modality_fusion=("rgb", "tokens"), num_classes=2,
+                                    input_shapes={"rgb": (-1, 4, 32, 32, 3), "tokens": (-1, 6, 5)})
+    root = tmp_path / "videos"
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            path = write_clip(root / name / f"{name}{i}.mp4", seconds=1.0, fps=10, size=(48, 40))
+            rows = 2 + 3 * i + c  # 2 to 6 rows of the 6 the model takes
+            np.save(path.with_suffix(".tokens.npy"), np.random.default_rng(i + 2 * c).standard_normal((rows, 5)))
+    ds = VideoDataset.from_folder(root, mode="train", modalities=cfg.modality_fusion, **video_shapes(cfg))
+    assert [ds[(j, 0)]["tokens_length"] for j in range(4)] == [2, 5, 3, 6]
+    tc = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, batch_size=2, optimizer="adamw", lr=1e-3, device="cpu",
+                     num_workers=0, ckpt_every=0, progress=False, plot=False, mixup_alpha=0.5)
+    train(tc, cfg, ds, None)
+    model_path = tmp_path / "run" / "model.safetensors"
+    assert cli_main(["predict", str(model_path), str(root / "a" / "a0.mp4"), "--json", "--no-progress",
+                     "--top-k", "2"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    model = mbt_fast.MBT.from_pretrained(model_path)
+    clip = inference.decode_clip(root / "a" / "a0.mp4", model.cfg)
+    assert clip.lengths["tokens"].tolist() == [2]
+    with torch.no_grad():
+        expected = model(**clip.inputs, lengths=clip.lengths).softmax(-1)[0]
+        unmasked = model(**clip.inputs).softmax(-1)[0]
+    scores = [t["score"] for t in row["top"]]
+    assert max(abs(s - e) for s, e in zip(sorted(scores, reverse=True), expected.sort(descending=True).values.tolist())) < 1e-5
+    assert not torch.allclose(expected, unmasked)  # the padding was masked, not attended to
