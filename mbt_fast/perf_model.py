@@ -495,14 +495,15 @@ def declared_kernels(counter: Counter, impl: str):
     """Replace the fused ops of ``mbt_fast.ops`` (``impl`` triton/cuda) with their declared costs."""
     from mbt_fast import ops
 
-    def mbt_attention(q, k, v, segments, *, scale=None, dropout_p=0.0, backend=None):
+    # key_mask (ragged feature sequences) is not counted: the modelled steps have no padding
+    def mbt_attention(q, k, v, segments, *, scale=None, dropout_p=0.0, key_mask=None, backend=None):
         seg = [tuple(int(x) for x in row) for row in torch.as_tensor(segments).reshape(-1, 4).tolist()]
         _, B, H, D = q.shape
         es = q.element_size()
         return _declared(counter, attention_cost(seg, B, H, D, es, "fwd", impl),
                          attention_cost(seg, B, H, D, es, "bwd", impl), q.shape, q.dtype, q, k, v)
 
-    def mbt_attention_qkv(qkv, segments, *, scale=None, dropout_p=0.0, backend=None):
+    def mbt_attention_qkv(qkv, segments, *, scale=None, dropout_p=0.0, key_mask=None, backend=None):
         if impl != "triton":  # the per-tensor kernels: autograd stacks dq, dk, dv into qkv's gradient
             return mbt_attention(*qkv.unbind(2), segments, scale=scale, dropout_p=dropout_p)
         seg = [tuple(int(x) for x in row) for row in torch.as_tensor(segments).reshape(-1, 4).tolist()]

@@ -392,3 +392,13 @@ def test_bad_lengths(lengths, error, match):
     model = make_model(cfg).set_backend("torch")
     with pytest.raises(error, match=match):
         model(**make_inputs(cfg, batch=2), lengths=lengths)
+
+
+def test_lengths_compile_without_graph_breaks():
+    """The padding masks are built from the lengths tensors on the device (no host read under compile)."""
+    cfg = config(SETS["M4"], num_layers=2)
+    model = make_model(cfg).set_backend("torch").eval()
+    inputs, lengths = _ragged(cfg)
+    compiled = torch.compile(lambda i, n: model(**i, lengths=n), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(inputs, lengths), model(**inputs, lengths=lengths), rtol=1e-5, atol=1e-6)
