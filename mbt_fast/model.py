@@ -7,7 +7,6 @@ every other backend runs the packed token-major buffer of ``mbt_fast.layout`` th
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch
@@ -322,12 +321,11 @@ class MBT(nn.Module):
         B = next(iter(x.values())).shape[0]
         valid = valid or {}
 
-        def keys(parts):  # the key mask of a block over cat(parts) (modality names or the bottleneck)
+        def keys(parts):  # the key mask of a block over cat(parts): modality names, or "bottleneck"
             if not valid:
                 return None
-            return torch.cat([valid[p] if p in valid else torch.ones(B, tokens[p].shape[1] if p in tokens else
-                                                                      bottleneck.shape[1], dtype=torch.bool,
-                                                                      device=x[mods[0]].device)
+            rows = {m: t.shape[1] for m, t in tokens.items()} | {"bottleneck": cfg.num_bottleneck_tokens}
+            return torch.cat([valid.get(p, torch.ones(B, rows[p], dtype=torch.bool, device=self.head.weight.device))
                               for p in parts], dim=1)
 
         bottleneck = self.bottleneck.expand(B, -1, -1) if cfg.use_bottleneck else None

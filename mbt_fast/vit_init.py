@@ -88,18 +88,14 @@ def init_from_vit(model: MBT, state_dict: dict[str, torch.Tensor]) -> MBT:
     mods = cfg.modality_fusion
     for m in mods:
         g = cfg.patch_grid(m)
-        if m == "rgb":
-            w = torch.zeros(C, 3, ft, fh, fw)
-            w[:, :, ft // 2] = kernel  # central-frame initialiser
-            new["embed_rgb.weight"], new["embed_rgb.bias"] = w, bias
+        if m in ("rgb", "flow"):
+            # flow: two-stream (TSN) cross-modality init, the RGB kernel averaged over its channels
+            frame_kernel = kernel if m == "rgb" else kernel.mean(1, keepdim=True).expand(-1, 2, -1, -1)
+            w = torch.zeros(C, frame_kernel.shape[1], ft, fh, fw)
+            w[:, :, ft // 2] = frame_kernel  # central-frame initialiser
+            new[f"embed_{m}.weight"], new[f"embed_{m}.bias"] = w, bias
             frame = zoom_bilinear(grid, g[1:]) if g[1:] != (gs, gs) else grid
-            new["pos_embed_rgb"] = with_cls(np.tile(frame.reshape(1, -1, C), (g[0], 1, 1)))
-        elif m == "flow":  # two-stream (TSN) cross-modality init: the RGB kernel averaged over its channels
-            w = torch.zeros(C, 2, ft, fh, fw)
-            w[:, :, ft // 2] = kernel.mean(1, keepdim=True)
-            new["embed_flow.weight"], new["embed_flow.bias"] = w, bias
-            frame = zoom_bilinear(grid, g[1:]) if g[1:] != (gs, gs) else grid
-            new["pos_embed_flow"] = with_cls(np.tile(frame.reshape(1, -1, C), (g[0], 1, 1)))
+            new[f"pos_embed_{m}"] = with_cls(np.tile(frame.reshape(1, -1, C), (g[0], 1, 1)))
         elif m == "spectrogram":
             new["embed_spectrogram.weight"], new["embed_spectrogram.bias"] = kernel.sum(1, keepdim=True), bias
             new["pos_embed_spectrogram"] = with_cls(zoom_bilinear(grid, g))

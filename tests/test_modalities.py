@@ -1,7 +1,6 @@
 """Any set of modalities: the registry, and M = 3 and M = 4 models (rgb, spectrogram, flow, tokens and a
 registered one) on every backend against the reference, every fusion mode defined for M > 2, odd token and
 bottleneck counts, batch 3; one attention call per layer whatever M; save/load; flow initialised from RGB."""
-import dataclasses
 
 import pytest
 import torch

@@ -76,3 +76,20 @@ def test_shared_and_single_modality():
     assert torch.equal(shared.blocks[0]["shared"].norm1.weight, sd["blocks.0.norm1.weight"])
     spec = mbt_fast.init_from_vit(mbt_fast.MBT(dataclasses.replace(CFG, modality_fusion=("spectrogram",))), sd)
     assert torch.equal(spec.cls_spectrogram, sd["cls_token"])  # Scenic names the only CLS 'cls'
+
+
+def test_init_from_vit_gives_flow_the_channel_averaged_kernel_and_leaves_tokens_alone():
+    """Two-stream (TSN) cross-modality init for flow; a feature sequence has no ViT counterpart."""
+    cfg = dataclasses.replace(CFG, modality_fusion=("spectrogram", "rgb", "flow", "tokens"),
+                              input_shapes={**CFG.input_shapes, "flow": (-1, 4, 32, 48, 2), "tokens": (-1, 5, 7)})
+    sd = timm_vit_state_dict()
+    torch.manual_seed(0)
+    fresh = mbt_fast.MBT(cfg)
+    tokens_before = {k: v.clone() for k, v in fresh.state_dict().items() if "tokens" in k and "blocks" not in k}
+    model = mbt_fast.init_from_vit(fresh, sd)
+    kernel = sd["patch_embed.proj.weight"].mean(1, keepdim=True).expand(-1, 2, -1, -1)
+    torch.testing.assert_close(model.embed_flow.weight[:, :, 1], kernel)
+    assert model.embed_flow.weight[:, :, 0].abs().max() == 0 and torch.equal(model.embed_flow.bias, sd["patch_embed.proj.bias"])
+    assert model.pos_embed_flow.shape == (1, 1 + 2 * 2 * 3, 48)  # the ViT grid zoomed to the flow's 2 x 3 frames
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tokens_before.items())
+    assert torch.equal(model.blocks[0]["tokens"].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])

@@ -9,10 +9,10 @@ from mbt_fast.train.demo import DEMO_PRESETS
 
 
 def run(args) -> int:
-    from mbt_fast.train.demo import format_table, run_demo, variants
+    from mbt_fast.train.demo import demo_variants, format_table, run_demo
 
     logging.basicConfig(level=logging.WARNING)
-    names = args.variants.split(",") if args.variants else variants(args.preset)
+    names = args.variants.split(",") if args.variants else demo_variants(args.preset)
     summary = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        val_size=args.val_size, threads=args.threads, variants=names, backend=args.backend,
                        progress=not args.no_progress, preset=args.preset)

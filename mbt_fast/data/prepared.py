@@ -196,6 +196,10 @@ class PreparedDataset(VideoDataset):
     """
 
     def __init__(self, folder, num_classes: int | None = None, multi_label: bool | None = None, **kw):
+        if "flow" in kw.get("modalities", ()):
+            # the cache stores resized frames, not which source frames and crop a clip used: flow cannot follow
+            raise PreparedError(f"--prepared {folder}: a prepared cache has no optical flow; train a model with "
+                                f"flow from the videos (--data-dir / --csv) and their .flow.npy files")
         index = read_index(folder)
         src = index["source"]
         if num_classes is None:

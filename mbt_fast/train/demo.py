@@ -22,7 +22,7 @@ VARIANTS = ("unimodal_rgb", "unimodal_spectrogram", "late_fusion", "bottleneck_f
 DEMO_PRESETS = ("tiny", "tiny_trimodal")
 
 
-def variants(preset: str = "tiny") -> tuple[str, ...]:
+def demo_variants(preset: str = "tiny") -> tuple[str, ...]:
     """The demo's variants for ``preset``: each modality alone, (with three) the AV pair, late, bottleneck."""
     import mbt_fast
 
@@ -39,8 +39,8 @@ def variant_config(name: str, preset: str = "tiny"):
 
     cfg = mbt_fast.MBTConfig.preset(preset)
     cfg = dataclasses.replace(cfg, num_classes=_dataset(preset, cfg.modality_fusion, 1, 0, "val", 1.0).num_classes)
-    if name not in variants(preset):
-        raise ValueError(f"variant must be one of {variants(preset)}, got {name!r}")
+    if name not in demo_variants(preset):
+        raise ValueError(f"variant must be one of {demo_variants(preset)}, got {name!r}")
     if name.startswith("unimodal_"):
         m = name[len("unimodal_"):]
         return dataclasses.replace(cfg, modality_fusion=(m,), use_bottleneck=False, input_shapes={m: cfg.input_shapes[m]})
@@ -70,7 +70,7 @@ def run_demo(out_dir="runs/demo", steps: int = 300, batch_size: int = 32, lr: fl
     """Train every variant for ``steps`` steps on the same data; write ``summary.json`` and ``demo.png``."""
     from mbt_fast.train.trainer import TrainConfig, train
 
-    names = globals()["variants"](preset) if variants is None else tuple(variants)
+    names = demo_variants(preset) if variants is None else tuple(variants)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

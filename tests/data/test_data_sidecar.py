@@ -283,3 +283,10 @@ def test_constructor_checks(tmp_path):
     for name in ("label", "num_skipped", "text_length", "a/b", ""):
         with pytest.raises(ValueError, match="not a usable modality name"):
             VideoDataset([], num_classes=1, modalities=(name,), feature_shapes={name: (1, 1)})
+
+
+def test_a_prepared_cache_refuses_flow(tmp_path):
+    from mbt_fast.data.prepared import PreparedDataset, PreparedError
+
+    with pytest.raises(PreparedError, match="a prepared cache has no optical flow"):
+        PreparedDataset(tmp_path, num_classes=2, modalities=("rgb", "flow"))

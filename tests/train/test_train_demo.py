@@ -6,7 +6,7 @@ import torch
 
 from mbt_fast.cli import main as cli_main
 from mbt_fast.data.synthetic import BEST_UNIMODAL_ACCURACY
-from mbt_fast.train.demo import VARIANTS, run_demo, variants
+from mbt_fast.train.demo import VARIANTS, demo_variants, run_demo
 
 
 def test_demo_smoke_summary_structure(tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_trimodal_demo_smoke(tmp_path, capsys):
                      "--val-size", "16", "--no-progress", "--variants", "unimodal_flow,bottleneck_fusion"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["unimodal_flow", "bottleneck_fusion"]
-    assert variants("tiny_trimodal") == ("unimodal_rgb", "unimodal_spectrogram", "unimodal_flow", "bottleneck_fusion_av",
+    assert demo_variants("tiny_trimodal") == ("unimodal_rgb", "unimodal_spectrogram", "unimodal_flow", "bottleneck_fusion_av",
                                          "late_fusion", "bottleneck_fusion")
     assert "best from rgb + spectrogram: 0.500" in capsys.readouterr().out
 
