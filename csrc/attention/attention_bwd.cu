@@ -36,7 +36,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_preprocess_kernel
     if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.H + h) * p.Nq + n] = acc;
 }
 
-template <class T, int D>
+template <class T, int D, bool kKeyMask>  // kKeyMask compiled apart, as in the forward
 MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params p) {
     using Sh = Shape<D>;
     constexpr int S = Sh::kStride, BM = Sh::kBlockM, BN = Sh::kBlockN, NT = BN / 8;
@@ -99,7 +99,8 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int col = kt + 8 * j + 2 * tig + (i % 2);
-                const float pr = col < k1 && key_allowed(p, b, col) ? exp2f(s[j][i] * p.scale_log2 - lse[i / 2]) : 0.f;
+                const float pr = col < k1 && (!kKeyMask || key_allowed(p, b, col))
+                                     ? exp2f(s[j][i] * p.scale_log2 - lse[i / 2]) : 0.f;
                 s[j][i] = pr * (dp[j][i] - delta[i / 2]);  // dS (unscaled)
             }
         uint32_t dsf[BN / 16][4];
@@ -247,7 +248,8 @@ static void launch_bwd(Params p, const std::vector<attn_host::Segment>& segs, co
         p.blocks = reinterpret_cast<const int4*>(blocks.data_ptr<int32_t>());
         // Q, dO, and two stages of K and V
         const size_t smem = static_cast<size_t>(2 * Sh::kBlockM + 4 * Sh::kBlockN) * Sh::kStride * sizeof(T);
-        auto kernel = _mbt_attention_bwd_dq_kernel<T, D>;
+        auto kernel = p.key_mask != nullptr ? _mbt_attention_bwd_dq_kernel<T, D, true>
+                                            : _mbt_attention_bwd_dq_kernel<T, D, false>;
         set_max_dynamic_smem(kernel, smem);
         MBT_LAUNCH(kernel, dim3(static_cast<unsigned>(table.size()), bh), dim3(kThreads), smem, MBT_STREAM, p);
         MBT_CHECK_LAUNCH();
