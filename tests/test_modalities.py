@@ -11,7 +11,7 @@ from compare import assert_close_2x
 from mbt_fast import modalities
 from mbt_fast.config import MBTConfig
 from mbt_fast.modalities import FeatureEmbedding, ModalityEmbedding, register_modality
-from test_model import TOLS, make_inputs, make_model, run, run_autocast, skip_unavailable
+from test_model import TOLS, check_matches_reference, make_inputs, make_model, run, run_autocast, skip_unavailable
 
 # untuned sizes: token counts 1+5 (tokens), 1+6 (flow: 2 x 1 x 3 tubelets of 2x4x4 on 4x4x12),
 # 1+6 (spectrogram 12x8 in 4x4 patches), 1+8 (rgb), 3 bottlenecks (+1 CLS row)
@@ -47,25 +47,7 @@ def test_token_counts_follow_each_modalitys_contract():
 def test_backend_matches_reference(backend, mods, mode):
     """fp32: logits <= 1e-4 (torch/eager 1e-5), every parameter gradient <= 1e-3 relative."""
     skip_unavailable(backend)
-    cfg = config(SETS[mods], **MODES[mode])
-    model = make_model(cfg)
-    inputs = make_inputs(cfg, batch=3)
-    ref_logits, ref_eval, ref_grads = run(model, inputs, "reference")
-    logits, eval_logits, grads = run(model, inputs, backend)
-    fwd_tol, bwd_tol = TOLS[backend]
-    err = (eval_logits - ref_eval).abs().max().item()
-    assert err <= fwd_tol, f"{mods}/{mode}/{backend} eval logits: {err:.3e} > {fwd_tol}"
-    for m in ref_logits:
-        err = (logits[m] - ref_logits[m]).abs().max().item()
-        assert err <= fwd_tol, f"{mods}/{mode}/{backend} train logits[{m}]: {err:.3e} > {fwd_tol}"
-    unused = {"bottleneck"} if not model._uses_bottleneck() or cfg.fusion_layer == cfg.num_layers else set()
-    expected = {n for n, _ in model.named_parameters()} - unused
-    assert set(grads) >= expected, f"missing gradients: {expected - set(grads)}"
-    for n in expected:
-        scale = max(1.0, ref_grads[n].abs().max().item())
-        err = (grads[n] - ref_grads[n]).abs().max().item() / scale
-        assert err <= bwd_tol, f"{mods}/{mode}/{backend} grad {n}: relative error {err:.3e} (reference max " \
-                               f"{ref_grads[n].abs().max().item():.3e}) > {bwd_tol}"
+    check_matches_reference(config(SETS[mods], **MODES[mode]), backend, f"{mods}/{mode}/{backend}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -2,7 +2,8 @@
 
 Frame ``i`` is a flat grey of level ``frame_level(i)`` so tests can tell which source frames a clip
 used (``pattern="flat"``), or a moving texture that costs a decoder real work (``pattern="texture"``,
-for benchmarks and for comparing pixels); the audio is a sine tone.
+for benchmarks and for comparing pixels), or a still grey ramp that shows where a crop or flip put each
+pixel (``pattern="ramp"``); the audio is a sine tone.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import numpy as np
 
 # container -> (video codec, audio codec)
 CODECS = {".mp4": ("libx264", "aac"), ".mkv": ("mpeg4", "pcm_s16le"), ".webm": ("libvpx", "libopus")}
+PATTERNS = ("flat", "texture", "ramp")
+RAMP_BASE = 20
 
 
 def frame_level(i: int) -> int:
@@ -42,8 +45,8 @@ def write_clip(path, seconds: float = 1.5, fps: int = 10, size=(64, 48), audio: 
     """
     import av
 
-    if pattern not in ("flat", "texture"):
-        raise ValueError(f"pattern must be 'flat' or 'texture', got {pattern!r}")
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
     path = Path(path)
     vcodec, acodec = CODECS[path.suffix.lower()]
     w, h = size
@@ -85,13 +88,23 @@ def write_clip(path, seconds: float = 1.5, fps: int = 10, size=(64, 48), audio: 
     return path
 
 
+def ramp_frame(w: int, h: int) -> np.ndarray:
+    """A still grey ramp, level ``RAMP_BASE + 3 * column + 2 * row``: where a crop or flip put each pixel."""
+    r, c = np.mgrid[0:h, 0:w]
+    return np.repeat((RAMP_BASE + 3 * c + 2 * r).astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def _write_frames(out, vs, n_frames: int, fps: int, pattern: str = "flat") -> None:
-    """Encode frames ``0 .. n_frames-1`` (flat grey levels or the moving texture) into ``vs`` and flush it."""
+    """Encode frames ``0 .. n_frames-1`` (flat grey levels, the moving texture or the still ramp) into ``vs``
+    and flush it."""
     import av
 
     w, h = vs.width, vs.height
     for i in range(n_frames):
-        img = np.full((h, w, 3), frame_level(i), dtype=np.uint8) if pattern == "flat" else texture_frame(i, w, h, fps)
+        if pattern == "flat":
+            img = np.full((h, w, 3), frame_level(i), dtype=np.uint8)
+        else:
+            img = texture_frame(i, w, h, fps) if pattern == "texture" else ramp_frame(w, h)
         frame = av.VideoFrame.from_ndarray(img, format="rgb24")
         frame.pts, frame.time_base = i, Fraction(1, fps)
         for packet in vs.encode(frame):

@@ -1,12 +1,11 @@
 """Sidecar modalities of VideoDataset: optical flow aligned with the RGB clip, feature sequences, bad files."""
-from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
 from mbt_fast.data import VideoDataset, collate_skip_bad
-from mbt_fast.data.testing import frame_level, write_clip
+from mbt_fast.data.testing import RAMP_BASE, frame_level, ramp_frame, write_clip
 from mbt_fast.data.video import plan_crop, read_clips
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -125,33 +124,17 @@ def test_plan_only_decodes_no_frame(video):
     assert plan.crops == full.crops and plan.source_size == (H, W) and plan.num_source_frames == FRAMES
 
 
-def write_pattern_video(path, size=(48, 40), base=20, frames=10, fps=10):
-    """Static frames whose grey level is ``base + 3 * column + 2 * row`` (near-lossless), and that pattern."""
-    import av
-
-    w, h = size
-    r, c = np.mgrid[0:h, 0:w]
-    pattern = (3 * c + 2 * r).astype(np.float32)
-    img = np.repeat((base + pattern).astype(np.uint8)[..., None], 3, axis=-1)
-    with av.open(str(path), mode="w") as out:
-        vs = out.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        vs.options = {"preset": "ultrafast", "crf": "0"}
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            for packet in vs.encode(frame):
-                out.mux(packet)
-        for packet in vs.encode():
-            out.mux(packet)
-    return pattern
+def write_pattern_video(path, size=(48, 40), frames=10, fps=10):
+    """Still frames of ``testing.ramp_frame`` (near-lossless); returns the ramp above its base level."""
+    write_clip(path, seconds=frames / fps, fps=fps, size=size, audio=False, pattern="ramp", crf=0)
+    return ramp_frame(*size)[..., 0].astype(np.float32) - RAMP_BASE
 
 
 def test_flow_pixels_line_up_with_rgb_pixels(tmp_path):
     """The RGB frames and the flow carry the same spatial pattern: after the random crop/flip they must
     still match pixel for pixel (independently of how the crop was planned)."""
-    base, path = 20, tmp_path / "ramp.mp4"
-    pattern = write_pattern_video(path, base=base)
+    base, path = RAMP_BASE, tmp_path / "ramp.mp4"
+    pattern = write_pattern_video(path)
     np.save(tmp_path / "ramp.flow.npy", np.repeat(np.stack([pattern, pattern], -1)[None], 10, axis=0))
     shape = (4, 32, 32)
     ds = VideoDataset([(str(path), [0])], num_classes=1, mode="train", modalities=("rgb", "flow"),
