@@ -352,3 +352,17 @@ def test_train_and_predict_with_ragged_feature_files(tmp_path, capsys):
     scores = [t["score"] for t in row["top"]]
     assert max(abs(s - e) for s, e in zip(sorted(scores, reverse=True), expected.sort(descending=True).values.tolist())) < 1e-5
     assert not torch.allclose(expected, unmasked)  # the padding was masked, not attended to
+
+    # multi-clip evaluation: each file's length goes with each of its clips
+    from mbt_fast.train.trainer import evaluate
+
+    test = VideoDataset.from_folder(root, mode="test", num_clips=2, modalities=cfg.modality_fusion, **video_shapes(cfg))
+    res = evaluate(model, test, multi_label=False, batch_size=4)
+    with torch.no_grad():
+        items = [test[j] for j in range(len(test))]
+        manual = torch.stack([model(rgb=it["rgb"], tokens=it["tokens"],
+                                    lengths={"tokens": torch.full((2,), it["tokens_length"])}).mean(0) for it in items])
+    labels = torch.stack([it["label"] for it in items])
+    from mbt_fast.train.losses import classification_loss
+
+    assert abs(res["loss"] - float(classification_loss(manual, labels, False))) < 1e-5, res
