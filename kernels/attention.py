@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from mbt_fast.backends import triton_interpreting
+from mbt_fast.ops._contract import check_key_mask
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -704,20 +705,11 @@ def _check(q, k, v, segments) -> tuple:
     return tuple(tuple(int(x) for x in row) for row in seg)
 
 
-def _check_key_mask(key_mask, q, nk: int):
-    if key_mask is not None and (not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool
-                                 or tuple(key_mask.shape) != (q.shape[1], nk) or key_mask.device != q.device):
-        got = (f"{key_mask.dtype} {list(key_mask.shape)} on {key_mask.device}" if isinstance(key_mask, torch.Tensor)
-               else type(key_mask).__name__)
-        raise ValueError(f"key_mask: expected None or a bool tensor [B, Nk] = {[q.shape[1], nk]} on {q.device}, got {got}")
-    return None if key_mask is None else key_mask.contiguous()
-
-
 def mbt_attention(q, k, v, segments, scale: float | None = None, key_mask=None):
     """Segment-masked attention (see the module docstring); differentiable in q, k and v."""
     seg = _check(q, k, v, segments)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return MBTAttentionFunction.apply(q, k, v, seg, scale, None, _check_key_mask(key_mask, q, k.shape[0]))
+    return MBTAttentionFunction.apply(q, k, v, seg, scale, None, check_key_mask(key_mask, q.shape[1], k.shape[0], q))
 
 
 def mbt_attention_qkv(qkv, segments, scale: float | None = None, key_mask=None):
@@ -728,7 +720,7 @@ def mbt_attention_qkv(qkv, segments, scale: float | None = None, key_mask=None):
         raise ValueError(f"qkv: expected a tensor [N, B, 3, H, D], got {got}")
     seg = _check(*qkv.unbind(2), segments)
     scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
-    return MBTAttentionQKVFunction.apply(qkv, seg, scale, _check_key_mask(key_mask, qkv, qkv.shape[0]))
+    return MBTAttentionQKVFunction.apply(qkv, seg, scale, check_key_mask(key_mask, qkv.shape[1], qkv.shape[0], qkv))
 
 
 # ----------------------------------------------------------------------------------------------------

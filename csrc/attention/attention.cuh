@@ -80,6 +80,15 @@ MBT_DEVICE void load_tile_async(T* tile, const TensorRef& t, int r0, int r_end, 
     }
 }
 
+// The two tiles of one pipeline stage (K and V, or Q and dO), rows [r0, r0+ROWS) of each: `first` at
+// `stage`, `second` right after it (ROWS padded rows later), in the same group of copies.
+template <class T, int D, int ROWS>
+MBT_DEVICE void load_stage_async(T* stage, const TensorRef& first, const TensorRef& second, int r0, int r_end,
+                                 int b, int h) {
+    load_tile_async<T, D, ROWS>(stage, first, r0, r_end, b, h);
+    load_tile_async<T, D, ROWS>(stage + ROWS * Shape<D>::kStride, second, r0, r_end, b, h);
+}
+
 // load_tile_async, then wait for it: the tile is complete for this thread on return.
 template <class T, int D, int ROWS>
 MBT_DEVICE void load_tile(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {

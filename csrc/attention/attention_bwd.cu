@@ -53,10 +53,8 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
     const bool active = q0 + wrow < q1;
 
     // group 0: Q, dO and the first K/V tile (waited for inside the loop)
-    load_tile_async<T, D, BM>(q_tile, p.q, q0, q1, b, h);
-    load_tile_async<T, D, BM>(do_tile, p.dout, q0, q1, b, h);
-    load_tile_async<T, D, BN>(kv_tiles, p.k, k0, k1, b, h);
-    load_tile_async<T, D, BN>(kv_tiles + BN * S, p.v, k0, k1, b, h);
+    load_stage_async<T, D, BM>(q_tile, p.q, p.dout, q0, q1, b, h);  // do_tile follows q_tile
+    load_stage_async<T, D, BN>(kv_tiles, p.k, p.v, k0, k1, b, h);
     cp_async_commit();
     // LSE (log2 units) and delta of rows gid, gid+8; rows past the segment get LSE = +inf, so P = 0
     float lse[2], delta[2];
@@ -76,11 +74,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
         const T* k_tile = kv_tiles + 2 * stage * BN * S;
         const T* v_tile = k_tile + BN * S;
         // prefetch the next K/V tile into the other stage (read to the end by every warp last iteration)
-        if (kt + BN < k1) {
-            T* next = kv_tiles + 2 * (stage ^ 1) * BN * S;
-            load_tile_async<T, D, BN>(next, p.k, kt + BN, k1, b, h);
-            load_tile_async<T, D, BN>(next + BN * S, p.v, kt + BN, k1, b, h);
-        }
+        if (kt + BN < k1) load_stage_async<T, D, BN>(kv_tiles + 2 * (stage ^ 1) * BN * S, p.k, p.v, kt + BN, k1, b, h);
         current_stage_ready();
         if (!active) {
             sync_threads();  // match the active warps' end-of-tile barrier

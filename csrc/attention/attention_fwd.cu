@@ -31,8 +31,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
 
     // group 0: Q and the first K/V tile
     load_tile_async<T, D, BM>(q_tile, p.q, q0, q1, b, h);
-    load_tile_async<T, D, BN>(kv_tiles, p.k, k0, k1, b, h);
-    load_tile_async<T, D, BN>(kv_tiles + BN * S, p.v, k0, k1, b, h);
+    load_stage_async<T, D, BN>(kv_tiles, p.k, p.v, k0, k1, b, h);
     cp_async_commit();
     cp_async_wait<0>();
     sync_threads();
@@ -53,11 +52,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
         const T* v_tile = k_tile + BN * S;
         // prefetch the next tile into the other stage, which every warp finished reading at the end of
         // the previous iteration
-        if (kt + BN < k1) {
-            T* next = kv_tiles + 2 * (stage ^ 1) * BN * S;
-            load_tile_async<T, D, BN>(next, p.k, kt + BN, k1, b, h);
-            load_tile_async<T, D, BN>(next + BN * S, p.v, kt + BN, k1, b, h);
-        }
+        if (kt + BN < k1) load_stage_async<T, D, BN>(kv_tiles + 2 * (stage ^ 1) * BN * S, p.k, p.v, kt + BN, k1, b, h);
         current_stage_ready();
         if (!active) {
             sync_threads();  // match the active warps' end-of-tile barrier
