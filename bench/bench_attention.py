@@ -34,7 +34,8 @@ import torch
 from bench import common
 from mbt_fast.commands import argtypes
 
-PROVIDERS = ("eager", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn", "triton", "cuda")
+PROVIDERS = ("eager", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn", "triton",
+             "triton_autotune", "cuda")
 SDPA_FORCED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
 MODES = ("fwd", "bwd", "fwd+bwd")
 COLUMNS = ["op", "provider", "mode", "tokens", "n_bottleneck", "batch", "heads", "head_dim", "rows", "median_ms",
@@ -181,8 +182,30 @@ def make_backend(name):
     return make
 
 
+def make_triton_autotune(segments, n, device, dtype, mode):
+    """The triton backend with every tile candidate timed once per shape (``MBT_FAST_AUTOTUNE``): the
+    tuning runs here, outside the timed region, and the note names the winners."""
+    from mbt_fast import ops
+    from mbt_fast.kernels import attention
+
+    fn, _ = make_backend("triton")(segments, n, device, dtype, mode)
+    if device.type == "cpu":
+        raise Unavailable("autotuning times candidates on a GPU; the interpreter runs its own small tiles")
+    rows = segments.tolist() if isinstance(segments, torch.Tensor) else segments
+    seg = tuple(sorted(tuple(int(x) for x in row) for row in rows))  # the table as the op keys it
+
+    def tuned(q, k, v):
+        with attention.autotune():
+            return fn(q, k, v)
+
+    def note(batch):
+        return "triton backend, autotuned: " + ", ".join(f"{k} {t}" for k, t in attention.tuned_tiles(seg, batch).items())
+    return tuned, note
+
+
 MAKERS = {"eager": make_eager, "sdpa": make_sdpa, **{p: make_sdpa_forced(k) for p, k in SDPA_FORCED.items()},
-          "flex": make_flex, "flash_attn": make_flash_attn, "triton": make_backend("triton"), "cuda": make_backend("cuda")}
+          "flex": make_flex, "flash_attn": make_flash_attn, "triton": make_backend("triton"),
+          "triton_autotune": make_triton_autotune, "cuda": make_backend("cuda")}
 
 
 # ---- one measurement ----------------------------------------------------------------------------------
@@ -216,7 +239,9 @@ def prepare_case(provider, tokens, nb, batch, heads, head_dim, mode, device, dty
         gen = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (torch.randn(n, batch, heads, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
         run = prepare(fn, q, k, v, mode)
-        run()  # first call: compilation, lazy init, and any Unavailable from inside
+        run()  # first call: compilation, lazy init, autotuning, and any Unavailable from inside
+        if callable(note):  # a note that names what the first call chose
+            row["note"] = note(batch)
         row["sdpa_backend"] = common.sdpa_backends(run)
         mem, row["mem_method"] = common.peak_memory(run, device)
     except Unavailable as e:

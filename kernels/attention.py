@@ -29,7 +29,9 @@ Strides: the last (D) dimension must have stride 1 so loads vectorise; an input 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -388,33 +390,125 @@ def _mbt_attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configuration and block tables
 # ----------------------------------------------------------------------------------------------------
-def _configs(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict:
-    """Static block sizes per kernel (``@triton.autotune`` needs a driver, and the interpreter has none).
+# Tile candidates per architecture, kernel, dtype and head dim. The first of each list is the static
+# pick; with MBT_FAST_AUTOTUNE=1 a GPU times every candidate once per shape and keeps the fastest
+# (``_tuned``). Every candidate compiles without spills (static report, tests/kernels/test_attention_aot.py).
+# The picks, by static counts (Triton 3.8, bf16, D = 64; kernels/report.py):
+# * sm_80 forward: 128x32 tiles on 4 warps, 32 query rows per warp, as FlashAttention-2 on A100: LDSM
+#   per HMMA in the main loop 24/64 = 0.38 instead of 36/64 = 0.56 for 128x64 on 8 warps, at the same
+#   8 resident warps per SM (2 CTAs x 4 by registers, 254 each, against 1 CTA x 8 at 173);
+# * sm_90 forward: 128x64 on 8 warps (two warpgroups of wgmma, 121 registers, 2 CTAs per SM);
+# * dK/dV: 128 keys per CTA on 8 warps on both (Q and dO stream once per 128 keys); on sm_90 the 4-warp
+#   64-key tile fits 3 CTAs per SM (142 registers) but reads Q and dO twice as often: a candidate;
+# * dQ: 128 query rows on 8 warps (sm_80 0.67 LDSM/HMMA at 2 CTAs; 0.58 with 64 keys but 1 CTA).
+def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
-    GPU values compile without register spills on sm_80 and sm_90 for every head dim and dtype, with
-    tensor-core MMAs for fp16/bf16 (tests/kernels/test_attention_aot.py checks all of them).
+
+_PRE = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # the delta row reduction: one config everywhere
+_INTERPRETER = {"fwd": _cfg(32, 32, 4, 1), "pre": _PRE, "dkdv": _cfg(32, 32, 4, 1), "dq": _cfg(32, 32, 4, 1)}
+ARCHS = (80, 90)
+
+
+def _candidates(head_dim: int, dtype: torch.dtype, arch: int) -> dict:
+    """``{kernel: [config, ...]}`` for a GPU of table ``arch`` (80: compute capability 8.x, 90: 9.0 and
+    newer); the first config of each kernel is the static pick."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {ARCHS}, got {arch}")
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles keep all of it in registers
+        # (32 keys spilled 8 bytes in the dK/dV kernel at D = 32 on sm_80: 16 there as at D = 128)
+        tile = _cfg(32, 32 if head_dim == 64 else 16, 4, 2)
+        fwd = dict(tile, BLOCK_N=32, num_warps=8) if head_dim == 128 else tile
+        return {"fwd": [fwd], "pre": [_PRE], "dkdv": [tile], "dq": [tile]}
+    if head_dim == 128:
+        return {"fwd": [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)], "pre": [_PRE],
+                "dkdv": [_cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)],
+                "dq": [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)]}
+    fwd = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)]
+    if arch == 80 and head_dim == 64:
+        fwd = [fwd[2], fwd[0], fwd[1]]
+    # (on sm_80 the 4-warp 64-key tile spills 8 bytes with 3 stages, and at D = 32 with 2 as well)
+    dkdv = [_cfg(32, 128, 8, 3)] + ([_cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2)] if arch == 90
+                                    else [_cfg(32, 64, 4, 2)] if head_dim == 64 else [])
+    return {"fwd": fwd, "pre": [_PRE], "dkdv": dkdv, "dq": [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)]}
+
+
+def _configs(head_dim: int, dtype: torch.dtype, interpreting: bool, arch: int = 90) -> dict:
+    """The static pick of every kernel (``@triton.autotune`` needs a driver, and the interpreter has none).
+
     The interpreter gets 32-row tiles so that short ragged test cases cross several block edges;
     the GPU tiles run under the interpreter too (test_gpu_block_sizes).
     """
     if interpreting:
-        return {"fwd": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
-                "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
-                "dkdv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
-                "dq": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)}
-    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles keep all of it in registers
-        # (32 keys spilled 8 bytes in the dK/dV kernel at D = 32 on sm_80: 16 there as at D = 128)
-        tile = dict(BLOCK_M=32, BLOCK_N=32 if head_dim == 64 else 16, num_warps=4, num_stages=2)
-        fwd = dict(tile, BLOCK_N=32, num_warps=8) if head_dim == 128 else tile
-        return {"fwd": fwd, "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1), "dkdv": tile, "dq": tile}
-    if head_dim == 128:
-        return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-                "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
-                "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-                "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)}
-    return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-            "pre": dict(BLOCK_M=64, num_warps=4, num_stages=1),
-            "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-            "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)}
+        return dict(_INTERPRETER)
+    return {kernel: cands[0] for kernel, cands in _candidates(head_dim, dtype, arch).items()}
+
+
+@lru_cache(maxsize=None)
+def _arch(device: torch.device) -> int:
+    """The tile table of a CUDA device: 80 for compute capability 8.x, 90 for 9.0 and newer (their
+    largest tiles fit the 99 KiB of shared memory of sm_86/sm_89/sm_120 too)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise ValueError(f"q: the Triton attention kernels need compute capability 8.0 or newer (bf16 tensor "
+                         f"cores, cp.async), got {major}.{minor} on {device}")
+    return 80 if major < 9 else 90
+
+
+_AUTOTUNE: bool | None = None  # set by autotune(): overrides the environment variable
+
+
+def autotuning() -> bool:
+    """Whether launches time every tile candidate once per shape (``MBT_FAST_AUTOTUNE=1``). Off by
+    default: the winner may differ between processes, and with it the summation order, so results
+    are bitwise repeatable only without it."""
+    if _AUTOTUNE is not None:
+        return _AUTOTUNE
+    return os.environ.get("MBT_FAST_AUTOTUNE", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def autotune(enabled: bool = True):
+    """Autotuning on (or off) inside the block, whatever ``MBT_FAST_AUTOTUNE`` says (benchmarks)."""
+    global _AUTOTUNE
+    before, _AUTOTUNE = _AUTOTUNE, enabled
+    try:
+        yield
+    finally:
+        _AUTOTUNE = before
+
+
+def tuned_tiles(segments: tuple, batch: int) -> dict:
+    """``{kernel: tile name}`` of the autotuned winners for a segment table and batch (empty if none)."""
+    return {k[0]: _tile_name(c) for k, c in _TUNED.items() if k[4][:2] == (segments, batch)}
+
+
+def _bench(fn) -> float:
+    """Milliseconds of one ``fn()`` on the GPU (median of repeats, Triton's CUDA-event timer)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+_TUNED: dict = {}
+
+
+def _tuned(kernel: str, q: torch.Tensor, key: tuple, run, cfgs: dict | None) -> dict:
+    """The tile config of ``kernel`` for this launch: ``cfgs``'s if given (tests), the interpreter's, the
+    static pick of the device's table, or with autotuning the fastest candidate, timed once per ``key``
+    (the shape) by calling ``run(config)`` and kept for the process. Never times inside a CUDA-graph
+    capture (the static pick is used there)."""
+    if cfgs is not None:
+        return cfgs[kernel]
+    D, dtype = q.shape[-1], q.dtype
+    if triton_interpreting() and q.device.type == "cpu":
+        return _INTERPRETER[kernel]
+    arch = _arch(q.device)
+    cands = _candidates(D, dtype, arch)[kernel]
+    if len(cands) == 1 or not autotuning() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return cands[0]
+    tkey = (kernel, arch, dtype, D, key)
+    if tkey not in _TUNED:
+        _TUNED[tkey] = min(cands, key=lambda c: _bench(lambda: run(c)))
+    return _TUNED[tkey]
 
 
 def _peel_tail(dtype: torch.dtype) -> bool:
@@ -506,23 +600,26 @@ def _mask_args(key_mask, dummy: torch.Tensor) -> tuple:
 # launchers
 # ----------------------------------------------------------------------------------------------------
 def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | None = None, key_mask=None):
-    """Returns ``out [Nq, B, H, D]`` (dtype of q) and ``lse [B, H, Nq]`` fp32 (natural log)."""
-    interpreting = triton_interpreting()
-    cfg = (configs or _configs(q.shape[-1], q.dtype, interpreting))["fwd"]
+    """Returns ``out [Nq, B, H, D]`` (dtype of q) and ``lse [B, H, Nq]`` fp32 (natural log).
+    ``configs``: tile configs by kernel name (tests), instead of the device's (``_tuned``)."""
     q, k, v = map(_unit_last_stride, (q, k, v))
     nq, B, H, D = q.shape
-    table = _tables(segments, "q", cfg["BLOCK_M"], 0, str(q.device))
     q_gaps = _gaps(segments, nq, 0)
     out = _new_rows(q.shape, q.dtype, q.device, q_gaps)
     lse = _new_rows((B, H, nq), torch.float32, q.device, q_gaps, dim=2)  # never read for gap rows; defined anyway
-    mask, mask_stride, has_mask = _mask_args(key_mask, table)
-    _mbt_attention_fwd_kernel[(table.shape[0], B * H)](
-        q, k, v, out, lse, table, mask,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, nq, mask_stride, scale,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, SCALE_POSITIVE=scale >= 0,
-        PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask, DOT_FP32=interpreting,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    def run(cfg):
+        table = _tables(segments, "q", cfg["BLOCK_M"], 0, str(q.device))
+        mask, mask_stride, has_mask = _mask_args(key_mask, table)
+        _mbt_attention_fwd_kernel[(table.shape[0], B * H)](
+            q, k, v, out, lse, table, mask,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            H, nq, mask_stride, scale,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, SCALE_POSITIVE=scale >= 0,
+            PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask, DOT_FP32=triton_interpreting(),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    run(_tuned("fwd", q, (segments, B, H, key_mask is not None), run, configs))
     return out, lse
 
 
@@ -532,14 +629,14 @@ def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, con
     ``grads``: three tensors shaped like q, k, v (D stride 1, dk and dv with equal strides) to write
     them into instead, such as the views of one packed ``[N, B, 3, H, D]`` gradient."""
     interpreting = triton_interpreting()
-    cfgs = configs or _configs(q.shape[-1], q.dtype, interpreting)
     do, q, k, v = map(_unit_last_stride, (do, q, k, v))
     nq, B, H, D = q.shape
     nk = k.shape[0]
     dev = str(q.device)
+    shape_key = (segments, B, H, key_mask is not None)
 
     delta = torch.empty(B, H, nq, dtype=torch.float32, device=q.device)
-    pre = cfgs["pre"]
+    pre = _tuned("pre", q, shape_key, None, configs)
     _mbt_attention_bwd_preprocess_kernel[(triton.cdiv(nq, pre["BLOCK_M"]), B * H)](
         out, do, delta, *_strides(out), *_strides(do), H, nq,
         BLOCK_M=pre["BLOCK_M"], BLOCK_D=D, num_warps=pre["num_warps"], num_stages=pre["num_stages"])
@@ -552,26 +649,29 @@ def _mbt_attention_bwd(do, q, k, v, out, lse, segments: tuple, scale: float, con
     else:
         dq, dk, dv = _zero_rows(grads[0], q_gaps), _zero_rows(grads[1], k_gaps), _zero_rows(grads[2], k_gaps)
     assert dk.stride() == dv.stride() and dq.stride(-1) == dk.stride(-1) == 1
-    c = cfgs["dkdv"]
-    kblocks, seg_q = _tables(segments, "k", 0, c["BLOCK_N"], dev)
-    mask, mask_stride, has_mask = _mask_args(key_mask, kblocks)
-    _mbt_attention_bwd_dkdv_kernel[(kblocks.shape[0], B * H)](
-        q, k, v, do, dk, dv, lse, delta, kblocks, seg_q, mask,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        H, nq, mask_stride, scale,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask,
-        DOT_FP32=interpreting,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    c = cfgs["dq"]
-    qblocks = _tables(segments, "q", c["BLOCK_M"], 0, dev)
-    _mbt_attention_bwd_dq_kernel[(qblocks.shape[0], B * H)](
-        q, k, v, do, dq, lse, delta, qblocks, mask,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, nq, mask_stride, scale,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask,
-        DOT_FP32=interpreting,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
+    def run_dkdv(c):
+        kblocks, seg_q = _tables(segments, "k", 0, c["BLOCK_N"], dev)
+        mask, mask_stride, has_mask = _mask_args(key_mask, kblocks)
+        _mbt_attention_bwd_dkdv_kernel[(kblocks.shape[0], B * H)](
+            q, k, v, do, dk, dv, lse, delta, kblocks, seg_q, mask,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+            H, nq, mask_stride, scale,
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype),
+            HAS_KEY_MASK=has_mask, DOT_FP32=interpreting, num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    def run_dq(c):
+        qblocks = _tables(segments, "q", c["BLOCK_M"], 0, dev)
+        mask, mask_stride, has_mask = _mask_args(key_mask, qblocks)
+        _mbt_attention_bwd_dq_kernel[(qblocks.shape[0], B * H)](
+            q, k, v, do, dq, lse, delta, qblocks, mask,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            H, nq, mask_stride, scale,
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=D, PEEL_TAIL=_peel_tail(q.dtype),
+            HAS_KEY_MASK=has_mask, DOT_FP32=interpreting, num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    run_dkdv(_tuned("dkdv", q, shape_key, run_dkdv, configs))
+    run_dq(_tuned("dq", q, shape_key, run_dq, configs))
     return dq, dk, dv
 
 
@@ -726,8 +826,11 @@ def mbt_attention_qkv(qkv, segments, scale: float | None = None, key_mask=None):
 # ----------------------------------------------------------------------------------------------------
 # ahead-of-time compilation (static performance report)
 # ----------------------------------------------------------------------------------------------------
-def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64) -> list[dict]:
-    """The four kernels at the MBT-B configuration (head dim 64, 12 heads), GPU block sizes.
+def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64, arch: int = 90,
+              candidates: bool = False) -> list[dict]:
+    """The four kernels at the MBT-B configuration (head dim 64, 12 heads), with the static tile pick
+    of the ``arch`` table, or with ``candidates`` every tile candidate (``config``: its index in the
+    autotune list, 0 = the static pick).
 
     Each dict feeds ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target, options)``.
     ``attrs`` marks every pointer and every stride (``divisible_by_16`` lists the strides) 16-divisible,
@@ -745,37 +848,47 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64) -> list[di
         raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
     D = head_dim
     ty = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    cfgs = _configs(D, dtype, interpreting=False)
+    cands = _candidates(D, dtype, arch)
     strides = lambda *names: {f"stride_{n}{x}": "i32" for n in names for x in "nbh"}  # noqa: E731
     scalars = {"num_heads": "i32", "nq": "i32", "mask_stride": "i32", "sm_scale": "fp32"}
 
-    def spec(fn, direction, sig, cfg, consts):
+    def spec(fn, direction, sig, cfg, consts, index):
         names = list(fn.arg_names)
         divisible = [a for a in sig if a.startswith("stride_")]  # pointers are 16-byte aligned as well
         attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
                  if t.startswith("*") or a in divisible}
         return {"kernel": fn.__name__, "direction": direction, "fn": fn,
                 "signature": {**sig, **{c: "constexpr" for c in consts}}, "constexprs": consts,
-                "divisible_by_16": divisible, "attrs": attrs,
+                "divisible_by_16": divisible, "attrs": attrs, "config": index, "tile": _tile_name(cfg),
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
     def blocks(cfg):
         return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": D, "PEEL_TAIL": _peel_tail(dtype),
                 "HAS_KEY_MASK": False, "DOT_FP32": False}
 
-    fwd, pre, dkdv, dq = cfgs["fwd"], cfgs["pre"], cfgs["dkdv"], cfgs["dq"]
+    def each(kernel):  # (index, config) of the kernel's candidates, or of its static pick alone
+        return list(enumerate(cands[kernel] if candidates else cands[kernel][:1]))
+
     return [
-        spec(_mbt_attention_fwd_kernel, "fwd",
-             {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32", "KeyMask": "*u8",
-              **strides("q", "k", "v", "o"), **scalars}, fwd, {**blocks(fwd), "SCALE_POSITIVE": True}),
-        spec(_mbt_attention_bwd_preprocess_kernel, "bwd",
-             {"Out": ty, "DO": ty, "Delta": "*fp32", **strides("o", "do"), "num_heads": "i32", "nq": "i32"},
-             pre, {"BLOCK_M": pre["BLOCK_M"], "BLOCK_D": D}),
-        spec(_mbt_attention_bwd_dkdv_kernel, "bwd",
-             {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "Lse": "*fp32", "Delta": "*fp32",
-              "KBlocks": "*i32", "SegQ": "*i32", "KeyMask": "*u8", **strides("q", "k", "v", "do", "g"), **scalars},
-             dkdv, blocks(dkdv)),
-        spec(_mbt_attention_bwd_dq_kernel, "bwd",
-             {"Q": ty, "K": ty, "V": ty, "DO": ty, "DQ": ty, "Lse": "*fp32", "Delta": "*fp32", "QBlocks": "*i32",
-              "KeyMask": "*u8", **strides("q", "k", "v", "do", "g"), **scalars}, dq, blocks(dq)),
+        *(spec(_mbt_attention_fwd_kernel, "fwd",
+               {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32", "KeyMask": "*u8",
+                **strides("q", "k", "v", "o"), **scalars}, c, {**blocks(c), "SCALE_POSITIVE": True}, i)
+          for i, c in each("fwd")),
+        *(spec(_mbt_attention_bwd_preprocess_kernel, "bwd",
+               {"Out": ty, "DO": ty, "Delta": "*fp32", **strides("o", "do"), "num_heads": "i32", "nq": "i32"},
+               c, {"BLOCK_M": c["BLOCK_M"], "BLOCK_D": D}, i) for i, c in each("pre")),
+        *(spec(_mbt_attention_bwd_dkdv_kernel, "bwd",
+               {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "Lse": "*fp32", "Delta": "*fp32",
+                "KBlocks": "*i32", "SegQ": "*i32", "KeyMask": "*u8", **strides("q", "k", "v", "do", "g"), **scalars},
+               c, blocks(c), i) for i, c in each("dkdv")),
+        *(spec(_mbt_attention_bwd_dq_kernel, "bwd",
+               {"Q": ty, "K": ty, "V": ty, "DO": ty, "DQ": ty, "Lse": "*fp32", "Delta": "*fp32", "QBlocks": "*i32",
+                "KeyMask": "*u8", **strides("q", "k", "v", "do", "g"), **scalars}, c, blocks(c), i)
+          for i, c in each("dq")),
     ]
+
+
+def _tile_name(cfg: dict) -> str:
+    """``128x64 w8 s3``: block rows x block columns (the preprocess: rows only), warps, stages."""
+    cols = f"x{cfg['BLOCK_N']}" if "BLOCK_N" in cfg else ""
+    return f"{cfg['BLOCK_M']}{cols} w{cfg['num_warps']} s{cfg['num_stages']}"

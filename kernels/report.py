@@ -1,10 +1,13 @@
 """Static performance report: every Triton kernel compiled ahead of time for sm_80 / sm_90, no GPU needed.
 
-    python -m mbt_fast.kernels.report [--json] [--arch 80 90] [--dtype fp16 bf16] [--out DIR]
+    python -m mbt_fast.kernels.report [--json] [--arch 80 90] [--dtype fp16 bf16] [--candidates] [--out DIR]
 
 For each kernel's ``aot_specs(dtype)`` (the MBT-B configuration, GPU block sizes) this runs
 ``triton.compile`` for the target and reads back, per kernel, arch and dtype:
 
+* ``tile`` and ``config``: the attention kernels' tile (block rows x columns, warps, stages) of the
+  architecture's table, and its index in the autotune list (0: the static pick; ``--candidates``
+  compiles every candidate);
 * ``registers``: registers per thread, from ``cuobjdump -res-usage`` on the cubin;
 * ``spill_bytes``: per-thread local memory plus stack frame from the same line (Triton kernels keep no
   local arrays, so anything here is register spilling);
@@ -39,7 +42,8 @@ import torch
 
 # op modules in report order; attention is written separately and may be absent
 OPS = ("attention", "residual_mean", "segment_layernorm", "bias_gelu")
-KEYS = ("kernel", "direction", "arch", "dtype", "head_dim", "num_warps", "registers", "spill_bytes", "shared_bytes",
+KEYS = ("kernel", "direction", "arch", "dtype", "head_dim", "tile", "config", "num_warps", "registers",
+        "spill_bytes", "shared_bytes",
         "ctas_per_sm", "occupancy_limiter", "mma_instructions", "sass", "loop_sass")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # counted in the SASS: mnemonic (before the first '.') except where the suffix is the point (MUFU.EX2)
@@ -70,9 +74,10 @@ def _tool(name: str) -> str:
     raise FileNotFoundError(f"{name}: not found in the triton wheel (triton/backends/nvidia/bin) nor in {cuda_home}/bin nor on PATH")
 
 
-def load_specs(dtype: str, ops=OPS, head_dims=(64,)) -> tuple[list[dict], list[str]]:
+def load_specs(dtype: str, ops=OPS, head_dims=(64,), arch: int = 90, candidates: bool = False) -> tuple[list[dict], list[str]]:
     """All ``aot_specs`` of ``ops`` for ``dtype`` (those taking ``head_dim`` once per head dim, the spec
-    marked with it), and a note for every op module that is missing."""
+    marked with it; those taking ``arch`` with that architecture's tiles, and every autotune candidate
+    with ``candidates``), and a note for every op module that is missing."""
     specs, notes = [], []
     for op in ops:
         try:
@@ -85,10 +90,13 @@ def load_specs(dtype: str, ops=OPS, head_dims=(64,)) -> tuple[list[dict], list[s
         if not hasattr(module, "aot_specs"):
             notes.append(f"{op}: kernels/{op}.py defines no aot_specs(dtype); its kernels are not in this report")
             continue
-        if "head_dim" in inspect.signature(module.aot_specs).parameters:
-            specs += [dict(spec, head_dim=d) for d in head_dims for spec in module.aot_specs(_DTYPES[dtype], head_dim=d)]
+        params = inspect.signature(module.aot_specs).parameters
+        kwargs = {"arch": arch, "candidates": candidates} if "arch" in params else {}
+        if "head_dim" in params:
+            specs += [dict(spec, head_dim=d) for d in head_dims
+                      for spec in module.aot_specs(_DTYPES[dtype], head_dim=d, **kwargs)]
         else:
-            specs += module.aot_specs(_DTYPES[dtype])
+            specs += module.aot_specs(_DTYPES[dtype], **kwargs)
     return specs, notes
 
 
@@ -200,6 +208,8 @@ def compile_spec(spec: dict, arch: int, dtype: str) -> dict:
         "arch": f"sm_{arch}",
         "dtype": dtype,
         "head_dim": spec.get("head_dim"),
+        "tile": spec.get("tile"),
+        "config": spec.get("config", 0),
         "num_warps": spec["num_warps"],
         "registers": registers,
         "spill_bytes": usage.get("LOCAL", 0) + usage.get("STACK", 0),
@@ -216,11 +226,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _report_in_subprocess(archs, dtypes, ops, head_dims, notes) -> list[dict]:
+def _report_in_subprocess(archs, dtypes, ops, head_dims, notes, candidates) -> list[dict]:
     """Under TRITON_INTERPRET=1 every @triton.jit function is an interpreter object that cannot be
     compiled, so the compile runs in a fresh interpreter with the variable off."""
     cmd = [sys.executable, "-m", "mbt_fast.kernels.report", "--json", "--arch", *map(str, archs),
-           "--dtype", *dtypes, "--ops", *ops, "--head-dim", *map(str, head_dims)]
+           "--dtype", *dtypes, "--ops", *ops, "--head-dim", *map(str, head_dims)] + (["--candidates"] if candidates else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -230,18 +240,19 @@ def _report_in_subprocess(archs, dtypes, ops, head_dims, notes) -> list[dict]:
 
 
 def compile_report(archs=(80, 90), dtypes=("fp16", "bf16"), ops=OPS, notes: list | None = None,
-                   head_dims=(64,)) -> list[dict]:
-    """One row per (kernel, arch, dtype[, head dim]); missing op modules are skipped and described in ``notes``."""
+                   head_dims=(64,), candidates: bool = False) -> list[dict]:
+    """One row per (kernel, arch, dtype[, head dim][, tile candidate]); missing op modules are skipped and
+    described in ``notes``."""
     if _interpreting():
-        return _report_in_subprocess(archs, dtypes, ops, head_dims, notes)
+        return _report_in_subprocess(archs, dtypes, ops, head_dims, notes, candidates)
     rows = []
     for dtype in dtypes:
         if dtype not in _DTYPES:
             raise ValueError(f"dtypes: expected names from {tuple(_DTYPES)}, got {dtype!r}")
-        specs, missing = load_specs(dtype, ops, head_dims)
-        if notes is not None:
-            notes += [n for n in missing if n not in notes]
         for arch in archs:
+            specs, missing = load_specs(dtype, ops, head_dims, int(arch), candidates)
+            if notes is not None:
+                notes += [n for n in missing if n not in notes]
             rows += [compile_spec(spec, int(arch), dtype) for spec in specs]
     return rows
 
@@ -280,11 +291,14 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64], choices=[32, 64, 128],
                         help="head dims of the attention kernels (default: 64, MBT-B's)")
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS), help="op modules to compile (default: all)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="compile every attention tile candidate of the autotune list, not only the static pick")
     parser.add_argument("--out", help="also write report.md and report.json into this folder")
     args = parser.parse_args(argv)
 
     notes: list[str] = []
-    rows = compile_report(args.arch, args.dtype, args.ops, notes=notes, head_dims=args.head_dim)
+    rows = compile_report(args.arch, args.dtype, args.ops, notes=notes, head_dims=args.head_dim,
+                          candidates=args.candidates)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     table = format_table(rows)

@@ -34,11 +34,12 @@ def _by(rows, **kw):
 # ---- benchmark scripts ----------------------------------------------------------------------------------
 def test_bench_attention_smoke(tmp_path):
     bench_attention.main(["--device", "cpu", "--tokens", "5,9", "--batch", "2", "--n-bottleneck", "2",
-                          "--providers", "eager", "sdpa", "flex", "flash_attn", "triton", "cuda",
+                          "--providers", "eager", "sdpa", "flex", "flash_attn", "triton", "triton_autotune", "cuda",
                           "--modes", "fwd", "fwd+bwd", "--warmup", "0", "--reps", "3", "--out", str(tmp_path)])
     cols, rows = _read(tmp_path / "attention.csv")
     assert cols == bench_attention.COLUMNS
-    assert len(rows) == 12
+    assert len(rows) == 14
+    assert all(r["status"].startswith("unavailable:") for r in _by(rows, provider="triton_autotune"))
     for p in ("eager", "sdpa"):
         for r in _by(rows, provider=p):
             assert r["status"] == "ok", r

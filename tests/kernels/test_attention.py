@@ -213,11 +213,11 @@ def test_rows_outside_segments_are_zero():
             assert torch.count_nonzero(t[rows]) == 0, f"{name}: bottleneck rows {rows} must be exactly 0"
 
 
-@pytest.mark.parametrize("D,dtype", [(64, F16), (128, BF16), (32, F32)])
-def test_gpu_block_sizes(D, dtype):
+@pytest.mark.parametrize("D,dtype,arch", [(64, F16, 90), (64, BF16, 80), (128, BF16, 90), (32, F32, 80)])
+def test_gpu_block_sizes(D, dtype, arch):
     """The block sizes a GPU runs (128-row tiles), under the interpreter, across several blocks."""
     layout = PackedLayout(("spectrogram", "rgb"), (150, 9), 3)
-    cfg = attn._configs(D, dtype, interpreting=False)
+    cfg = attn._configs(D, dtype, interpreting=False, arch=arch)
     segments = tuple(layout.attn_segments(fused=True))
     q, k, v = _inputs(layout.total_rows, layout.total_rows, 1, 2, D, dtype, "packed")
     _run_and_check(q, k, v, segments, fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, segments, 0.125, cfg),
@@ -306,6 +306,34 @@ def test_mbt_b_on_gpu(dtype, fused, packed):
         _assert_close(name, got, r, e, bwd_floor)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_autotune_on_gpu():
+    """Autotuning on a real GPU (MBT-B rgb+bottleneck segment, batch 2, 12 heads, bf16): every kernel's
+    winner is one of its architecture's candidates, and the tuned output and gradients meet the 2x rule
+    against the fp32 reference like the static pick's."""
+    layout = PackedLayout(("spectrogram", "rgb"), (401, 3137), 5)
+    segments = tuple(sorted(tuple(r) for r in layout.attn_segments(True)))
+    n = layout.total_rows
+    qkv = torch.randn(n, 2, 3, 12, 64, generator=torch.Generator().manual_seed(3)).to("cuda", BF16).requires_grad_()
+    with attn.autotune():
+        out = mbt_attention(*qkv.unbind(2), segments)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, qkv, g)[0].unbind(2)
+    cands = attn._candidates(64, BF16, attn._arch(qkv.device))
+    tiles = attn.tuned_tiles(segments, 2)
+    assert set(tiles) == {k for k, c in cands.items() if len(c) > 1}, tiles
+    for kernel, tile in tiles.items():
+        assert tile in {attn._tile_name(c) for c in cands[kernel]}, (kernel, tile)
+    leaves32 = [t.detach().float().requires_grad_() for t in qkv.unbind(2)]
+    leaves_lo = [t.detach().requires_grad_() for t in qkv.unbind(2)]
+    ref, eager = mbt_attention_ref(*leaves32, segments), mbt_attention_ref(*leaves_lo, segments, dtype=BF16)
+    _assert_close("out", out, ref, eager, FLOORS[BF16][0])
+    for name, got, r, e in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, leaves32, g.float()),
+                               torch.autograd.grad(eager, leaves_lo, g)):
+        _assert_close(name, got, r, e, FLOORS[BF16][1])
+
+
 # ------------------------------------------------------------------------------------------- bad input
 def _qkv(D=32, dtype=F32, n=8):
     return (torch.randn(n, 1, 1, D, dtype=dtype) for _ in range(3))
@@ -378,3 +406,65 @@ def test_key_mask_on_the_packed_qkv_op():
     assert torch.equal(out, ref)
     out.float().sum().backward()
     assert (qkv.grad[:, :, 1:][~mask.T] == 0).all()  # dk, dv of padding keys
+
+
+# ---- tile tables per architecture and autotuning (GPU launch logic, driven here with fakes) ----------
+
+@pytest.mark.parametrize("capability,table", [((8, 0), 80), ((8, 6), 80), ((8, 9), 80), ((9, 0), 90), ((12, 0), 90)])
+def test_arch_table_by_capability(monkeypatch, capability, table):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert attn._arch.__wrapped__(torch.device("cuda", 0)) == table
+
+
+def test_arch_below_sm80_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match=r"compute capability 8.0 or newer.*got 7.5"):
+        attn._arch.__wrapped__(torch.device("cuda", 0))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A launch on a 'GPU' of table 90 (a meta tensor stands in for q), timed by ``times`` (ms per tile)."""
+    times, timed = {}, []
+    monkeypatch.setattr(attn, "_arch", lambda device: 90)
+    monkeypatch.setattr(attn, "_TUNED", {})
+
+    def bench(fn):
+        fn()
+        return times[timed[-1]]
+
+    monkeypatch.setattr(attn, "_bench", bench)
+    q = torch.empty(10, 2, 3, 64, dtype=BF16, device="meta")
+    return q, times, timed
+
+
+def test_static_pick_without_autotuning(monkeypatch, fake_gpu):
+    q, _, timed = fake_gpu
+    monkeypatch.delenv("MBT_FAST_AUTOTUNE", raising=False)
+    cfg = attn._tuned("fwd", q, ("shape",), lambda c: timed.append(attn._tile_name(c)), None)
+    assert cfg == attn._candidates(64, BF16, 90)["fwd"][0] and timed == []
+
+
+def test_autotune_keeps_the_fastest_once_per_shape(monkeypatch, fake_gpu):
+    q, times, timed = fake_gpu
+    monkeypatch.setenv("MBT_FAST_AUTOTUNE", "1")
+    cands = attn._candidates(64, BF16, 90)["dkdv"]
+    assert len(cands) >= 2
+    for i, c in enumerate(cands):  # the last candidate is the fastest
+        times[attn._tile_name(c)] = 10.0 - i
+    run = lambda c: timed.append(attn._tile_name(c))  # noqa: E731
+    assert attn._tuned("dkdv", q, ("shape", 1), run, None) == cands[-1]
+    assert timed == [attn._tile_name(c) for c in cands]  # every candidate timed once
+    assert attn._tuned("dkdv", q, ("shape", 1), run, None) == cands[-1]
+    assert len(timed) == len(cands), "a tuned shape is not timed again"
+    attn._tuned("dkdv", q, ("shape", 2), run, None)
+    assert len(timed) == 2 * len(cands), "another shape is timed on its own"
+    explicit = attn._configs(64, BF16, interpreting=True)
+    assert attn._tuned("dkdv", q, ("shape", 3), run, explicit) == explicit["dkdv"], "configs given: no tuning"
+    assert len(timed) == 2 * len(cands)
+
+
+def test_interpreter_uses_its_small_tiles(monkeypatch):
+    monkeypatch.setenv("MBT_FAST_AUTOTUNE", "1")
+    q = torch.empty(10, 2, 3, 64, dtype=F16)
+    assert attn._tuned("fwd", q, ("shape",), None, None) == attn._configs(64, F16, interpreting=True)["fwd"]

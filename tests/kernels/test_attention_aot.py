@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of the attention kernels for sm_80 and sm_90, no GPU needed.
 
 Through the static report (``mbt_fast.kernels.report``, which compiles in a child process with the
-interpreter off), at every head dim (32, 64, 128) and dtype (fp16, bf16, fp32):
+interpreter off), at every head dim (32, 64, 128) and dtype (fp16, bf16, fp32), every tile candidate of
+each architecture's autotune list (the static pick and the ones a GPU may choose when autotuning):
 
 * no kernel spills (cuobjdump's STACK and LOCAL are 0) and shared memory fits the architecture;
 * fp16/bf16 forward and backward GEMMs run on tensor cores (HMMA on sm_80; HGMMA or HMMA on sm_90);
@@ -15,7 +16,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # like the other kernel tests; t
 
 import pytest  # noqa: E402
 
-from mbt_fast.kernels import report  # noqa: E402
+import torch  # noqa: E402
+
+from mbt_fast.kernels import attention, report  # noqa: E402
 
 HEAD_DIMS = (32, 64, 128)
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # per CTA
@@ -28,15 +31,31 @@ def rows():
     except FileNotFoundError as e:
         pytest.skip(str(e))
     return report.compile_report(archs=(80, 90), dtypes=("fp16", "bf16", "fp32"), ops=("attention",),
-                                 head_dims=HEAD_DIMS)
+                                 head_dims=HEAD_DIMS, candidates=True)
 
 
-def test_every_configuration_compiled(rows):
-    got = {(r["kernel"], r["arch"], r["dtype"], r["head_dim"]) for r in rows}
-    kernels = {r["kernel"] for r in rows}
-    assert len(kernels) == 4 and {r["direction"] for r in rows} == {"fwd", "bwd"}
-    assert got == {(k, a, t, d) for k in kernels for a in ("sm_80", "sm_90") for t in ("fp16", "bf16", "fp32")
-                   for d in HEAD_DIMS}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+KERNELS = {"fwd": "_mbt_attention_fwd_kernel", "pre": "_mbt_attention_bwd_preprocess_kernel",
+           "dkdv": "_mbt_attention_bwd_dkdv_kernel", "dq": "_mbt_attention_bwd_dq_kernel"}
+
+
+def test_every_candidate_compiled(rows):
+    """Each (kernel, arch, dtype, head dim) row set is exactly that architecture's autotune list, the
+    static pick first: a GPU can only pick a tile this report has compiled."""
+    got = {(r["kernel"], r["arch"], r["dtype"], r["head_dim"], r["config"], r["tile"]) for r in rows}
+    want = {(KERNELS[k], f"sm_{a}", t, d, i, attention._tile_name(c)) for a in (80, 90) for t in DTYPES
+            for d in HEAD_DIMS for k, cands in attention._candidates(d, DTYPES[t], a).items()
+            for i, c in enumerate(cands)}
+    assert got == want
+    assert {r["direction"] for r in rows} == {"fwd", "bwd"}
+
+
+def test_tables_differ_by_architecture():
+    """sm_80 and sm_90 get their own static picks where the static counts tell them apart (the sm_80
+    forward at head dim 64: 32 query rows per warp, fewer LDSM per HMMA)."""
+    picks = {a: attention._configs(64, torch.bfloat16, interpreting=False, arch=a) for a in (80, 90)}
+    assert picks[80]["fwd"] != picks[90]["fwd"]
+    assert picks[80]["fwd"]["BLOCK_M"] // (16 * picks[80]["fwd"]["num_warps"]) == 2
 
 
 def test_no_spills_and_shared_memory_fits(rows):
@@ -66,3 +85,18 @@ def test_main_loops_unmasked_and_scale_folded(rows):
         if "fwd" in r["kernel"]:
             # one exp2 argument per score: FFMA (score * scale - max), as many as the MUFU.EX2 of the scores
             assert loop["FFMA"] >= loop["MUFU.EX2"] - 2, f"{where}: scale not folded into the exponent ({loop})"
+
+
+def test_sm80_forward_pick_reads_less_shared_memory_per_mma(rows):
+    """The reason for the sm_80 pick, as a static count: fewer ldmatrix per tensor-core MMA in the main
+    loop than the 128x64 tile on 8 warps, at no fewer resident warps per SM."""
+    fwd = {r["tile"]: r for r in rows if r["kernel"] == KERNELS["fwd"] and r["arch"] == "sm_80"
+           and r["dtype"] == "bf16" and r["head_dim"] == 64}
+    pick = next(r for r in fwd.values() if r["config"] == 0)
+    other = fwd["128x64 w8 s3"]
+
+    def ratio(r):
+        return r["loop_sass"]["LDSM"] / r["loop_sass"]["HMMA"]
+
+    assert ratio(pick) < ratio(other), (pick["loop_sass"], other["loop_sass"])
+    assert pick["ctas_per_sm"] * pick["num_warps"] >= other["ctas_per_sm"] * other["num_warps"], (pick, other)

@@ -14,7 +14,8 @@ from mbt_fast.kernels import report  # noqa: E402
 
 ROW_OPS = ("residual_mean", "segment_layernorm", "bias_gelu")
 ROW_KERNELS = {f"_{op}_{d}_kernel" for op in ROW_OPS for d in ("fwd", "bwd")}
-TYPES = {"kernel": str, "direction": str, "arch": str, "dtype": str, "head_dim": (int, type(None)), "num_warps": int,
+TYPES = {"kernel": str, "direction": str, "arch": str, "dtype": str, "head_dim": (int, type(None)),
+         "tile": (str, type(None)), "config": int, "num_warps": int,
          "registers": int, "spill_bytes": int, "shared_bytes": int, "ctas_per_sm": int, "occupancy_limiter": str,
          "mma_instructions": int, "sass": dict, "loop_sass": (dict, type(None))}
 
