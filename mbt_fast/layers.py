@@ -149,10 +149,10 @@ def packed_block(blocks: list[EncoderBlock], x: torch.Tensor, layout: PackedLayo
     y = ops.segment_linear(o.reshape(N, B, C), [b.attn.proj.weight for b in blocks],
                            [b.attn.proj.bias for b in blocks], rows)
     y = F.dropout(y, blk0.dropout, training)
-    x = ops.residual_mean(x, y, _keep(blocks, B, training, x.device, shared_draw), layout, first_mode, backend=backend)
-
-    h = ops.segment_layernorm(x, _stack(blocks, lambda b: b.norm2.weight), _stack(blocks, lambda b: b.norm2.bias),
-                              row_weight, LN_EPS, segments=rows, backend=backend)
+    # the attention's closing residual and norm2 in one op: the add already holds every row
+    x, h = ops.residual_mean_layernorm(x, y, _keep(blocks, B, training, x.device, shared_draw), layout, first_mode,
+                                       _stack(blocks, lambda b: b.norm2.weight), _stack(blocks, lambda b: b.norm2.bias),
+                                       row_weight, LN_EPS, segments=rows, backend=backend)
     h = ops.linear_bias_gelu(h, [b.mlp.fc1.weight for b in blocks], [b.mlp.fc1.bias for b in blocks], rows, row_weight,
                              backend=backend)
     h = F.dropout(h, blk0.dropout, training)
