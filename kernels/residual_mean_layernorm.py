@@ -105,15 +105,15 @@ def _residual_mean_layernorm_fwd_kernel(
         xhat = sc * rstd[:, None]
         for m in tl.static_range(M):
             n0 = tl.load(slot_starts_ptr + m)
-            r = n0.to(tl.int64) * B + s
-            offs = r[:, None] * C + cols[None, :]
+            rs = n0.to(tl.int64) * B + s  # flattened rows of modality m's slots
+            offs = rs[:, None] * C + cols[None, :]
             tl.store(xo_ptr + offs, out, mask=mask)
             woffs = tl.load(rw_ptr + n0 + s // B, mask=smask, other=0)[:, None] * C + cols[None, :]
             w = tl.load(w_ptr + woffs, mask=mask, other=0.0).to(tl.float32)
             bias = tl.load(b_ptr + woffs, mask=mask, other=0.0).to(tl.float32)
             tl.store(h_ptr + offs, (xhat * w + bias).to(h_ptr.dtype.element_ty), mask=mask)
-            tl.store(mean_ptr + r, mean, mask=smask)
-            tl.store(rstd_ptr + r, rstd, mask=smask)
+            tl.store(mean_ptr + rs, mean, mask=smask)
+            tl.store(rstd_ptr + rs, rstd, mask=smask)
 
 
 @triton.jit
