@@ -305,7 +305,8 @@ def _residual_mean_layernorm_bwd_op(gh: torch.Tensor, gxo: torch.Tensor | None, 
                                     weight: torch.Tensor, row_weight: torch.Tensor, mean: torch.Tensor,
                                     rstd: torch.Tensor, keep: torch.Tensor | None, tokens: list[int], n_bottleneck: int,
                                     mode: int, y_dtype: torch.dtype) -> list[torch.Tensor]:
-    """``[gx, gy, dw, db]`` (dw, db in fp32)."""
+    """``[gx, gy, dw, db]`` (dw, db in fp32); ``gxo`` None: x_new's own gradient is zero (autograd always
+    passes one)."""
     return list(_residual_mean_layernorm_bwd(gh, gxo, x_new, weight, row_weight, mean, rstd, keep,
                                              _layout(tokens, n_bottleneck), mode, y_dtype))
 

@@ -76,6 +76,25 @@ def test_low_precision(dtype, mode, B):
     _compare(layout, mode, *_inputs(layout, B, 40, dtype, seed=B))
 
 
+@pytest.mark.parametrize("mode", ["keep", "mean"])
+def test_noncontiguous_mixed_dtype(mode):
+    """Autocast-style: an fp32 residual stream seen through a transpose, the branch output a bf16 channel
+    slice; x_new, h and grad_x in fp32, grad_y in bf16."""
+    layout = LAYOUTS[0]
+    x, _, k, w, b, grads = _inputs(layout, 3, 24, torch.float32)
+    N = layout.total_rows
+    g = torch.Generator().manual_seed(5)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    y = torch.randn(N, 3, 27, generator=g).to(torch.bfloat16)[..., 2:26]
+    assert not x.is_contiguous() and not y.is_contiguous()
+    out = _run(residual_mean_layernorm, x, y, k, layout, mode, w, b, grads)
+    ref = _run(residual_mean_layernorm_ref, x, y.float(), k, layout, mode, w, b, grads)
+    eager = _run(_composed, x, y, k, layout, mode, w, b, grads)
+    assert [t.dtype for t in out] == [torch.float32] * 3 + [torch.bfloat16] + [torch.float32] * 2
+    for i, name in enumerate(NAMES):
+        check(name, out[i], ref[i], eager[i], out[i].dtype, backward=i > 1)
+
+
 def test_mbt_b_token_counts():
     layout = PackedLayout(("spectrogram", "rgb"), (401, 3137), 5)
     _compare(layout, "mean", *_inputs(layout, 1, 16, torch.float16))
