@@ -185,7 +185,6 @@ def make_backend(name):
 def make_triton_autotune(segments, n, device, dtype, mode):
     """The triton backend with every tile candidate timed once per shape (``MBT_FAST_AUTOTUNE``): the
     tuning runs here, outside the timed region, and the note names the winners."""
-    from mbt_fast import ops
     from mbt_fast.kernels import attention
 
     fn, _ = make_backend("triton")(segments, n, device, dtype, mode)

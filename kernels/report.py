@@ -41,7 +41,7 @@ import tempfile
 import torch
 
 # op modules in report order; attention is written separately and may be absent
-OPS = ("attention", "residual_mean", "segment_layernorm", "bias_gelu")
+OPS = ("attention", "residual_mean", "segment_layernorm", "residual_mean_layernorm", "bias_gelu")
 KEYS = ("kernel", "direction", "arch", "dtype", "head_dim", "tile", "config", "num_warps", "registers",
         "spill_bytes", "shared_bytes",
         "ctas_per_sm", "occupancy_limiter", "mma_instructions", "sass", "loop_sass")

@@ -113,9 +113,17 @@ def _keep(blocks, batch, training, device, shared_draw: bool):
 
 
 def packed_block(blocks: list[EncoderBlock], x: torch.Tensor, layout: PackedLayout, plan: LayerPlan,
-                 row_weight: torch.Tensor, backend: str, shared_draw: bool = False, key_mask=None) -> torch.Tensor:
+                 row_weight: torch.Tensor, backend: str, shared_draw: bool = False, key_mask=None, *,
+                 h: torch.Tensor | None = None, next_blocks: list[EncoderBlock] | None = None):
     """One encoder layer for every modality: ``blocks[m]`` holds modality ``m``'s weights; ``key_mask``
-    (bool ``[B, N]`` or None): padding rows no query attends to."""
+    (bool ``[B, N]`` or None): padding rows no query attends to.
+
+    Chaining blocks (the model does): ``next_blocks``, the next layer's blocks, makes the closing residual
+    also compute their ``norm1`` of the new x in the same op, and the block returns ``(x, h_next)``
+    instead of x; ``h`` passes that ``norm1`` of x to the next block. A ``cross_weights`` layer normalises
+    every row under each modality's weights itself: it takes no ``h``, and no block prepares one for it."""
+    if h is not None and plan.cross_weights:
+        raise ValueError("h: a cross_weights layer normalises x under every modality's weights; expected None")
     N, B, C = x.shape
     blk0 = blocks[0]
     H, D = blk0.attn.num_heads, blk0.attn.head_dim
@@ -142,21 +150,26 @@ def packed_block(blocks: list[EncoderBlock], x: torch.Tensor, layout: PackedLayo
         o = ops.mbt_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), plan.segments, dropout_p=attn_drop,
                               key_mask=None if key_mask is None else key_mask.repeat(1, M), backend=backend)
     else:
-        h = ops.segment_layernorm(x, _stack(blocks, lambda b: b.norm1.weight), _stack(blocks, lambda b: b.norm1.bias),
-                                  row_weight, LN_EPS, segments=rows, backend=backend)
+        if h is None:
+            h = ops.segment_layernorm(x, _stack(blocks, lambda b: b.norm1.weight), _stack(blocks, lambda b: b.norm1.bias),
+                                      row_weight, LN_EPS, segments=rows, backend=backend)
         qkv = ops.segment_linear(h, qkv_w, qkv_b, rows).view(N, B, 3, H, D)
         o = ops.mbt_attention_qkv(qkv, plan.segments, dropout_p=attn_drop, key_mask=key_mask, backend=backend)
     y = ops.segment_linear(o.reshape(N, B, C), [b.attn.proj.weight for b in blocks],
                            [b.attn.proj.bias for b in blocks], rows)
     y = F.dropout(y, blk0.dropout, training)
-    x = ops.residual_mean(x, y, _keep(blocks, B, training, x.device, shared_draw), layout, first_mode, backend=backend)
-
-    h = ops.segment_layernorm(x, _stack(blocks, lambda b: b.norm2.weight), _stack(blocks, lambda b: b.norm2.bias),
-                              row_weight, LN_EPS, segments=rows, backend=backend)
+    # the attention's closing residual and norm2 in one op: the add already holds every row
+    x, h = ops.residual_mean_layernorm(x, y, _keep(blocks, B, training, x.device, shared_draw), layout, first_mode,
+                                       _stack(blocks, lambda b: b.norm2.weight), _stack(blocks, lambda b: b.norm2.bias),
+                                       row_weight, LN_EPS, segments=rows, backend=backend)
     h = ops.linear_bias_gelu(h, [b.mlp.fc1.weight for b in blocks], [b.mlp.fc1.bias for b in blocks], rows, row_weight,
                              backend=backend)
     h = F.dropout(h, blk0.dropout, training)
     y = ops.segment_linear(h, [b.mlp.fc2.weight for b in blocks], [b.mlp.fc2.bias for b in blocks], rows)
     y = F.dropout(y, blk0.dropout, training)
-    return ops.residual_mean(x, y, _keep(blocks, B, training, x.device, shared_draw), layout, plan.bottleneck,
-                             backend=backend)
+    keep = _keep(blocks, B, training, x.device, shared_draw)
+    if next_blocks is None:
+        return ops.residual_mean(x, y, keep, layout, plan.bottleneck, backend=backend)
+    return ops.residual_mean_layernorm(x, y, keep, layout, plan.bottleneck, _stack(next_blocks, lambda b: b.norm1.weight),
+                                       _stack(next_blocks, lambda b: b.norm1.bias), row_weight, LN_EPS, segments=rows,
+                                       backend=backend)

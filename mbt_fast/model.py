@@ -415,10 +415,14 @@ class MBT(nn.Module):
              for p, mk in zip(parts, masks)], dim=1)
         row_weight = self._row_weight(layout, x.device)
         joint = cfg.share_encoder and not cfg.use_bottleneck
-        for lyr, plan in enumerate(self.layer_plans(layout)):
+        plans = self.layer_plans(layout)
+        h = None  # the next block's norm1 of x, when the previous block computed it with its closing residual
+        for lyr, plan in enumerate(plans):
             blocks = [self.block(lyr, m) for m in mods]
-            x = packed_block(blocks, x, layout, plan, row_weight, backend,
-                             shared_draw=joint and lyr >= cfg.fusion_layer, key_mask=key_mask)
+            chain = lyr + 1 < len(plans) and not plans[lyr + 1].cross_weights
+            out = packed_block(blocks, x, layout, plan, row_weight, backend, shared_draw=joint and lyr >= cfg.fusion_layer,
+                               key_mask=key_mask, h=h, next_blocks=[self.block(lyr + 1, m) for m in mods] if chain else None)
+            x, h = out if chain else (out, None)
         feats = {name: x[layout.modality_rows(m)].transpose(0, 1) for m, name in enumerate(mods)}
         fused = layout.n_bottleneck > 0 and cfg.fusion_layer < cfg.num_layers
         # after a fusion layer every modality's bottleneck slot holds the same mean

@@ -22,8 +22,9 @@ How the counts are made:
   - ``F.scaled_dot_product_attention`` (``eager_sdpa`` and ``torch``): PyTorch's flash kernels
     (FlashAttention-2) — no N x N matrix in HBM (meta would run the math fallback instead);
   - the fused ops of ``mbt_fast.ops`` (``mbt_attention``, ``segment_layernorm``, ``bias_gelu``,
-    ``residual_mean``) on the ``triton``/``cuda`` backends: one launch per fused kernel, bytes = its
-    inputs and outputs once (``fused_cost``; partial-sum buffers and their reductions included);
+    ``residual_mean``, ``residual_mean_layernorm``) on the ``triton``/``cuda`` backends (``cuda`` runs
+    the last one as its two kernels): one launch per fused kernel, bytes = its inputs and outputs once
+    (``fused_cost``; partial-sum buffers and their reductions included);
 * per kernel, ``time = max(tensor FLOPs / (peak x efficiency) + vector FLOPs / fp32 peak,
   bytes / (bandwidth x efficiency)) + launches x launch cost``; attention kernels run at the TFLOP/s of
   their implementation's design class at the segment lengths (``ATTENTION_DESIGNS``: the anchor it is
@@ -466,6 +467,30 @@ def residual_mean_cost(rows: int, batch: int, C: int, M: int, n_bottleneck: int,
                   bytes=x + x + (x if mean else 0) + slots + keep)
 
 
+def residual_mean_layernorm_cost(rows: int, batch: int, C: int, M: int, n_bottleneck: int, mean: bool,
+                                 has_keep: bool, esize: int, MW: int, wsize: int, direction: str) -> OpCost:
+    """The Triton kernel fusing ``residual_mean`` and the next ``segment_layernorm`` (``MW`` weight sets):
+    x_new is written once and never read back forward; backward, the LayerNorm gradient and grad_x_new
+    are added in registers and the residual's gradients written from there (no grad_x_new round trip)."""
+    x = rows * C * esize  # each slot row too is read once: only the slot programs load the slots
+    keep = 4 * batch * M if has_keep else 0
+    stats = 2 * rows * 4  # fp32 mean and rstd
+    w = 2 * MW * C * wsize
+    rw = 4 * rows
+    if direction == "fwd":  # read x, y; write x_new, h
+        return OpCost("fused:residual_mean_layernorm_fwd", "layernorm", vec_flops=10 * rows * C,
+                      bytes=4 * x + keep + w + rw + stats, launches=1)
+    row_progs = min(SMS * 4, rows)
+    slot_progs = min(SMS * 4, n_bottleneck * batch) if mean else 0
+    part = 2 * (row_progs + slot_progs) * MW * C * 4  # fp32 partial dW, dB per program
+    casts = 0 if wsize == 4 else 2
+    # read x_new, grad_h, grad_x_new, weight, stats, keep; write gx, gy
+    nbytes = 5 * x + keep + w // 2 + stats + rw
+    nbytes += part + part + 2 * MW * C * 4 + casts * (MW * C * 4 + MW * C * wsize)
+    return OpCost("fused:residual_mean_layernorm_bwd", "layernorm", vec_flops=14 * rows * C, bytes=nbytes,
+                  launches=3 + casts)
+
+
 class _DeclaredFunction(torch.autograd.Function):
     """Stands in for a kernel on meta: records its declared forward cost, returns an empty output of
     the right shape, and records the declared backward cost when autograd reaches it."""
@@ -488,6 +513,20 @@ class _DeclaredFunction(torch.autograd.Function):
 def _declared(counter, fwd, bwd, out_shape, out_dtype, *inputs):
     spec = {"counter": counter, "fwd": fwd, "bwd": bwd, "out_shape": tuple(out_shape), "out_dtype": out_dtype}
     return _DeclaredFunction.apply(spec, *inputs)
+
+
+class _DeclaredPairFunction(_DeclaredFunction):
+    """``_DeclaredFunction`` for an op returning two outputs of one shape (x_new and h): one declared
+    forward, one declared backward for the gradients of both."""
+
+    @staticmethod
+    def forward(ctx, spec, *inputs):
+        out = _DeclaredFunction.forward(ctx, spec, *inputs)
+        return out, torch.empty_like(out)
+
+    @staticmethod
+    def backward(ctx, grad_x_new, grad_h):
+        return _DeclaredFunction.backward(ctx, grad_h)
 
 
 @contextlib.contextmanager
@@ -531,8 +570,21 @@ def declared_kernels(counter: Counter, impl: str):
         return _declared(counter, residual_mean_cost(*args, "fwd"), residual_mean_cost(*args, "bwd"),
                          x.shape, x.dtype, x, y)
 
+    def residual_mean_layernorm(x, y, keep, layout, bottleneck, weight, bias, row_weight, eps=1e-6, *, segments=None,
+                                backend=None):
+        if impl != "triton":  # no fused CUDA kernel: the op runs the two CUDA kernels
+            x_new = residual_mean(x, y, keep, layout, bottleneck)
+            return x_new, segment_layernorm(x_new, weight, bias, row_weight, eps)
+        N, B, C = x.shape
+        mean = bottleneck == "mean" and layout.n_bottleneck > 0
+        args = (N * B, B, C, layout.num_modalities, layout.n_bottleneck, mean, keep is not None, x.element_size(),
+                weight.shape[0], weight.element_size())
+        spec = {"counter": counter, "fwd": residual_mean_layernorm_cost(*args, "fwd"),
+                "bwd": residual_mean_layernorm_cost(*args, "bwd"), "out_shape": tuple(x.shape), "out_dtype": x.dtype}
+        return _DeclaredPairFunction.apply(spec, x, y, weight, bias)
+
     with mock.patch.multiple(ops, mbt_attention=mbt_attention, mbt_attention_qkv=mbt_attention_qkv,
-                             segment_layernorm=segment_layernorm,
+                             segment_layernorm=segment_layernorm, residual_mean_layernorm=residual_mean_layernorm,
                              bias_gelu=bias_gelu, residual_mean=residual_mean), \
             mock.patch.object(importlib.import_module("mbt_fast.ops.bias_gelu"), "bias_gelu", bias_gelu):  # linear_bias_gelu's
         yield
@@ -757,11 +809,14 @@ def kernel_fractions(cfg, batch: int, dtype=torch.bfloat16, gpu: str = "h100") -
     min_bytes = {  # the unavoidable traffic: each input and output once, no partial sums
         "fused:segment_layernorm_fwd": None, "fused:segment_layernorm_bwd": 3 * N * batch * C * es,
         "fused:bias_gelu_fwd": None, "fused:bias_gelu_bwd": 3 * N * batch * cfg.mlp_dim * es,
-        "fused:residual_mean_fwd": None, "fused:residual_mean_bwd": None}
+        "fused:residual_mean_fwd": None, "fused:residual_mean_bwd": None,
+        "fused:residual_mean_layernorm_fwd": None, "fused:residual_mean_layernorm_bwd": 5 * N * batch * C * es}
     for direction in ("fwd", "bwd"):
         for cost in (layernorm_cost(N * batch, C, M, es, es, direction),
                      bias_gelu_cost(N * batch, cfg.mlp_dim, M, es, direction),
-                     residual_mean_cost(N * batch, batch, C, M, nb, nb > 0, True, es, direction)):
+                     residual_mean_cost(N * batch, batch, C, M, nb, nb > 0, True, es, direction),
+                     # the attention's closing residual ("add" in a fusion layer) with norm2
+                     residual_mean_layernorm_cost(N * batch, batch, C, M, nb, False, True, es, M, es, direction)):
             ideal = OpCost(cost.name, cost.cls, cost.tc_flops, cost.vec_flops,
                            min_bytes.get(cost.name) or cost.bytes, launches=0)
             design_s = cost.time_s(gpu)[0]

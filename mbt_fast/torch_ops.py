@@ -63,6 +63,13 @@ def segment_layernorm(x, weight, bias, row_weight, eps: float, segments: tuple |
     return y * weight[idx].unsqueeze(1).to(y.dtype) + bias[idx].unsqueeze(1).to(y.dtype)
 
 
+def residual_mean_layernorm(x, y, keep, layout: PackedLayout, bottleneck: str, weight, bias, row_weight, eps: float,
+                            segments: tuple | None = None):
+    """``(x_new, h)``: the two ops above in sequence; under ``torch.compile`` Inductor fuses them."""
+    x_new = residual_mean(x, y, keep, layout, bottleneck)
+    return x_new, segment_layernorm(x_new, weight, bias, row_weight, eps, segments)
+
+
 def bias_gelu(x, bias, row_weight):
     idx = row_weight.to(x.device).long()
     return F.gelu(x + bias[idx].unsqueeze(1).to(x.dtype), approximate="tanh")

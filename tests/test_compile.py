@@ -212,7 +212,7 @@ def _triton_samples():
 
     out = {n: [] for n in ("attention_fwd", "attention_bwd", "attention_bwd_qkv", "residual_mean_fwd",
                            "residual_mean_bwd", "segment_layernorm_fwd", "segment_layernorm_bwd", "bias_gelu_fwd",
-                           "bias_gelu_bwd")}
+                           "bias_gelu_bwd", "residual_mean_layernorm_fwd", "residual_mean_layernorm_bwd")}
     ops = torch.ops.mbt_fast_triton
     for shape in ((37, 37, 2, 2, 32), (70, 45, 1, 1, 64), (45, 45, 3, 1, 64)):
         q, k, v, seg = _attention_samples(*shape, dtype=torch.float32)
@@ -243,12 +243,18 @@ def _triton_samples():
             out["segment_layernorm_bwd"].append((x, w, rw, mean, rstd, torch.randn(N, B, C), gs))
         out["bias_gelu_fwd"].append((x, b, rw))
         out["bias_gelu_bwd"].append((x, b, rw, torch.randn(N, B, C)))
+        for mode, kp in ((2, keep), (1, None)):
+            out["residual_mean_layernorm_fwd"].append((x, y, kp, w, b, rw, tokens, nb, mode, 1e-6))
+            x_new, _, mean, rstd = ops.residual_mean_layernorm_fwd(x, y, kp, w, b, rw, tokens, nb, mode, 1e-6)
+            for gxo in (torch.randn(N, B, C), None):
+                out["residual_mean_layernorm_bwd"].append((torch.randn(N, B, C), gxo, x_new, w, rw, mean, rstd, kp,
+                                                           tokens, nb, mode, torch.float32))
     return out
 
 
 def test_opcheck_every_triton_op():
     import mbt_fast.kernels.attention, mbt_fast.kernels.bias_gelu, mbt_fast.kernels.residual_mean  # noqa: F401
-    import mbt_fast.kernels.segment_layernorm  # noqa: F401  (the imports register the ops)
+    import mbt_fast.kernels.residual_mean_layernorm, mbt_fast.kernels.segment_layernorm  # noqa: F401  (the imports register the ops)
 
     names = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mbt_fast_triton::"))
     samples = _triton_samples()

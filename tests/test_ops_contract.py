@@ -252,3 +252,45 @@ def test_linear_bias_gelu_is_fc1_with_its_epilogue(backend, grad):
         assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in [x, *ws, *bs])
     with pytest.raises(ValueError, match=r"biases: expected 2 \(one per weight\), got 1"):
         ops.linear_bias_gelu(x, ws, bs[:1], rows, LAYOUT.row_weight(), backend=backend)
+
+
+# ---- residual_mean_layernorm: the two ops' contracts in one -----------------------------------------
+
+def _rml_args():
+    x, y = torch.randn(N, B, C), torch.randn(N, B, C)
+    return x, y, torch.ones(B, 2), LAYOUT, "mean", torch.randn(2, C), torch.randn(2, C), LAYOUT.row_weight(), 1e-6
+
+
+@pytest.mark.parametrize("i, bad, error, message", [
+    (0, torch.randn(N, B), ValueError, r"x: expected 3 dimensions, got shape \(16, 2\)"),
+    (1, torch.randn(N, B, C + 1), ValueError, r"y: expected the shape of x \(16, 2, 8\), got \(16, 2, 9\)"),
+    (2, torch.ones(B, 3), ValueError, r"keep: expected shape \(2, 2\), got \(2, 3\)"),
+    (3, (5, 7), TypeError, "layout: expected a mbt_fast.layout.PackedLayout, got tuple"),
+    (4, "sum", ValueError, r"bottleneck: expected one of \('add', 'keep', 'mean'\), got 'sum'"),
+    (5, torch.randn(2, C).int(), TypeError, "weight: expected a floating-point tensor, got torch.int32"),
+    (6, torch.randn(3, C), ValueError, r"bias: expected the shape of weight \(2, 8\), got \(3, 8\)"),
+    (7, LAYOUT.row_weight().long(), ValueError, r"row_weight: expected an int32 tensor of shape \(16,\), got torch.int64"),
+    (8, 0.0, ValueError, "eps: expected a finite number > 0, got 0.0"),
+])
+def test_residual_mean_layernorm_arguments_are_named(i, bad, error, message):
+    args = list(_rml_args())
+    args[i] = bad
+    with pytest.raises(error, match=message):
+        ops.residual_mean_layernorm(*args)
+
+
+def test_residual_mean_layernorm_segments_must_match_row_weight():
+    wrong = tuple((s, e, 1 - m) for s, e, m in LAYOUT.row_segments())
+    with pytest.raises(ValueError, match="segments: expected the weight index of row_weight on every row"):
+        ops.residual_mean_layernorm(*_rml_args(), segments=wrong)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_residual_mean_layernorm_empty_batch(backend):
+    dtype = torch.bfloat16 if backend == "cuda-emu" else torch.float32
+    x = torch.zeros(N, 0, C, dtype=dtype, requires_grad=True)
+    w = torch.ones(2, C, dtype=dtype, requires_grad=True)
+    x_new, h = ops.residual_mean_layernorm(x, x, None, LAYOUT, "mean", w, w, LAYOUT.row_weight(), backend=backend)
+    assert x_new.shape == h.shape == (N, 0, C)
+    (x_new.sum() + h.sum()).backward()
+    assert x.grad.shape == x.shape and w.grad.abs().sum() == 0

@@ -15,7 +15,8 @@ but ``triton`` without a graph break.
 from mbt_fast.ops.attention import mbt_attention, mbt_attention_qkv
 from mbt_fast.ops.bias_gelu import bias_gelu, linear_bias_gelu
 from mbt_fast.ops.residual_mean import BOTTLENECK_MODES, residual_mean
+from mbt_fast.ops.residual_mean_layernorm import residual_mean_layernorm
 from mbt_fast.ops.segment_layernorm import segment_layernorm
 from mbt_fast.ops.segment_linear import segment_linear
 
-__all__ = ["mbt_attention", "mbt_attention_qkv", "residual_mean", "segment_layernorm", "bias_gelu", "linear_bias_gelu", "segment_linear", "BOTTLENECK_MODES"]
+__all__ = ["mbt_attention", "mbt_attention_qkv", "residual_mean", "residual_mean_layernorm", "segment_layernorm", "bias_gelu", "linear_bias_gelu", "segment_linear", "BOTTLENECK_MODES"]

@@ -17,8 +17,8 @@ from mbt_fast.ops._contract import check_backend, check_tensor
 BOTTLENECK_MODES = ("add", "keep", "mean")
 
 
-def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str = "add", *, backend: str = "torch"):
-    check_backend(backend)
+def check_residual_mean(x, y, keep, layout, bottleneck: str) -> None:
+    """The argument checks of ``residual_mean`` (and of ``residual_mean_layernorm``, which shares them)."""
     check_tensor("x", x, 3)
     check_tensor("y", y, 3, x)
     if not isinstance(layout, PackedLayout):
@@ -33,6 +33,11 @@ def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str = "add", *, 
         check_tensor("keep", keep, 2, x)
         if tuple(keep.shape) != (x.shape[1], layout.num_modalities):
             raise ValueError(f"keep: expected shape {(x.shape[1], layout.num_modalities)}, got {tuple(keep.shape)}")
+
+
+def residual_mean(x, y, keep, layout: PackedLayout, bottleneck: str = "add", *, backend: str = "torch"):
+    check_backend(backend)
+    check_residual_mean(x, y, keep, layout, bottleneck)
     if backend == "torch" or x.shape[1] == 0:  # an empty batch has nothing to launch
         return torch_ops.residual_mean(x, y, keep, layout, bottleneck)
     if backend == "triton":

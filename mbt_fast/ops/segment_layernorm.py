@@ -15,8 +15,9 @@ from mbt_fast import torch_ops
 from mbt_fast.ops._contract import check_backend, check_eps, check_row_weight, check_row_weight_segments, check_tensor
 
 
-def segment_layernorm(x, weight, bias, row_weight, eps: float = 1e-6, *, segments=None, backend: str = "torch"):
-    check_backend(backend)
+def check_segment_layernorm(x, weight, bias, row_weight, eps, segments) -> tuple:
+    """The argument checks of ``segment_layernorm`` (and of ``residual_mean_layernorm``); returns the
+    validated ``(eps, segments)``."""
     check_tensor("x", x, 3)
     check_tensor("weight", weight, 2, x)
     check_tensor("bias", bias, 2, x)
@@ -26,6 +27,12 @@ def segment_layernorm(x, weight, bias, row_weight, eps: float = 1e-6, *, segment
     eps = check_eps(eps)
     if segments is not None:
         segments = check_row_weight_segments(segments, row_weight, weight)
+    return eps, segments
+
+
+def segment_layernorm(x, weight, bias, row_weight, eps: float = 1e-6, *, segments=None, backend: str = "torch"):
+    check_backend(backend)
+    eps, segments = check_segment_layernorm(x, weight, bias, row_weight, eps, segments)
     if backend == "torch" or x.shape[1] == 0:  # an empty batch has nothing to launch
         return torch_ops.segment_layernorm(x, weight, bias, row_weight, eps, segments)
     if backend == "triton":

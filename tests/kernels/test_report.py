@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 from mbt_fast.kernels import report  # noqa: E402
 
-ROW_OPS = ("residual_mean", "segment_layernorm", "bias_gelu")
+ROW_OPS = ("residual_mean", "segment_layernorm", "residual_mean_layernorm", "bias_gelu")
 ROW_KERNELS = {f"_{op}_{d}_kernel" for op in ROW_OPS for d in ("fwd", "bwd")}
 TYPES = {"kernel": str, "direction": str, "arch": str, "dtype": str, "head_dim": (int, type(None)),
          "tile": (str, type(None)), "config": int, "num_warps": int,
