@@ -53,10 +53,12 @@ struct Shape {
     static constexpr int kBlockM = 64;                 // query rows per block (fwd, dQ)
     static constexpr int kBlockN = 64;                 // key rows per tile
     static constexpr int kBlockMBwd = D > 64 ? 32 : 64;  // query rows per inner step of dK/dV (register budget)
-    // forward: 4 warps x 32 query rows (two m16 tiles per warp, so every K/V fragment from ldmatrix feeds
-    // four mma instead of two); at D=128 32-key tiles keep O (128 regs) + Q (64) + S (32) in registers
-    static constexpr int kBlockMFwd = 128;
-    static constexpr int kBlockNFwd = D == 128 ? 32 : 64;
+    // forward: D <= 64: 4 warps x 32 query rows (two m16 tiles per warp, so every K/V fragment from
+    // ldmatrix feeds four mma instead of two). D = 128: 4 warps x 16 rows; with 32 rows O alone takes 128
+    // registers per thread, and O + Q + S spilled (also with Q re-read from shared memory: 24 bytes on sm_80)
+    static constexpr int kWarpRowsFwd = D <= 64 ? 32 : 16;
+    static constexpr int kBlockMFwd = kWarps * kWarpRowsFwd;
+    static constexpr int kBlockNFwd = 64;
 };
 
 template <class T>
@@ -225,17 +227,17 @@ struct Swizzled {
     static MBT_HOST_DEVICE int at(int r, int c) { return r * D + ((c ^ pattern(r)) << 3); }
 };
 
-// load_tile_async into a swizzled tile
+// load_tile_async into a swizzled tile, branch-free: rows >= r_end are zero-filled by the copy itself (their
+// source address is row r0's, which exists), so the zeros also belong to the group
 template <class T, int D, int ROWS>
 MBT_DEVICE void load_tile_sw_async(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {
     constexpr int kChunks = D / 8;
-    for (int i = thread_x(); i < ROWS * kChunks; i += kThreads) {
-        const int r = i / kChunks, c = i % kChunks;
-        T* dst = tile + Swizzled<D>::at(r, c);
-        if (r0 + r < r_end)
-            cp_async16(dst, row_ptr<T>(t, r0 + r, b, h) + c * 8);
-        else
-            store16(reinterpret_cast<uint4*>(dst), uint4{0, 0, 0, 0});
+    static_assert(ROWS * kChunks % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int j = 0; j < ROWS * kChunks / kThreads; ++j) {  // a constant trip count: unrolled, no loop branches
+        const int i = thread_x() + j * kThreads, r = i / kChunks, c = i % kChunks;
+        const bool valid = r0 + r < r_end;
+        cp_async16_zfill(tile + Swizzled<D>::at(r, c), row_ptr<T>(t, valid ? r0 + r : r0, b, h) + c * 8, valid);
     }
 }
 
@@ -247,32 +249,35 @@ MBT_DEVICE void load_stage_sw_async(T* stage, const TensorRef& first, const Tens
     load_tile_sw_async<T, D, ROWS>(stage + ROWS * D, second, r0, r_end, b, h);
 }
 
-// This lane's ldmatrix row address in a swizzled tile: row row0 + dr, chunk c0 + dc, where row0 % 8 == 0,
-// c0 is even and dc is 0 or 1. Then pattern(row0 + dr) == pattern(dr) and (c0 + dc) ^ x == c0 ^ (dc ^ x):
-// the per-lane part (dr, dc ^ pattern(dr)) is loop-invariant and every unrolled call adds constants.
+// This lane's ldmatrix row address in the swizzled tile at element offset `tile` from `base`: row row0 + dr,
+// chunk c0 + dc, where row0 % 8 == 0, c0 is even and dc is 0 or 1. Then pattern(row0 + dr) == pattern(dr),
+// and as `tile` and whole rows are multiples of D (above the chunk bits), (c0 + dc) ^ x == c0 ^ (dc ^ x)
+// turns into one xor of the lane's offset with the constant c0 * 8. The offset carries `tile` (a K/V
+// stage alternates) so the compiler cannot hoist one register per c0 out of the key loop.
 template <int D, class T>
-MBT_DEVICE const T* ldsm_row(const T* tile, int row0, int dr, int c0, int dc) {
-    return tile + (row0 + dr) * D + ((c0 ^ (dc ^ Swizzled<D>::pattern(dr))) << 3);
+MBT_DEVICE const T* ldsm_row(const T* base, int tile, int row0, int dr, int c0, int dc) {
+    const int lane = tile + (row0 + dr) * D + ((dc ^ Swizzled<D>::pattern(dr)) << 3);
+    return base + (lane ^ (c0 << 3));
 }
 
 // load_a / load_b / load_b_trans on swizzled tiles (row0 / n0 / k0 multiples of 8, col0 / k0 / n0 of 16)
 template <int D, class T>
-MBT_DEVICE void load_a_sw(uint32_t (&a)[4], const T* tile, int row0, int col0) {
+MBT_DEVICE void load_a_sw(uint32_t (&a)[4], const T* base, int tile, int row0, int col0) {
     const int l = thread_x() % 32;
-    ldmatrix_x4(a, ldsm_row<D>(tile, row0, l % 16, col0 / 8, l / 16));
+    ldmatrix_x4(a, ldsm_row<D>(base, tile, row0, l % 16, col0 / 8, l / 16));
 }
 template <int D, class T>
-MBT_DEVICE void load_b_sw(uint32_t (&b)[2][2], const T* tile, int n0, int k0) {
+MBT_DEVICE void load_b_sw(uint32_t (&b)[2][2], const T* base, int tile, int n0, int k0) {
     const int l = thread_x() % 32;
     uint32_t r[4];
-    ldmatrix_x4(r, ldsm_row<D>(tile, n0, (l / 16) * 8 + l % 8, k0 / 8, (l / 8) % 2));
+    ldmatrix_x4(r, ldsm_row<D>(base, tile, n0, (l / 16) * 8 + l % 8, k0 / 8, (l / 8) % 2));
     b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
 }
 template <int D, class T>
-MBT_DEVICE void load_b_trans_sw(uint32_t (&b)[2][2], const T* tile, int k0, int n0) {
+MBT_DEVICE void load_b_trans_sw(uint32_t (&b)[2][2], const T* base, int tile, int k0, int n0) {
     const int l = thread_x() % 32;
     uint32_t r[4];
-    ldmatrix_x4_trans(r, ldsm_row<D>(tile, k0, ((l / 8) % 2) * 8 + l % 8, n0 / 8, l / 16));
+    ldmatrix_x4_trans(r, ldsm_row<D>(base, tile, k0, ((l / 8) % 2) * 8 + l % 8, n0 / 8, l / 16));
     b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
 }
 

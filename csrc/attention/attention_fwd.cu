@@ -1,7 +1,8 @@
 // Multimodal bottleneck attention, forward: flash-style online softmax over each segment's key range.
 //
 // Block = one tile of 128 query rows of one segment, for one (batch, head); 4 warps x 32 rows (two m16
-// tiles each, so every K or V fragment read by ldmatrix feeds 4 mma). Q fragments stay in registers; K
+// tiles each, so every K or V fragment read by ldmatrix feeds 4 mma); at D = 128, 64 rows, 4 warps x 16
+// (registers: Shape::kWarpRowsFwd). Q fragments stay in registers; K
 // and V tiles stream through shared memory in two stages: the next tile's cp.async copies are in flight
 // while the current one is computed on. Tiles are swizzled (attention.cuh, Swizzled), not padded. S = Q K^T
 // and O += P V run on mma.m16n8k16 with fp32 accumulation. Only a segment's last, partial key tile tests
@@ -30,9 +31,11 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
     constexpr int MT = BM / (16 * kWarps);  // m16 tiles per warp
     constexpr int kStage = 2 * BN * D;      // elements of one stage: K, then V
     MBT_DYNAMIC_SMEM(T, smem);
-    T* kv_tiles = smem;                 // stage s at kv_tiles + s kStage
-    T* q_tile = kv_tiles + kStage;      // from stage 1 on; read into registers before stage 1 gets K/V
-    T* o_tile = smem;                   // the epilogue's staging tile, once the loop is done with K/V
+    // element offsets in smem: stage s (K, then V) at s kStage; Q over stage 1 (and past it when larger),
+    // read into registers before stage 1 gets K/V; the epilogue's O tile at 0, once the loop is done with K/V
+    constexpr int kQTile = kStage;
+    T* q_tile = smem + kQTile;
+    T* o_tile = smem;
 
     const int4 blk = load16(p.blocks + block_x());
     const int q0 = blk.x, q1 = blk.y, k0 = blk.z, k1 = blk.w;
@@ -44,7 +47,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
     // group 0: Q; group 1: the first K/V tile, still in flight while Q goes to registers
     load_tile_sw_async<T, D, BM>(q_tile, p.q, q0, q1, b, h);
     cp_async_commit();
-    load_stage_sw_async<T, D, BN>(kv_tiles, p.k, p.v, k0, k1, b, h);
+    load_stage_sw_async<T, D, BN>(smem, p.k, p.v, k0, k1, b, h);
     cp_async_commit();
     cp_async_wait<1>();
     sync_threads();
@@ -53,7 +56,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int kk = 0; kk < KD; ++kk) load_a_sw<D>(qf[mt][kk], q_tile, wrow + 16 * mt, kk * 16);
+            for (int kk = 0; kk < KD; ++kk) load_a_sw<D>(qf[mt][kk], smem, kQTile, wrow + 16 * mt, kk * 16);
     }
     sync_threads();  // every warp holds its Q: stage 1 may take the first prefetch
 
@@ -69,11 +72,10 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
     // one key tile at kt in `stage`; kTail: the tile may hold keys past k1, which get -inf
     auto step = [&](int kt, int stage, auto tail) {
         constexpr bool kTail = decltype(tail)::value;
-        const T* k_tile = kv_tiles + stage * kStage;
-        const T* v_tile = k_tile + BN * D;
+        const int k_tile = stage * kStage, v_tile = k_tile + BN * D;
         // prefetch the next tile into the other stage, which every warp finished reading at the end of the
         // previous step
-        if (kt + BN < k1) load_stage_sw_async<T, D, BN>(kv_tiles + (stage ^ 1) * kStage, p.k, p.v, kt + BN, k1, b, h);
+        if (kt + BN < k1) load_stage_sw_async<T, D, BN>(smem + (stage ^ 1) * kStage, p.k, p.v, kt + BN, k1, b, h);
         current_stage_ready();
         if (active) {
             float s[MT][NT][4];
@@ -86,7 +88,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
 #pragma unroll
                 for (int nn = 0; nn < NT / 2; ++nn) {
                     uint32_t bf[2][2];
-                    load_b_sw<D>(bf, k_tile, nn * 16, kk * 16);
+                    load_b_sw<D>(bf, smem, k_tile, nn * 16, kk * 16);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         mma_m16n8k16<T>(s[mt][2 * nn], qf[mt][kk], bf[0]);
@@ -150,7 +152,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
 #pragma unroll
                 for (int dn = 0; dn < D / 16; ++dn) {
                     uint32_t bf[2][2];
-                    load_b_trans_sw<D>(bf, v_tile, kk * 16, dn * 16);
+                    load_b_trans_sw<D>(bf, smem, v_tile, kk * 16, dn * 16);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         mma_m16n8k16<T>(acc[mt][2 * dn], pf[mt][kk], bf[0]);
@@ -192,8 +194,10 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
     }
     sync_threads();
     // consecutive threads take consecutive chunks of a row: each warp stores whole rows, coalesced
-    for (int i = thread_x(); i < BM * L::kChunks; i += kThreads) {
-        const int r = i / L::kChunks, c = i % L::kChunks;
+    static_assert(BM * L::kChunks % kThreads == 0, "every thread stores the same number of chunks");
+#pragma unroll
+    for (int j = 0; j < BM * L::kChunks / kThreads; ++j) {
+        const int i = thread_x() + j * kThreads, r = i / L::kChunks, c = i % L::kChunks;
         if (q0 + r < q1) store16(reinterpret_cast<uint4*>(row_ptr_mut<T>(p.o, q0 + r, b, h) + c * 8),
                                  load16(reinterpret_cast<const uint4*>(o_tile + L::at(r, c))));
     }
@@ -230,7 +234,8 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, 
     const int64_t nq = q.size(0), nk = k.size(0), B = q.size(1), H = q.size(2), D = q.size(3);
     TORCH_CHECK(B * H <= 65535, "q: batch x heads must be at most 65535, got ", B * H);
     const auto segs = segments(seg, nq, nk);
-    const auto table = tile_table(segs, Shape<64>::kBlockMFwd, /*by_keys=*/false);
+    const int block_m = D == 128 ? Shape<128>::kBlockMFwd : Shape<64>::kBlockMFwd;  // as Shape<32>'s
+    const auto table = tile_table(segs, block_m, /*by_keys=*/false);
     auto blocks = table_tensor(table, q.device());
 
     const auto q_gaps = gaps(segs, nq, /*by_keys=*/false);  // rows in no segment output 0
