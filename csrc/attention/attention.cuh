@@ -4,9 +4,10 @@
 // last dim; LSE fp32 [B,H,Nq]. A host-built block table lists one entry per tile of every segment, so
 // one launch covers every segment, and blockIdx.y covers batch x heads.
 //
-// Warp tiling: a block has 4 warps; in the forward and dQ kernels each warp owns 16 query rows, in the
-// dK/dV kernel 16 key rows. Tiles sit in shared memory with rows padded by 8 elements, so the 8 row
-// addresses of an ldmatrix fall in distinct banks (row stride (D+8)*2 bytes = 4 banks mod 32).
+// Warp tiling: a block has 4 warps; in the forward kernel each warp owns 32 query rows (128-row tiles),
+// in the dQ kernel 16 query rows, in the dK/dV kernel 16 key rows. The backward's tiles sit in shared
+// memory with rows padded by 8 elements, so the 8 row addresses of an ldmatrix fall in distinct banks
+// (row stride (D+8)*2 bytes = 4 banks mod 32); the forward's are swizzled instead (Swizzled, below).
 #pragma once
 
 #include <cmath>
@@ -52,6 +53,12 @@ struct Shape {
     static constexpr int kBlockM = 64;                 // query rows per block (fwd, dQ)
     static constexpr int kBlockN = 64;                 // key rows per tile
     static constexpr int kBlockMBwd = D > 64 ? 32 : 64;  // query rows per inner step of dK/dV (register budget)
+    // forward: D <= 64: 4 warps x 32 query rows (two m16 tiles per warp, so every K/V fragment from
+    // ldmatrix feeds four mma instead of two). D = 128: 4 warps x 16 rows; with 32 rows O alone takes 128
+    // registers per thread, and O + Q + S spilled (also with Q re-read from shared memory: 24 bytes on sm_80)
+    static constexpr int kWarpRowsFwd = D <= 64 ? 32 : 16;
+    static constexpr int kBlockMFwd = kWarps * kWarpRowsFwd;
+    static constexpr int kBlockNFwd = 64;
 };
 
 template <class T>
@@ -201,6 +208,77 @@ MBT_DEVICE void store_acc(const float (&acc)[D / 8][4], float mul0, float mul1, 
             *reinterpret_cast<uint32_t*>(dst + col) = TypeOps<T>::pack(acc[j][2 * half] * mul, acc[j][2 * half + 1] * mul);
         }
     }
+}
+
+// ---- Swizzled tiles (forward kernel) ---------------------------------------------------------------------
+//
+// Rows of D elements, no padding; the 16-byte chunk c of row r is stored at chunk c ^ pattern(r). An
+// ldmatrix phase reads one chunk from each of 8 consecutive rows, and 8 consecutive cp.async lanes write 8
+// chunks of one row (D >= 64) or of two rows (D = 32): either way the 8 chunks land in 8 distinct 16-byte
+// bank groups of a 128-byte bank line, so neither conflicts. With D >= 64 a row spans one or two whole
+// bank lines and the xor is r % 8 (on the low 3 chunk bits); with D = 32 two rows share a line (rows r,
+// r+1 sit in its halves) and the xor is (r / 2) % 4.
+template <int D>
+struct Swizzled {
+    static constexpr int kChunks = D / 8;
+    // depends on r % 8 only, so tiles and fragments starting at a multiple of 8 rows share the pattern
+    static MBT_HOST_DEVICE int pattern(int r) { return kChunks >= 8 ? (r & 7) : ((r >> 1) & 3); }
+    // element offset of (row r, chunk c)
+    static MBT_HOST_DEVICE int at(int r, int c) { return r * D + ((c ^ pattern(r)) << 3); }
+};
+
+// load_tile_async into a swizzled tile, branch-free: rows >= r_end are zero-filled by the copy itself (their
+// source address is row r0's, which exists), so the zeros also belong to the group
+template <class T, int D, int ROWS>
+MBT_DEVICE void load_tile_sw_async(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {
+    constexpr int kChunks = D / 8;
+    static_assert(ROWS * kChunks % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int j = 0; j < ROWS * kChunks / kThreads; ++j) {  // a constant trip count: unrolled, no loop branches
+        const int i = thread_x() + j * kThreads, r = i / kChunks, c = i % kChunks;
+        const bool valid = r0 + r < r_end;
+        cp_async16_zfill(tile + Swizzled<D>::at(r, c), row_ptr<T>(t, valid ? r0 + r : r0, b, h) + c * 8, valid);
+    }
+}
+
+// load_stage_async into swizzled tiles: `first` at `stage`, `second` ROWS rows later
+template <class T, int D, int ROWS>
+MBT_DEVICE void load_stage_sw_async(T* stage, const TensorRef& first, const TensorRef& second, int r0, int r_end,
+                                    int b, int h) {
+    load_tile_sw_async<T, D, ROWS>(stage, first, r0, r_end, b, h);
+    load_tile_sw_async<T, D, ROWS>(stage + ROWS * D, second, r0, r_end, b, h);
+}
+
+// This lane's ldmatrix row address in the swizzled tile at element offset `tile` from `base`: row row0 + dr,
+// chunk c0 + dc, where row0 % 8 == 0, c0 is even and dc is 0 or 1. Then pattern(row0 + dr) == pattern(dr),
+// and as `tile` and whole rows are multiples of D (above the chunk bits), (c0 + dc) ^ x == c0 ^ (dc ^ x)
+// turns into one xor of the lane's offset with the constant c0 * 8. The offset carries `tile` (a K/V
+// stage alternates) so the compiler cannot hoist one register per c0 out of the key loop.
+template <int D, class T>
+MBT_DEVICE const T* ldsm_row(const T* base, int tile, int row0, int dr, int c0, int dc) {
+    const int lane = tile + (row0 + dr) * D + ((dc ^ Swizzled<D>::pattern(dr)) << 3);
+    return base + (lane ^ (c0 << 3));
+}
+
+// load_a / load_b / load_b_trans on swizzled tiles (row0 / n0 / k0 multiples of 8, col0 / k0 / n0 of 16)
+template <int D, class T>
+MBT_DEVICE void load_a_sw(uint32_t (&a)[4], const T* base, int tile, int row0, int col0) {
+    const int l = thread_x() % 32;
+    ldmatrix_x4(a, ldsm_row<D>(base, tile, row0, l % 16, col0 / 8, l / 16));
+}
+template <int D, class T>
+MBT_DEVICE void load_b_sw(uint32_t (&b)[2][2], const T* base, int tile, int n0, int k0) {
+    const int l = thread_x() % 32;
+    uint32_t r[4];
+    ldmatrix_x4(r, ldsm_row<D>(base, tile, n0, (l / 16) * 8 + l % 8, k0 / 8, (l / 8) % 2));
+    b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
+}
+template <int D, class T>
+MBT_DEVICE void load_b_trans_sw(uint32_t (&b)[2][2], const T* base, int tile, int k0, int n0) {
+    const int l = thread_x() % 32;
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, ldsm_row<D>(base, tile, k0, ((l / 8) % 2) * 8 + l % 8, n0 / 8, l / 16));
+    b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
 }
 
 }  // namespace attn

@@ -1,10 +1,16 @@
 // Multimodal bottleneck attention, forward: flash-style online softmax over each segment's key range.
 //
-// Block = one tile of kBlockM query rows of one segment, for one (batch, head); 4 warps x 16 rows.
-// Q fragments stay in registers; K and V tiles stream through shared memory in two stages: the next
-// tile's cp.async copies are in flight while the current one is computed on. S = Q K^T and O += P V
-// run on mma.m16n8k16 with fp32 accumulation; keys past the segment end, and padding keys of the
-// optional key mask, are masked to -inf.
+// Block = one tile of 128 query rows of one segment, for one (batch, head): 4 warps x 32 rows, two m16
+// tiles each, so every K or V fragment read by ldmatrix feeds 4 mma (at D = 128: 64 rows, 4 warps x 16;
+// see Shape::kWarpRowsFwd). Q fragments stay in registers; K and V tiles stream through shared memory in
+// two stages: the next tile's cp.async copies are in flight while the current one is computed on. Tiles
+// are swizzled (attention.cuh, Swizzled), not padded. S = Q K^T and O += P V run on mma.m16n8k16 with fp32
+// accumulation. Only a segment's last, partial key tile tests the segment bound (a separately compiled
+// step), and only kKeyMask kernels test padding keys. O leaves through shared memory, so every global
+// store is a coalesced 16-byte row chunk.
+//
+// Occupancy at D = 64 (static count, nvcc 13.0, sm_90): 255 registers x 128 threads = 32768 of an SM's
+// 65536, so 2 CTAs (8 warps, 256 query rows) per SM; 32 KiB of shared memory per CTA would allow 6.
 #include "attention_host.h"
 
 namespace MBT_NS {
@@ -12,133 +18,200 @@ namespace MBT_NS {
 using namespace mbt;
 using namespace mbt::attn;
 
-// kKeyMask: compiled apart, so the unmasked loop carries no per-score mask test (static count, sm_90
-// fp16 D=64: 2416 instructions either way without a mask, against 2832 with a runtime test)
+// compile-time flag of a loop step: the tile may run past the segment's last key
+template <bool B>
+struct TailTile {
+    static constexpr bool value = B;
+};
+
+// kKeyMask: compiled apart, so the unmasked kernel carries no per-score mask test (static count, nvcc 13.0,
+// sm_90 bf16 D=64: 3488 SASS instructions without a mask, 3944 with one)
 template <class T, int D, bool kKeyMask>
 MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) {
     using Sh = Shape<D>;
-    constexpr int S = Sh::kStride, BM = Sh::kBlockM, BN = Sh::kBlockN, NT = BN / 8;
+    using L = Swizzled<D>;
+    constexpr int BM = Sh::kBlockMFwd, BN = Sh::kBlockNFwd, NT = BN / 8, KD = D / 16;
+    constexpr int MT = BM / (16 * kWarps);  // m16 tiles per warp
+    constexpr int kStage = 2 * BN * D;      // elements of one stage: K, then V
     MBT_DYNAMIC_SMEM(T, smem);
-    T* q_tile = smem;
-    T* kv_tiles = q_tile + BM * S;  // stage s: K at kv_tiles + 2 s BN S, V right after it
+    // element offsets in smem: stage s (K, then V) at s kStage; Q over stage 1 (and past it when larger),
+    // read into registers before stage 1 gets K/V; the epilogue's O tile at 0, once the loop is done with K/V
+    constexpr int kQTile = kStage;
+    T* q_tile = smem + kQTile;
+    T* o_tile = smem;
 
     const int4 blk = load16(p.blocks + block_x());
     const int q0 = blk.x, q1 = blk.y, k0 = blk.z, k1 = blk.w;
     const int b = block_y() / p.H, h = block_y() % p.H;
     const int warp = thread_x() / 32, lane = thread_x() % 32, gid = lane / 4, tig = lane % 4;
-    const int wrow = warp * 16;                 // this warp's first row in the tile
-    const bool active = q0 + wrow < q1;         // warp-uniform: warps past the segment only help load
+    const int wrow = warp * 16 * MT;            // this warp's first row in the tile
+    const bool active = q0 + wrow < q1;         // warp-uniform: warps past the segment only help load and store
 
-    // group 0: Q and the first K/V tile
-    load_tile_async<T, D, BM>(q_tile, p.q, q0, q1, b, h);
-    load_stage_async<T, D, BN>(kv_tiles, p.k, p.v, k0, k1, b, h);
+    // group 0: Q; group 1: the first K/V tile, still in flight while Q goes to registers
+    load_tile_sw_async<T, D, BM>(q_tile, p.q, q0, q1, b, h);
     cp_async_commit();
-    cp_async_wait<0>();
+    load_stage_sw_async<T, D, BN>(smem, p.k, p.v, k0, k1, b, h);
+    cp_async_commit();
+    cp_async_wait<1>();
     sync_threads();
-    uint32_t qf[D / 16][4];
+    uint32_t qf[MT][KD][4];
     if (active) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) load_a<S>(qf[kk], q_tile, wrow, kk * 16);
-    }
-
-    float acc[D / 8][4];
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY};  // running max of rows gid, gid+8 (log2 units, scaled)
-    float l[2] = {0.f, 0.f};              // this lane's partial row sums
+            for (int kk = 0; kk < KD; ++kk) load_a_sw<D>(qf[mt][kk], smem, kQTile, wrow + 16 * mt, kk * 16);
+    }
+    sync_threads();  // every warp holds its Q: stage 1 may take the first prefetch
 
-    for (int kt = k0, stage = 0; kt < k1; kt += BN, stage ^= 1) {
-        const T* k_tile = kv_tiles + 2 * stage * BN * S;
-        const T* v_tile = k_tile + BN * S;
-        // prefetch the next tile into the other stage, which every warp finished reading at the end of
-        // the previous iteration
-        if (kt + BN < k1) load_stage_async<T, D, BN>(kv_tiles + 2 * (stage ^ 1) * BN * S, p.k, p.v, kt + BN, k1, b, h);
+    float acc[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+    float m[MT][2], l[MT][2];  // running max of rows gid, gid+8 of each m16 tile (log2 units, scaled); partial sums
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+
+    // one key tile at kt in `stage`; kTail: the tile may hold keys past k1, which get -inf
+    auto step = [&](int kt, int stage, auto tail) {
+        constexpr bool kTail = decltype(tail)::value;
+        const int k_tile = stage * kStage, v_tile = k_tile + BN * D;
+        // prefetch the next tile into the other stage, which every warp finished reading at the end of the
+        // previous step
+        if (kt + BN < k1) load_stage_sw_async<T, D, BN>(smem + (stage ^ 1) * kStage, p.k, p.v, kt + BN, k1, b, h);
         current_stage_ready();
-        if (!active) {
-            sync_threads();  // match the active warps' end-of-tile barrier
-            continue;
-        }
+        if (active) {
+            float s[MT][NT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk)
+#pragma unroll
+                for (int nn = 0; nn < NT / 2; ++nn) {
+                    uint32_t bf[2][2];
+                    load_b_sw<D>(bf, smem, k_tile, nn * 16, kk * 16);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_m16n8k16<T>(s[mt][2 * nn], qf[mt][kk], bf[0]);
+                        mma_m16n8k16<T>(s[mt][2 * nn + 1], qf[mt][kk], bf[1]);
+                    }
+                }
 
-        float s[NT][4];
+            // which of this lane's columns may be attended: tested on the tail tile and with a key mask only
+            bool keep[NT][2];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+            for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+                for (int i = 0; i < 2; ++i) {
+                    const int col = kt + 8 * j + 2 * tig + i;
+                    keep[j][i] = (!kTail || col < k1) && (!kKeyMask || key_allowed(p, b, col));
+                }
+            uint32_t pf[MT][BN / 16][4];
 #pragma unroll
-            for (int nn = 0; nn < NT / 2; ++nn) {
-                uint32_t bf[2][2];
-                load_b<S>(bf, k_tile, nn * 16, kk * 16);
-                mma_m16n8k16<T>(s[2 * nn], qf[kk], bf[0]);
-                mma_m16n8k16<T>(s[2 * nn + 1], qf[kk], bf[1]);
+            for (int mt = 0; mt < MT; ++mt) {
+                // online softmax in log2 units
+                float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        s[mt][j][i] = keep[j][i % 2] ? s[mt][j][i] * p.scale_log2 : -INFINITY;
+                        mx[i / 2] = fmaxf(mx[i / 2], s[mt][j][i]);
+                    }
+                float alpha[2], base[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    // without a key mask every tile holds a valid key and the new max is finite; a tile of
+                    // padding can leave it at -inf, and the exponentials are then taken against 0
+                    const float m_new = fmaxf(m[mt][r], quad_max(mx[r]));
+                    base[r] = kKeyMask && m_new == -INFINITY ? 0.f : m_new;
+                    alpha[r] = exp2f(m[mt][r] - base[r]);
+                    m[mt][r] = m_new;
+                    l[mt][r] *= alpha[r];
+                }
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        s[mt][j][i] = exp2f(s[mt][j][i] - base[i / 2]);
+                        l[mt][i / 2] += s[mt][j][i];
+                    }
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j) {
+                    acc[mt][j][0] *= alpha[0];
+                    acc[mt][j][1] *= alpha[0];
+                    acc[mt][j][2] *= alpha[1];
+                    acc[mt][j][3] *= alpha[1];
+                }
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(pf[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
+            }
+
+            // O += P V
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+                for (int dn = 0; dn < D / 16; ++dn) {
+                    uint32_t bf[2][2];
+                    load_b_trans_sw<D>(bf, smem, v_tile, kk * 16, dn * 16);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_m16n8k16<T>(acc[mt][2 * dn], pf[mt][kk], bf[0]);
+                        mma_m16n8k16<T>(acc[mt][2 * dn + 1], pf[mt][kk], bf[1]);
+                    }
+                }
+        }
+        sync_threads();  // this stage fully read before the next step's prefetch overwrites it
+    };
+
+    // full key tiles carry no bound test; a partial last tile gets one
+    int kt = k0, stage = 0;
+    for (; kt + BN <= k1; kt += BN, stage ^= 1) step(kt, stage, TailTile<false>{});
+    if (kt < k1) step(kt, stage, TailTile<true>{});
+
+    // epilogue: normalised O into the staging tile (every warp is past the last step's barrier, so the K/V
+    // stages are free), then 16-byte row chunks to global memory
+    if (active) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            float inv[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                l[mt][r] = quad_sum(l[mt][r]);
+                inv[r] = 1.f / l[mt][r];
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = wrow + 16 * mt + gid + 8 * half;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j)
+                    *reinterpret_cast<uint32_t*>(o_tile + L::at(row, j) + 2 * tig) =
+                        TypeOps<T>::pack(acc[mt][j][2 * half] * inv[half], acc[mt][j][2 * half + 1] * inv[half]);
+                // natural-log LSE of the scaled scores: (m * ln 2) + ln(l)
+                if (tig == 0 && q0 + row < q1)
+                    p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Nq + q0 + row] = m[mt][half] / kLog2e + logf(l[mt][half]);
             }
         }
-
-        // online softmax in log2 units; columns past the segment's keys, or padding, get -inf
-        float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int col = kt + 8 * j + 2 * tig + (i % 2);
-                s[j][i] = col < k1 && (!kKeyMask || key_allowed(p, b, col)) ? s[j][i] * p.scale_log2 : -INFINITY;
-                mx[i / 2] = fmaxf(mx[i / 2], s[j][i]);
-            }
-        float alpha[2], base[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            // without a key mask every tile holds a valid key and the new max is finite; a tile of
-            // padding can leave it at -inf, and the exponentials are then taken against 0
-            const float m_new = fmaxf(m[r], quad_max(mx[r]));
-            base[r] = kKeyMask && m_new == -INFINITY ? 0.f : m_new;
-            alpha[r] = exp2f(m[r] - base[r]);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                s[j][i] = exp2f(s[j][i] - base[i / 2]);
-                l[i / 2] += s[j][i];
-            }
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            acc[j][0] *= alpha[0];
-            acc[j][1] *= alpha[0];
-            acc[j][2] *= alpha[1];
-            acc[j][3] *= alpha[1];
-        }
-
-        uint32_t pf[BN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(pf[kk], s[2 * kk], s[2 * kk + 1]);
-        gemm_reg_nn<D, BN / 16, T>(acc, pf, v_tile);
-        sync_threads();  // this stage fully read before the next iteration's prefetch overwrites it
     }
-
-    if (!active) return;  // warp-uniform, after the last block-wide barrier
-    float inv[2];
+    sync_threads();
+    // consecutive threads take consecutive chunks of a row: each warp stores whole rows, coalesced
+    static_assert(BM * L::kChunks % kThreads == 0, "every thread stores the same number of chunks");
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] = quad_sum(l[r]);
-        inv[r] = 1.f / l[r];
-    }
-    store_acc<T, D>(acc, inv[0], inv[1], p.o, q0 + wrow, q1, b, h);
-    if (tig == 0) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = q0 + wrow + gid + 8 * r;
-            // natural-log LSE of the scaled scores: (m * ln 2) + ln(l)
-            if (row < q1) p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Nq + row] = m[r] / kLog2e + logf(l[r]);
-        }
+    for (int j = 0; j < BM * L::kChunks / kThreads; ++j) {
+        const int i = thread_x() + j * kThreads, r = i / L::kChunks, c = i % L::kChunks;
+        if (q0 + r < q1) store16(reinterpret_cast<uint4*>(row_ptr_mut<T>(p.o, q0 + r, b, h) + c * 8),
+                                 load16(reinterpret_cast<const uint4*>(o_tile + L::at(r, c))));
     }
 }
 
 template <class T, int D>
 static void launch_fwd(const Params& p, int nblocks, int bh) {
     using Sh = Shape<D>;
-    // Q, and two stages of K and V
-    const size_t smem = static_cast<size_t>(Sh::kBlockM + 4 * Sh::kBlockN) * Sh::kStride * sizeof(T);
+    // two stages of K and V, with Q over stage 1 (and past it when Q is the larger), O over stage 0 at the end
+    constexpr size_t kStage = 2 * Sh::kBlockNFwd * D, kQ = Sh::kBlockMFwd * D;
+    const size_t smem = (kStage + (kStage > kQ ? kStage : kQ)) * sizeof(T);
     // named: a template-id's comma would split the macro arguments
     auto kernel = p.key_mask != nullptr ? _mbt_attention_fwd_kernel<T, D, true> : _mbt_attention_fwd_kernel<T, D, false>;
     set_max_dynamic_smem(kernel, smem);
@@ -164,7 +237,8 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, 
     const int64_t nq = q.size(0), nk = k.size(0), B = q.size(1), H = q.size(2), D = q.size(3);
     TORCH_CHECK(B * H <= 65535, "q: batch x heads must be at most 65535, got ", B * H);
     const auto segs = segments(seg, nq, nk);
-    const auto table = tile_table(segs, Shape<64>::kBlockM, /*by_keys=*/false);
+    const int block_m = D == 128 ? Shape<128>::kBlockMFwd : Shape<64>::kBlockMFwd;  // as Shape<32>'s
+    const auto table = tile_table(segs, block_m, /*by_keys=*/false);
     auto blocks = table_tensor(table, q.device());
 
     const auto q_gaps = gaps(segs, nq, /*by_keys=*/false);  // rows in no segment output 0

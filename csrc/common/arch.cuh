@@ -70,6 +70,12 @@ MBT_DEVICE uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cv
 MBT_DEVICE void cp_async16(void* smem_dst, const void* gmem_src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
 }
+// cp_async16, or 16 zero bytes when !valid (src-size 0: nothing is read from gmem_src, which must still be a
+// valid address): one branch-free instruction for a tile's rows inside and past its end
+MBT_DEVICE void cp_async16_zfill(void* smem_dst, const void* gmem_src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
+                 "r"(valid ? 16 : 0) : "memory");
+}
 MBT_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 MBT_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }

@@ -366,6 +366,16 @@ inline void cp_async16(void* smem_dst, const void* gmem_src) {
     std::memcpy(c.bytes, gmem_src, 16);
     mbt_emu::tls.async_copies.push_back(c);
 }
+// cp.async with src-size 16 or 0: the zeros land at the wait too, like the copy they replace
+inline void cp_async16_zfill(void* smem_dst, const void* gmem_src, bool valid) {
+    if (valid) return cp_async16(smem_dst, gmem_src);
+    mbt_emu::check_aligned16(smem_dst, "cp.async shared destination");
+    mbt_emu::check_aligned16(gmem_src, "cp.async global source");
+    mbt_emu::AsyncCopy c;
+    c.dst = static_cast<unsigned char*>(smem_dst);
+    std::memset(c.bytes, 0, 16);
+    mbt_emu::tls.async_copies.push_back(c);
+}
 inline void cp_async_commit() { mbt_emu::tls.async_groups.push_back(mbt_emu::tls.async_copies.size()); }
 template <int N>
 inline void cp_async_wait() {

@@ -184,3 +184,47 @@ def test_key_mask(backend, dtype):
     mask[:, [149, 239]] = True  # every query row keeps a key
     _, _, dk, dv = _compare(backend, q, k, v, segs, dtype, key_mask=mask)
     assert (dk[~mask.T] == 0).all() and (dv[~mask.T] == 0).all()
+
+
+# The forward's tile edges: 128-row query tiles (64 at D=128), 64-key tiles, and a bound test on a segment's
+# last key tile only when it is partial. (segments, Nq, Nk) per case.
+TILE_EDGES = {
+    # one query tile with warps past the segment, and a single partial key tile
+    "shorter_than_a_tile": ([(0, 50, 0, 50)], 50, 50),
+    # 2 full query tiles + 44 rows (4 + 44 at D=128); 4 full key tiles + a 44-key tail
+    "full_tiles_and_tail": ([(0, 300, 0, 300)], 300, 300),
+    # key tiles exactly full (no tail step): 256 and 128 keys; query tiles full (256 rows) and half (64)
+    "key_tiles_exactly_full": ([(0, 256, 0, 256), (256, 320, 256, 384)], 320, 384),
+}
+
+
+@pytest.mark.parametrize("case", list(TILE_EDGES))
+@pytest.mark.parametrize("head_dim,dtype", [(32, torch.float16), (64, torch.bfloat16), (128, torch.float16)])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_mask"])
+def test_forward_tile_edges(backend, case, head_dim, dtype, masked):
+    """Output (the DESIGN.md rule) and LSE (fp32 logsumexp of the same low-precision inputs) of the forward."""
+    from mbt_fast import cuda_ext
+
+    segs, nq, nk = TILE_EDGES[case]
+    g = torch.Generator().manual_seed(head_dim + nq)
+    q = torch.randn(nq, 1, 2, head_dim, generator=g)
+    k, v = torch.randn(nk, 1, 2, head_dim, generator=g), torch.randn(nk, 1, 2, head_dim, generator=g)
+    mask = None
+    if masked:
+        mask = torch.rand(1, nk, generator=g) > 0.4
+        for _, _, k0, k1 in segs:
+            mask[:, k1 - 1] = True  # every query row keeps a key
+    _compare(backend, q, k, v, segs, dtype, backward=False, key_mask=mask)
+
+    dev = _device(backend)
+    lib = cuda_ext.build(emulated=backend == "cuda-emu")
+    scale = 1.0 / math.sqrt(head_dim)
+    low = [t.to(dtype) for t in (q, k, v)]
+    km = torch.empty(0, dtype=torch.bool) if mask is None else mask
+    _, lse = lib.attention_fwd(*[t.to(dev) for t in low], torch.tensor(segs, dtype=torch.int32), scale, km.to(dev))
+    for q0, q1, k0, k1 in segs:
+        s = torch.einsum("nbhd,mbhd->bhnm", low[0][q0:q1].float(), low[1][k0:k1].float()) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask[:, None, None, k0:k1], -math.inf)
+        err = (lse[:, :, q0:q1].cpu() - torch.logsumexp(s, -1)).abs().max().item()
+        assert err < 1e-3, f"lse of rows [{q0}, {q1}): max error {err:.3e}"

@@ -94,9 +94,25 @@ def test_nvcc_build_sm80_sm90_no_spills(tmp_path, monkeypatch):
             # tensor cores fed by ldmatrix, tiles loaded by cp.async (LDGSTS), not LDG + STS through registers
             for dtype_op in ("HMMA.16816.F32 ", "HMMA.16816.F32.BF16", "LDSM.16.M88.4", "LDSM.16.MT88.4", "LDGSTS.E.BYPASS.128"):
                 assert dtype_op in part, f"{obj} {arch}: no {dtype_op.strip()} in the SASS"
+            if obj == "attention_fwd.cuda.o":
+                _check_forward_sass(part, arch)
         # +PTX: compute_90 PTX embedded beside the SASS, for GPUs newer than sm_90 to JIT-compile
         ptx = subprocess.run([cuobjdump, "-lptx", str(tmp_path / "build" / obj)], capture_output=True, text=True).stdout
         assert "sm_90" in ptx and "sm_80" not in ptx, f"{obj}: expected compute_90 PTX only, cuobjdump -lptx says {ptx!r}"
+
+
+def _check_forward_sass(part, arch):
+    """The forward's design in its SASS: O stored as 16-byte row chunks (staged through shared memory), and
+    at D <= 64 32-row warps, so each K/V fragment from ldmatrix feeds 4 mma: LDSM per HMMA at most 0.35
+    over the whole kernel, Q loads included (0.28 with 128-row tiles; 0.56 with 16-row warps)."""
+    kernels = {chunk.split()[0]: chunk for chunk in part.split("Function : ")[1:]}
+    forward = {name: body for name, body in kernels.items() if "mbt_attention_fwd" in name}
+    assert len(forward) == 12, sorted(forward)  # {half, bf16} x {32, 64, 128} x {key mask, none}
+    for name, body in forward.items():
+        assert "STG.E.128" in body, f"{arch} {name}: no 16-byte global store (STG.E.128) of O"
+        if "Li128E" not in name:
+            hmma, ldsm = body.count(" HMMA."), body.count(" LDSM.")
+            assert 0 < ldsm <= 0.35 * hmma, f"{arch} {name}: {ldsm} LDSM for {hmma} HMMA (> 0.35 per HMMA)"
 
 
 def _cuobjdump():
