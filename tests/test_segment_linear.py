@@ -83,6 +83,24 @@ def test_grouped_equals_per_segment_fp32(monkeypatch, case, batch, bias):
         assert_close_2x(g, r, p, torch.float32, backward=name != "out", name=f"grouped {name}")
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_grouped_under_autocast_casts_in_the_stack_and_returns_parameter_dtype_gradients(monkeypatch, bias):
+    """fp32 parameters under bf16 autocast, as training runs: the grouped path stacks the weights in bf16
+    (the stack is the cast) and hands back fp32 gradients, like the per-segment path's casts."""
+    n, segments, n_weights, shared = CASES["four_segments_repeated_weights"]
+    x, ws, bs = _inputs(n, n_weights, shared, 3, bias)
+    ref = _reference(x, ws, bs, segments)
+    runs = {}
+    for path in ("per_segment", "grouped"):
+        monkeypatch.setattr(SL, "GEMM_PATH", path)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs[path] = _run(x, ws, bs, segments, torch.float32)
+    names = ["out", "x.grad"] + [f"param{i}.grad" for i in range(len(ref) - 2)]
+    for name, g, p, r in zip(names, runs["grouped"], runs["per_segment"], ref):
+        assert g.dtype == p.dtype == (torch.bfloat16 if name == "out" else torch.float32), (name, g.dtype, p.dtype)
+        assert_close_2x(g, r, p, torch.bfloat16, backward=name != "out", name=f"grouped {name}")
+
+
 def test_grouped_plan_is_built_once_per_segments_batch_and_device(monkeypatch):
     monkeypatch.setattr(SL, "GEMM_PATH", "grouped")
     SL._cached_plan.cache_clear()

@@ -136,19 +136,22 @@ class SegmentLinearFunction(torch.autograd.Function):
 
 
 class GroupedLinearFunction(torch.autograd.Function):
-    """The same op as one ``torch._grouped_mm`` over all row groups (forward, dX and dW)."""
+    """The same op as one ``torch._grouped_mm`` over all row groups (forward, dX and dW). The parameters
+    may be in another dtype than x (autocast): they are stacked in x's dtype, the stack being the cast,
+    and their gradients are returned in their own dtype."""
 
     @staticmethod
     def forward(ctx, x, plan, n_weights, *params):
         weights, biases = params[:n_weights], params[n_weights:]
         N, B, K = x.shape
         O = weights[0].shape[0]
-        w = torch.stack([weights[m] for m in plan.group_weight])  # [G, O, K]: one weight per group
+        w = torch.stack([weights[m] for m in plan.group_weight], out=x.new_empty(len(plan.group_weight), O, K))
         out = torch._grouped_mm(x.reshape(N * B, K), w.transpose(1, 2), plan.offs).view(N, B, O)
         if biases:  # _grouped_mm has no bias: one gather of the [N, O] bias rows, one broadcast add
-            out.add_(torch.stack(biases).index_select(0, plan.row_weight).unsqueeze(1))
+            b = torch.stack(biases, out=x.new_empty(n_weights, O))
+            out.add_(b.index_select(0, plan.row_weight).unsqueeze(1))
         ctx.save_for_backward(x, w)
-        ctx.plan, ctx.n_weights, ctx.has_bias = plan, n_weights, bool(biases)
+        ctx.plan, ctx.n_weights, ctx.has_bias, ctx.param_dtype = plan, n_weights, bool(biases), weights[0].dtype
         return out
 
     @staticmethod
@@ -165,10 +168,10 @@ class GroupedLinearFunction(torch.autograd.Function):
         gw = [None] * ctx.n_weights
         for g, m in enumerate(plan.group_weight):
             gw[m] = gw_groups[g] if gw[m] is None else gw[m] + gw_groups[g]
-        gw = [gw_groups.new_zeros(O, K) if g is None else g for g in gw]
+        gw = [gw_groups.new_zeros(O, K) if g is None else g.to(ctx.param_dtype) for g in gw]
         gb = []
         if ctx.has_bias:  # per weight: the sum of its rows' gradients, one reduction and one small GEMM
-            gb = list((plan.weight_rows @ grad_out.sum(1)).unbind(0))
+            gb = list((plan.weight_rows @ grad_out.sum(1)).to(ctx.param_dtype).unbind(0))
         return (grad_x, None, None, *gw, *gb)
 
 
@@ -196,8 +199,9 @@ def autocast_dtype(device_type: str):
 
 
 def prepare(x, weights, biases, segments):
-    """Checked arguments: ``(x, weights, biases, merged segments, context)``, cast to the autocast
-    dtype under autocast; the GEMMs run inside ``context`` (autocast off: the casts are done)."""
+    """Checked arguments: ``(x, weights, biases, merged segments, context)``, x cast to the autocast dtype
+    under autocast (the parameters are cast by the path that runs); the GEMMs run inside ``context``
+    (autocast off: the casts are done)."""
     check_tensor("x", x, 3)
     weights, biases = list(weights), list(biases) if biases is not None else []
     if not weights:
@@ -219,7 +223,7 @@ def prepare(x, weights, biases, segments):
     device_type = x.device.type
     dtype = autocast_dtype(device_type)
     if dtype is not None:
-        x, weights, biases = x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases]
+        x = x.to(dtype)
     elif any(t.dtype != x.dtype for t in weights + biases):
         raise TypeError(f"x: expected the dtype of the weights and biases, got x {x.dtype}, "
                         f"weights {[w.dtype for w in weights]}, biases {[b.dtype for b in biases]}")
@@ -234,4 +238,5 @@ def segment_linear(x, weights, biases, segments):
         if path == "grouped":
             plan = group_plan(seg, x.shape[1], len(weights), x.device, x.dtype)
             return GroupedLinearFunction.apply(x, plan, len(weights), *weights, *biases)
+        weights, biases = [w.to(x.dtype) for w in weights], [b.to(x.dtype) for b in biases]  # autocast's casts
         return SegmentLinearFunction.apply(x, seg, len(weights), *weights, *biases)
