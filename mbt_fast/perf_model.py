@@ -328,11 +328,12 @@ def aten_cost(func, args, kwargs, out) -> OpCost | None:
     nbytes = in_bytes + out_bytes
     if name in ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation", "_grouped_mm"):
         # _grouped_mm: [R, K] x [G, K, O] (or [O, R] x [R, K] -> [G, O, K]): the groups split R, so its
-        # FLOPs are those of one [R, K] x [K, O] product, in one launch (one CUTLASS kernel on sm_90)
+        # FLOPs are those of one [R, K] x [K, O] product; on sm_90 it is two launches (GroupMM.cu: a
+        # one-block kernel writing the groups' pointers and shapes, then the CUTLASS grouped GEMM)
         a, b = (args[1], args[2]) if name in ("addmm", "baddbmm", "_addmm_activation") else (args[0], args[1])
         epilogue = {"addmm": 1, "baddbmm": 1, "_addmm_activation": 1 + _VEC_PER_ELEM["gelu"]}.get(name, 0)  # bias (+ GELU)
         return OpCost(name, "gemm", tc_flops=_mm_flops(a.shape, b.shape), vec_flops=epilogue * outs[0].numel(),
-                      bytes=nbytes)
+                      bytes=nbytes, launches=2 if name == "_grouped_mm" else 1)
     if name == "convolution":
         x, w = args[0], args[1]
         return OpCost(name, "gemm", tc_flops=_conv_flops(x.shape, w.shape, outs[0].shape, bool(args[6])),
@@ -844,6 +845,8 @@ def estimate(preset: str = "mbt_base_16x2", batch: int = 8, dtype=torch.bfloat16
         by_gpu = per_gpu[b]
         out["backends"][b] = {**{k: v for k, v in c.totals().items() if k != "tc_flops"},
                               "launches_by_gpu": {g: by_gpu[g].totals()["launches"] for g in PEAKS},
+                              # GEMM calls (cuBLAS / grouped) and their kernel launches (a grouped call is two)
+                              "gemm_calls_by_gpu": {g: sum(o.cls == "gemm" for o in by_gpu[g].ops) for g in PEAKS},
                               "gemm_launches_by_gpu": {g: sum(o.launches for o in by_gpu[g].ops if o.cls == "gemm")
                                                        for g in PEAKS},
                               "est_ms": {g: by_gpu[g].est_ms(g, fp32) for g in PEAKS},
@@ -879,12 +882,12 @@ def format_report(report: dict, counters: dict, cfg, dtype) -> str:
         L.append(f"  attn {impl:7s} {' / '.join(f'{x:g}' for x in d['range']):>18s}  x {d['anchor']} anchor; {d['why']}")
     L.append("  attention anchors (H100, head dim 64, TFLOP/s at 512/1k/2k tokens; FlashAttention-3 paper): " + "; ".join(
         f"{prov} {dr} {'/'.join(f'{x:.0f}' for x in v)}" for dr, t in ATTENTION_ANCHORS.items() for prov, v in t.items()))
-    L += ["", f"{'backend':19s} {'FLOPs':>9s} {'HBM bytes':>10s} {'launches':>9s} {'GEMMs A100/H100':>16s} "
+    L += ["", f"{'backend':19s} {'FLOPs':>9s} {'HBM bytes':>10s} {'launches':>9s} {'GEMM calls A100/H100':>21s} "
               f"{'A100 ms [low, high]':>26s} {'H100 ms [low, high]':>26s}   ({LABEL}; FLOPs, bytes, launches: H100 step)"]
     for b, r in report["backends"].items():
         cells = [f"{r['est_ms'][g]:8.2f} [{r['est_ms_range'][g][0]:6.2f}, {r['est_ms_range'][g][1]:6.2f}]" for g in PEAKS]
-        gemms = "/".join(str(r["gemm_launches_by_gpu"][g]) for g in PEAKS)
-        L.append(f"{b:19s} {_fmt(r['flops']):>9s} {_fmt(r['hbm_bytes']):>10s} {r['launches']:>9d} {gemms:>16s} "
+        gemms = "/".join(str(r["gemm_calls_by_gpu"][g]) for g in PEAKS)
+        L.append(f"{b:19s} {_fmt(r['flops']):>9s} {_fmt(r['hbm_bytes']):>10s} {r['launches']:>9d} {gemms:>21s} "
                  f"{cells[0]:>26s} {cells[1]:>26s}")
     L += ["", f"speedups ({LABEL}: central [range over the efficiency scenarios])",
           f"{'':36s} {'A100':>22s} {'H100':>22s}"]

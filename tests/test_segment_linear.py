@@ -229,3 +229,132 @@ def test_grouped_compiles_without_graph_break_bf16(monkeypatch):
     for i, (c, e) in enumerate(zip(compiled, eager)):
         err = (c.float() - e.float()).abs().max().item()
         assert err <= 2e-2 * max(e.float().abs().max().item(), 1.0), f"tensor {i}: compiled vs eager {err:.3e}"
+
+
+# ---- fc1's bias + GELU in the GEMM epilogue (torch._addmm_activation) --------------------------------
+
+def test_gelu_epilogue_only_on_cuda_and_only_without_autograd():
+    assert SL.gelu_epilogue("cuda", needs_grad=False)
+    assert not SL.gelu_epilogue("cuda", needs_grad=True)  # no derivative, no pre-activation output
+    assert not SL.gelu_epilogue("cpu", needs_grad=False)  # erf-GELU on the CPU, not Scenic's tanh
+    assert not SL.gelu_epilogue("meta", needs_grad=False)
+
+
+def test_segment_linear_gelu_refuses_the_cpu_and_autograd():
+    x, ws, bs = _inputs(12, 2, False, 3, True, dtype=torch.float32)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"tanh-GELU on CUDA only.*device cpu, grad False"):
+        SL.segment_linear_gelu(x, ws, bs, ((0, 5, 0), (5, 12, 1)))
+
+
+def test_addmm_gelu_segments_write_every_segment_through_its_weights():
+    """The epilogue path's per-segment plumbing, run on the CPU, where _addmm_activation is erf-GELU: so
+    the reference here is erf-GELU (on CUDA it is tanh: test_linear_bias_gelu_epilogue_on_cuda_is_tanh)."""
+    n, segments, n_weights, shared = CASES["four_segments_repeated_weights"]
+    x, ws, bs = _inputs(n, n_weights, shared, 3, True)
+    out = SL._addmm_gelu_segments(x, ws, bs, SL.merge_segments(segments))
+    ref = torch.nn.functional.gelu(_reference(x, ws, bs, segments)[0])
+    err = (out - ref).abs().max().item()
+    assert err < 1e-12, f"max error {err:.3e} against erf-GELU of the per-segment Linear"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_bias_gelu_epilogue_on_cuda_is_tanh(dtype):
+    """On CUDA without autograd linear_bias_gelu runs _addmm_activation: Scenic's tanh-GELU, not erf."""
+    n, segments, n_weights, shared = CASES["two_modalities"]
+    x, ws, bs = _inputs(n, n_weights, shared, 3, True, K=64, O=96)
+    lin = _reference(x, ws, bs, segments)[0].detach()
+    tanh, erf = (torch.nn.functional.gelu(lin, approximate=a) for a in ("tanh", "none"))
+    rw = torch.tensor([m for s, e, m in segments for _ in range(s, e)], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        out = ops.linear_bias_gelu(x.to("cuda", dtype), [w.to("cuda", dtype) for w in ws],
+                                   [b.to("cuda", dtype) for b in bs], segments, rw, backend="torch")
+        eager = torch.nn.functional.gelu(ops.segment_linear(x.to("cuda", dtype), [w.to("cuda", dtype) for w in ws],
+                                                            [b.to("cuda", dtype) for b in bs], segments), approximate="tanh")
+    assert_close_2x(out.cpu(), tanh, eager.cpu(), dtype, name="epilogue vs tanh-GELU")
+    if dtype == torch.float32:  # erf and tanh differ by up to ~5e-4 here: the fp32 output tells them apart
+        assert (out.cpu().double() - erf).abs().max().item() > 10 * (out.cpu().double() - tanh).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10),
+                    reason="no CUDA device of compute capability 9.x/10.x (torch's one-kernel grouped GEMM)")
+@pytest.mark.parametrize("bias", [False, True], ids=["fc1_no_bias", "forced_bias"])
+def test_grouped_gemm_on_sm90_bf16_at_mbt_shapes(monkeypatch, bias):
+    """The CUTLASS grouped GEMM at MBT-B's rows (406 + 3142, batch 2, 768 -> 3072), bf16: chosen by default
+    without a bias, and within twice the per-segment bf16 error of an fp32 reference (forward and grads)."""
+    seg = ((0, 406, 0), (406, 3548, 1))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3548, 2, 768, device="cuda", generator=g)
+    ws = [torch.randn(3072, 768, device="cuda", generator=g) / 28 for _ in range(2)]
+    bs = [torch.randn(3072, device="cuda", generator=g) for _ in range(2)] if bias else None
+    assert SL.gemm_path(x.bfloat16(), ws[0].bfloat16(), 2, bias) == ("per_segment" if bias else "grouped")
+
+    def run(path, dtype):
+        monkeypatch.setattr(SL, "GEMM_PATH", path)
+        xx = x.to(dtype).requires_grad_()
+        ww = [w.to(dtype).requires_grad_() for w in ws]
+        bb = [b.to(dtype).requires_grad_() for b in bs] if bias else None
+        out = ops.segment_linear(xx, ww, bb, seg)
+        out.backward(torch.ones_like(out))
+        return [out, xx.grad, *[w.grad for w in ww], *([b.grad for b in bb] if bias else [])]
+
+    ref = run("per_segment", torch.float32)
+    per_segment, grouped = run("per_segment", torch.bfloat16), run("grouped", torch.bfloat16)
+    for i, (o, p, r) in enumerate(zip(grouped, per_segment, ref)):
+        assert_close_2x(o.float(), r, p.float(), torch.bfloat16, backward=i > 0, name=f"grouped tensor {i}")
+
+
+# ---- the performance model learns the grouped path (mbt_fast.perf_model) ------------------------------
+
+def test_perf_model_costs_a_grouped_gemm_by_hand():
+    from mbt_fast import perf_model
+
+    counter = perf_model.Counter()
+    R, K, O, G = 96, 64, 128, 2
+    x = torch.empty(R, K, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(G, O, K, dtype=torch.bfloat16, device="meta")
+    offs = torch.empty(G, dtype=torch.int32, device="meta")
+    with perf_model.AtenCounter(counter):
+        torch._grouped_mm(x, w.transpose(1, 2), offs)  # forward / dX form: [R, K] x [G, K, O]
+        torch._grouped_mm(torch.empty(O, R, dtype=torch.bfloat16, device="meta"), x, offs)  # dW form: [G, O, K]
+    fwd, dw = counter.ops
+    assert fwd.cls == dw.cls == "gemm" and fwd.launches == dw.launches == 2  # setup kernel + CUTLASS GEMM
+    assert fwd.tc_flops == dw.tc_flops == 2 * R * K * O  # the groups split the rows: one product's FLOPs
+    assert fwd.bytes == 2 * (R * K + G * K * O + R * O) + 4 * G
+    assert dw.bytes == 2 * (O * R + R * K + G * O * K) + 4 * G
+
+
+@pytest.mark.parametrize("gpu, grouped", [("h100", True), ("a100", False), (None, False)])
+def test_perf_model_takes_the_grouped_path_on_the_gpus_that_have_it(gpu, grouped):
+    from mbt_fast import perf_model
+
+    fwd, bwd = perf_model.Counter(), perf_model.Counter()
+    x = torch.empty(12, 2, 64, device="meta", requires_grad=True)
+    ws = [torch.empty(96, 64, device="meta", requires_grad=True) for _ in range(2)]
+    with perf_model.counting(fwd, "triton", amp=True, gpu=gpu):  # fp32 parameters under bf16 autocast
+        out = ops.segment_linear(x, ws, None, ((0, 5, 0), (5, 12, 1)))  # fc1 on a kernel backend: no bias
+    with perf_model.counting(bwd, "triton", gpu=gpu):
+        out.backward(torch.empty_like(out))
+    names = [o.name for o in fwd.ops]
+    # x cast to bf16; the weights cast one by one, or stacked straight into bf16 (the device tables are
+    # built once per layout, not per step: no host-to-device copy here)
+    assert names == (["_to_copy", "stack", "_grouped_mm"] if grouped else ["_to_copy"] * 3 + ["mm"] * 2), names
+    gemms = [o.name for o in bwd.ops if o.cls == "gemm"]
+    assert gemms == (["_grouped_mm"] * 2 if grouped else ["mm"] * 4), [o.name for o in bwd.ops]  # dX, dW
+
+
+def test_perf_model_report_counts_gemm_calls_per_gpu():
+    from mbt_fast import perf_model
+
+    report, _, _ = perf_model.estimate("tiny", 2, backends=("torch", "triton"))
+    torch_b, triton_b = report["backends"]["torch"], report["backends"]["triton"]
+    # the torch backend's Linears all have a bias: per-segment GEMMs on both GPUs
+    assert torch_b["gemm_calls_by_gpu"]["h100"] == torch_b["gemm_calls_by_gpu"]["a100"]
+    # triton's fc1 (bias in the bias_gelu kernel) is one grouped call per direction on an H100
+    saved = triton_b["gemm_calls_by_gpu"]["a100"] - triton_b["gemm_calls_by_gpu"]["h100"]
+    cfg = mbt_fast.MBTConfig.preset("tiny")
+    assert saved == 3 * cfg.num_layers * (len(cfg.modality_fusion) - 1), saved
+    assert triton_b["launches_by_gpu"]["h100"] < triton_b["launches_by_gpu"]["a100"]
+    assert triton_b["launches"] == triton_b["launches_by_gpu"]["h100"]

@@ -13,12 +13,12 @@ Two paths, one contract (``gemm_path`` picks; they differ by GEMM rounding only)
 * ``grouped``: one ``torch._grouped_mm`` over ``x.view(N * B, K)`` whose groups are the segments' row
   ranges (``offs`` = cumulative row ends, int32 on the device, built once per (segments, B, device)).
   ``_grouped_mm`` takes no bias ("Bias not supported yet" in torch 2.14), so a bias costs one more
-  pass over the output; backward: dX and dW one grouped GEMM each. It is one kernel only on CUDA
-  sm_90/sm_100 in bf16 (CUTLASS); elsewhere torch loops over the groups after copying ``offs`` to the
-  host (a device sync), so ``auto`` takes it only where it is one kernel, and only without a bias:
-  the bias pass (2 x rows x out x 2 bytes) costs more than the launches it saves at MBT's shapes
-  (model estimate in ``mbt_fast.perf_model``). fc1 on the kernel backends is that case: its bias is
-  added by the fused ``bias_gelu`` kernel.
+  pass over the output; backward: dX and dW one grouped GEMM each. It is one GEMM kernel (CUTLASS,
+  after a one-block setup kernel) only on CUDA sm_90/sm_100 in bf16; elsewhere torch loops over the
+  groups after copying ``offs`` to the host (a device sync), so ``auto`` takes it only there, and only
+  without a bias: the bias pass (2 x rows x out x 2 bytes, ~90 us for MBT-B's qkv at batch 8 on an
+  H100) costs more than the launches it could save (model estimate in ``mbt_fast.perf_model``). fc1 on
+  the kernel backends is that case: its bias is added by the fused ``bias_gelu`` kernel.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def gemm_path(x: torch.Tensor, weight: torch.Tensor, n_groups: int, has_bias: bo
     if GEMM_PATH != "auto":
         return GEMM_PATH
     aligned = weight.shape[0] % 8 == 0 and weight.shape[1] % 8 == 0  # bf16 row strides, multiples of 16 bytes
-    if (n_groups < 2 or has_bias or x.shape[1] == 0 or x.dtype != torch.bfloat16 or not aligned
+    if (not 2 <= n_groups < 1024 or has_bias or x.shape[1] == 0 or x.dtype != torch.bfloat16 or not aligned
             or not device_has_grouped_gemm(x.device)):
         return "per_segment"
     return "grouped"
@@ -229,6 +229,43 @@ def prepare(x, weights, biases, segments):
                         f"weights {[w.dtype for w in weights]}, biases {[b.dtype for b in biases]}")
     ctx = torch.autocast(device_type, enabled=False) if dtype is not None else contextlib.nullcontext()
     return x, weights, biases, seg, ctx
+
+
+def gelu_epilogue(device_type: str, needs_grad: bool) -> bool:
+    """Whether fc1 runs as ``torch._addmm_activation(b, x, W.T, use_gelu=True)``, the bias and GELU in the
+    GEMM's epilogue (cuBLASLt GELU_BIAS), instead of a GEMM and a separate GELU pass.
+
+    Only on CUDA: there the op is tanh-GELU, Scenic's (aten/src/ATen/native/cuda/Blas.cpp,
+    addmm_out_cuda_impl: without the Lt epilogue it applies ``at::gelu_(result, "tanh")``); on the CPU
+    it is erf-GELU (aten/src/ATen/native/LinearAlgebra.cpp, addmm_activation_out_cpu: ``at::gelu_(result)``).
+    Only without autograd: the op has no derivative and no pre-activation output, so training would
+    need the pre-activation recomputed, one more fc1 GEMM in the backward (MBT-B batch 8 on an H100:
+    134 GFLOP, ~190 us at 70 % of peak), against the GELU pass it saves (read + write of [rows, mlp_dim]
+    bf16, 349 MB, ~120 us at 85 % of 3.35 TB/s; model estimate). At inference it saves that pass."""
+    return device_type == "cuda" and not needs_grad
+
+
+def segment_linear_gelu(x, weights, biases, segments):
+    """``gelu_tanh(segment_linear(x, weights, biases, segments))`` with the GELU in the GEMM epilogue: one
+    ``_addmm_activation`` per segment writing into the output. CUDA and no autograd only (``gelu_epilogue``)."""
+    x, weights, biases, seg, ctx = prepare(x, weights, biases, segments)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x, *weights, *biases])
+    if not gelu_epilogue(x.device.type, needs_grad) or len(biases) != len(weights):
+        raise ValueError(f"segment_linear_gelu: the GELU epilogue is tanh-GELU on CUDA only, has no backward and "
+                         f"takes a bias per weight; got device {x.device}, grad {needs_grad}, {len(biases)} biases")
+    with ctx:
+        weights, biases = [w.to(x.dtype) for w in weights], [b.to(x.dtype) for b in biases]
+        return _addmm_gelu_segments(x, weights, biases, seg)
+
+
+def _addmm_gelu_segments(x, weights, biases, seg):
+    """One ``_addmm_activation(use_gelu=True)`` per segment into the output (the device's GELU: see above)."""
+    N, B, K = x.shape
+    out = x.new_empty(N, B, weights[0].shape[0])
+    x2, o2 = x.reshape(N * B, K), out.view(N * B, out.shape[-1])
+    for s, e, m in seg:
+        torch._addmm_activation(biases[m], x2[s * B:e * B], weights[m].t(), use_gelu=True, out=o2[s * B:e * B])
+    return out
 
 
 def segment_linear(x, weights, biases, segments):
