@@ -7,6 +7,7 @@ path and an fp64 reference; its one-kernel CUDA form (sm_90, bf16) needs a GPU r
 """
 import dataclasses
 import importlib
+import types
 
 import pytest
 import torch
@@ -136,7 +137,8 @@ def test_gemm_path_takes_grouped_only_where_it_is_one_kernel_and_saves_launches(
     monkeypatch.undo()
     # torch's fast path: compute capability 9.x (H100/H200) and 10.x (B200); A100 (8.0) and 12.x loop over groups
     for cc, fast in (((8, 0), False), ((9, 0), True), ((10, 0), True), ((12, 0), False)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cc=cc: cc)
+        props = types.SimpleNamespace(major=cc[0], minor=cc[1])
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, props=props: props)
         assert SL.device_has_grouped_gemm(torch.device("cuda", 0)) == fast, cc
     monkeypatch.undo()
     # no GPU: torch would loop over the groups after a copy of offs to the host, so never by default

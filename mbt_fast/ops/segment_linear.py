@@ -50,7 +50,7 @@ def device_has_grouped_gemm(device: torch.device) -> bool:
     (torch's ``_grouped_mm_cuda`` fast path; ``mbt_fast.perf_model`` replaces this to model a GPU)."""
     if device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
         return False
-    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+    return torch.cuda.get_device_properties(device).major in (9, 10)  # constant-folded by torch.compile
 
 
 def gemm_path(x: torch.Tensor, weight: torch.Tensor, n_groups: int, has_bias: bool) -> str:
