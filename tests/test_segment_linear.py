@@ -104,19 +104,44 @@ def test_grouped_under_autocast_casts_in_the_stack_and_returns_parameter_dtype_g
 
 def test_grouped_plan_is_built_once_per_segments_batch_and_device(monkeypatch):
     monkeypatch.setattr(SL, "GEMM_PATH", "grouped")
-    SL._cached_plan.cache_clear()
+    monkeypatch.setattr(SL, "_PLANS", {})
+    builds = []
+    build = SL._build_plan
+    monkeypatch.setattr(SL, "_build_plan", lambda *key: builds.append(key) or build(*key))
     x, ws, bs = _inputs(12, 2, False, 3, True, dtype=torch.float32)
     seg = ((0, 5, 0), (5, 12, 1))
     for _ in range(3):
         ops.segment_linear(x, ws, bs, seg)
-    assert SL._cached_plan.cache_info().misses == 1
-    plan = SL._cached_plan(seg, 3, 2, x.device, x.dtype)
+    assert len(builds) == 1
+    plan = SL._PLANS[(seg, 3, 2, x.device, x.dtype)]
     assert plan.offs.dtype == torch.int32 and plan.offs.tolist() == [15, 36]  # row ends of x.view(N * B, K)
+    assert plan.row_weight.tolist() == [0] * 5 + [1] * 7 and plan.weight_rows.sum(1).tolist() == [5, 7]
     ops.segment_linear(x[:, :2], ws, bs, seg)  # another batch size: another plan
-    assert SL._cached_plan.cache_info().misses == 2
+    assert len(builds) == 2
     monkeypatch.setattr(SL, "GEMM_PATH", "per_segment")
     ops.segment_linear(x, ws, bs, seg)
-    assert SL._cached_plan.cache_info().misses == 2
+    assert len(builds) == 2
+
+
+def test_compiled_grouped_path_reads_the_cached_plan_as_graph_inputs(monkeypatch):
+    """Once eager has built a plan, a trace takes its tensors as inputs: no table construction (and, on a
+    GPU, no host-to-device copy) in the compiled graph."""
+    monkeypatch.setattr(SL, "GEMM_PATH", "grouped")
+    x = torch.randn(12, 2, 16, dtype=torch.bfloat16)
+    ws = [torch.nn.Parameter(torch.randn(24, 16, dtype=torch.bfloat16)) for _ in range(2)]
+    f = lambda x: ops.segment_linear(x, ws, None, ((0, 5, 0), (5, 12, 1)))  # noqa: E731
+    f(x)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True, backend=backend)(x)
+    code = graphs[0]
+    for building in ("torch.tensor(", "repeat_interleave", "one_hot"):
+        assert building not in code, code
 
 
 def test_gemm_path_takes_grouped_only_where_it_is_one_kernel_and_saves_launches(monkeypatch):

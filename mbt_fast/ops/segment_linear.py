@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
@@ -76,22 +75,30 @@ class GroupPlan:
 
 
 def _build_plan(seg: tuple, batch: int, n_weights: int, device: torch.device, dtype) -> GroupPlan:
-    n = seg[-1][1]
-    row_weight = torch.empty(n, dtype=torch.int64)
-    for s, e, m in seg:
-        row_weight[s:e] = m
+    # made on the device from G-long constants: under torch.compile (a plan not cached yet) these are
+    # device ops of the graph, no host tensor and no host-to-device copy per call
+    ends = torch.tensor([e for _, e, _ in seg], dtype=torch.int32, device=device)
+    lengths = torch.tensor([e - s for s, e, _ in seg], dtype=torch.int64, device=device)
+    row_weight = torch.repeat_interleave(torch.tensor([m for _, _, m in seg], device=device), lengths,
+                                         output_size=seg[-1][1])
     onehot = torch.nn.functional.one_hot(row_weight, n_weights).t().to(dtype).contiguous()
-    offs = torch.tensor([e * batch for _, e, _ in seg], dtype=torch.int32)
-    return GroupPlan(tuple(m for _, _, m in seg), offs.to(device), row_weight.to(device), onehot.to(device))
+    return GroupPlan(tuple(m for _, _, m in seg), ends * batch, row_weight, onehot)
 
 
-_cached_plan = lru_cache(maxsize=256)(_build_plan)
+# (segments, B, n_weights, device, dtype) -> GroupPlan; read by torch.compile as graph inputs once filled
+_PLANS: dict[tuple, GroupPlan] = {}
 
 
 def group_plan(seg: tuple, batch: int, n_weights: int, device: torch.device, dtype) -> GroupPlan:
-    if torch.compiler.is_compiling():  # built at trace time: constants of the graph
-        return _build_plan(seg, batch, n_weights, device, dtype)
-    return _cached_plan(seg, batch, n_weights, device, dtype)
+    key = (seg, batch, n_weights, device, dtype)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _build_plan(*key)
+        if not torch.compiler.is_compiling():  # eager fills the cache; a trace builds in its graph
+            if len(_PLANS) > 1024:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
 
 
 class SegmentLinearFunction(torch.autograd.Function):
