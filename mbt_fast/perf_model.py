@@ -16,7 +16,11 @@ How the counts are made:
   pure-bf16 step;
 * a ``TorchDispatchMode`` sees every aten op executed (forward, autograd backward, optimizer) and
   costs it with ``aten_cost``: GEMM/conv FLOPs from shapes, bytes = every input + every output once
-  (a broadcast input counts its distinct elements), one launch per op, views and allocations free;
+  (a broadcast input counts its distinct elements), one launch per op (a grouped GEMM two: its setup
+  kernel and the GEMM), views and allocations free;
+* the code paths that depend on the GPU run as they would there: ``ops.segment_linear`` takes its
+  grouped GEMM where ``GROUPED_GEMM`` says the GPU has one (H100, not A100), so a step whose count
+  differs is counted once per GPU (``count_step_per_gpu``);
 * ops the meta device cannot run as on a GPU are replaced by declared per-op formulas, each op
   counted once per call (forward) and once per backward:
   - ``F.scaled_dot_product_attention`` (``eager_sdpa`` and ``torch``): PyTorch's flash kernels
