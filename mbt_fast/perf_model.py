@@ -16,7 +16,11 @@ How the counts are made:
   pure-bf16 step;
 * a ``TorchDispatchMode`` sees every aten op executed (forward, autograd backward, optimizer) and
   costs it with ``aten_cost``: GEMM/conv FLOPs from shapes, bytes = every input + every output once
-  (a broadcast input counts its distinct elements), one launch per op, views and allocations free;
+  (a broadcast input counts its distinct elements), one launch per op (a grouped GEMM two: its setup
+  kernel and the GEMM), views and allocations free;
+* the code paths that depend on the GPU run as they would there: ``ops.segment_linear`` takes its
+  grouped GEMM where ``GROUPED_GEMM`` says the GPU has one (H100, not A100), so a step whose count
+  differs is counted once per GPU (``count_step_per_gpu``);
 * ops the meta device cannot run as on a GPU are replaced by declared per-op formulas, each op
   counted once per call (forward) and once per backward:
   - ``F.scaled_dot_product_attention`` (``eager_sdpa`` and ``torch``): PyTorch's flash kernels
@@ -74,6 +78,9 @@ PEAKS = {
     "a100": {"name": "A100 SXM 80GB", "tensor_tflops": 312.0, "fp32_tflops": 19.5, "hbm_tbps": 2.04},
     "h100": {"name": "H100 SXM", "tensor_tflops": 989.0, "fp32_tflops": 67.0, "hbm_tbps": 3.35},
 }
+# Whether torch._grouped_mm is one kernel there (segment_linear's grouped path, mbt_fast.ops.segment_linear):
+# torch's fast path needs compute capability 9.x/10.x and bf16 (CUTLASS); an A100 (8.0) loops over the groups
+GROUPED_GEMM = {"a100": False, "h100": True}
 SMS = 132  # H100 SXM SMs: sizes the partial-sum buffers of the fused backward kernels (A100: 108)
 
 # ---- the one table of efficiencies: (low, central, high) = (pessimistic, central, optimistic) ---------
@@ -324,10 +331,14 @@ def aten_cost(func, args, kwargs, out) -> OpCost | None:
                 "fill_", "zero_", "scalar_tensor"):
         return OpCost(name, "fill", bytes=out_bytes)
     nbytes = in_bytes + out_bytes
-    if name in ("mm", "addmm", "bmm", "baddbmm"):
-        a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
-        extra = outs[0].numel() if name in ("addmm", "baddbmm") else 0
-        return OpCost(name, "gemm", tc_flops=_mm_flops(a.shape, b.shape), vec_flops=extra, bytes=nbytes)
+    if name in ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation", "_grouped_mm"):
+        # _grouped_mm: [R, K] x [G, K, O] (or [O, R] x [R, K] -> [G, O, K]): the groups split R, so its
+        # FLOPs are those of one [R, K] x [K, O] product; on sm_90 it is two launches (GroupMM.cu: a
+        # one-block kernel writing the groups' pointers and shapes, then the CUTLASS grouped GEMM)
+        a, b = (args[1], args[2]) if name in ("addmm", "baddbmm", "_addmm_activation") else (args[0], args[1])
+        epilogue = {"addmm": 1, "baddbmm": 1, "_addmm_activation": 1 + _VEC_PER_ELEM["gelu"]}.get(name, 0)  # bias (+ GELU)
+        return OpCost(name, "gemm", tc_flops=_mm_flops(a.shape, b.shape), vec_flops=epilogue * outs[0].numel(),
+                      bytes=nbytes, launches=2 if name == "_grouped_mm" else 1)
     if name == "convolution":
         x, w = args[0], args[1]
         return OpCost(name, "gemm", tc_flops=_conv_flops(x.shape, w.shape, outs[0].shape, bool(args[6])),
@@ -677,9 +688,9 @@ _AUTOCAST = torch.autocast
 
 
 @contextlib.contextmanager
-def counting(counter: Counter, backend: str, amp: bool = False):
+def counting(counter: Counter, backend: str, amp: bool = False, gpu: str | None = None):
     """Count everything run inside on meta tensors as ``backend`` would run it on a GPU (``amp``: under
-    bf16 autocast, emulated)."""
+    bf16 autocast, emulated; ``gpu``: a key of ``PEAKS`` whose GEMM paths to take, None: per-segment GEMMs)."""
     def autocast_dtype(device_type):  # meta has no autocast state; under amp it reports the emulated one
         return torch.bfloat16 if amp and device_type == "meta" else real_autocast_dtype(device_type)
 
@@ -688,22 +699,37 @@ def counting(counter: Counter, backend: str, amp: bool = False):
 
     linear_module = importlib.import_module("mbt_fast.ops.segment_linear")  # the package re-exports the function
     real_autocast_dtype = linear_module.autocast_dtype
+    aten = AtenCounter(counter)
+
+    def group_plan(*args):  # segment_linear's device tables: built once per layout, not per step
+        aten.paused += 1
+        try:
+            return real_group_plan(*args)
+        finally:
+            aten.paused -= 1
+
+    real_group_plan = linear_module.group_plan
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch("mbt_fast.model.resolved_backend", lambda b, device_type=None: b))
         stack.enter_context(mock.patch.object(linear_module, "autocast_dtype", autocast_dtype))
+        stack.enter_context(mock.patch.object(linear_module, "device_has_grouped_gemm",
+                                              lambda device: bool(gpu and GROUPED_GEMM[gpu])))
+        stack.enter_context(mock.patch.object(linear_module, "group_plan", group_plan))
         stack.enter_context(mock.patch.object(torch, "autocast", autocast))
         if backend in ("triton", "cuda"):
             stack.enter_context(declared_kernels(counter, backend))
         stack.enter_context(declared_sdpa(counter))
-        stack.enter_context(AtenCounter(counter))
+        stack.enter_context(aten)
         if amp:
             stack.enter_context(AutocastEmulation())
         yield counter
 
 
-def count_step(cfg, batch: int, backend: str, dtype=torch.bfloat16, momentum: float = 0.9, amp: bool = False) -> Counter:
+def count_step(cfg, batch: int, backend: str, dtype=torch.bfloat16, momentum: float = 0.9, amp: bool = False,
+               gpu: str | None = None) -> Counter:
     """Counts of one training step: forward, per-modality cross-entropy, backward, SGD (momentum) step.
-    ``amp``: fp32 parameters and inputs under (emulated) bf16 autocast, as training runs; else all in ``dtype``."""
+    ``amp``: fp32 parameters and inputs under (emulated) bf16 autocast, as training runs; else all in ``dtype``.
+    ``gpu``: the GPU whose code paths the step takes (segment_linear's grouped GEMM), None: per-segment GEMMs."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     dtype = torch.float32 if amp else dtype
@@ -716,13 +742,23 @@ def count_step(cfg, batch: int, backend: str, dtype=torch.bfloat16, momentum: fl
     labels = torch.empty(batch, dtype=torch.long, device="meta")
     counter = Counter()
     model.backend = backend  # set directly: the fast backends cannot be resolved for meta tensors
-    with counting(counter, backend, amp):
+    with counting(counter, backend, amp, gpu):
         logits = model.forward_per_modality(**inputs)
         loss = sum(F.cross_entropy(v.float(), labels) for v in logits.values()) / len(logits)
-    with counting(counter, backend):  # backward and optimizer step outside autocast, as in training
+    with counting(counter, backend, gpu=gpu):  # backward and optimizer step outside autocast, as in training
         loss.backward()
         opt.step()
     return counter
+
+
+def count_step_per_gpu(cfg, batch: int, backend: str, dtype=torch.bfloat16, amp: bool = False) -> dict:
+    """``{gpu: Counter}`` for every GPU of ``PEAKS``: the step is counted first on a GPU with a grouped GEMM,
+    and again for the others only if that count took the grouped path (otherwise their code is the same)."""
+    order = sorted(PEAKS, key=lambda g: not GROUPED_GEMM[g])
+    first = count_step(cfg, batch, backend, dtype, amp=amp, gpu=order[0])
+    grouped = any(o.name == "_grouped_mm" for o in first.ops)
+    return {g: first if g == order[0] or not grouped else count_step(cfg, batch, backend, dtype, amp=amp, gpu=g)
+            for g in PEAKS}
 
 
 _FUSABLE = {"elementwise", "layernorm", "softmax", "copy", "reduction", "fill"}
@@ -844,10 +880,16 @@ def estimate(preset: str = "mbt_base_16x2", batch: int = 8, dtype=torch.bfloat16
 
     cfg = cfg or MBTConfig.preset(preset)
     fp32 = dtype == torch.float32 and not amp
-    counters = {b: count_step(cfg, batch, b, dtype, amp=amp) for b in backends}
+    # per backend and GPU: the GEMM paths differ by GPU (segment_linear's grouped GEMM on an H100 only)
+    per_gpu = {b: count_step_per_gpu(cfg, batch, b, dtype, amp=amp) for b in backends}
     for name, eager in COMPILED.items():
-        if eager in counters:
-            counters[name] = compile_fusion(counters[eager])
+        if eager in per_gpu:
+            fused = {}
+            for g, c in per_gpu[eager].items():
+                if id(c) not in fused:
+                    fused[id(c)] = compile_fusion(c)
+            per_gpu[name] = {g: fused[id(c)] for g, c in per_gpu[eager].items()}
+    counters = {b: v["h100"] for b, v in per_gpu.items()}  # totals and the per-class table: the H100 step
     out = {"preset": preset, "batch": batch, "label": LABEL,
            "precision": "bf16 autocast, fp32 parameters (emulated)" if amp else str(dtype).replace("torch.", ""),
            "efficiency": {**{k: {"low_central_high": v["range"], "unit": v["unit"], "source": v["source"]}
@@ -859,14 +901,20 @@ def estimate(preset: str = "mbt_base_16x2", batch: int = 8, dtype=torch.bfloat16
                                                                  "head dim 64; Triton bwd derived; A100 scaled by FA2's ratio"}},
            "backends": {}, "speedup": {}}
     for b, c in counters.items():
+        by_gpu = per_gpu[b]
         out["backends"][b] = {**{k: v for k, v in c.totals().items() if k != "tc_flops"},
-                              "est_ms": {g: c.est_ms(g, fp32) for g in PEAKS},
-                              "est_ms_range": {g: c.est_range_ms(g, fp32) for g in PEAKS}}
+                              "launches_by_gpu": {g: by_gpu[g].totals()["launches"] for g in PEAKS},
+                              # GEMM calls (cuBLAS / grouped) and their kernel launches (a grouped call is two)
+                              "gemm_calls_by_gpu": {g: sum(o.cls == "gemm" for o in by_gpu[g].ops) for g in PEAKS},
+                              "gemm_launches_by_gpu": {g: sum(o.launches for o in by_gpu[g].ops if o.cls == "gemm")
+                                                       for g in PEAKS},
+                              "est_ms": {g: by_gpu[g].est_ms(g, fp32) for g in PEAKS},
+                              "est_ms_range": {g: by_gpu[g].est_range_ms(g, fp32) for g in PEAKS}}
     for x in counters:
         for base in BASELINES:
             if x != base and base in counters and not (x in COMPILED and base in ("torch",)):
                 entry = {g: out["backends"][base]["est_ms"][g] / out["backends"][x]["est_ms"][g] for g in PEAKS}
-                entry.update({f"{g}_range": speedup_range(counters[base], counters[x], g, fp32) for g in PEAKS})
+                entry.update({f"{g}_range": speedup_range(per_gpu[base][g], per_gpu[x][g], g, fp32) for g in PEAKS})
                 out["speedup"][f"{x}_over_{base}"] = entry
     return out, counters, cfg
 
@@ -893,11 +941,12 @@ def format_report(report: dict, counters: dict, cfg, dtype) -> str:
         L.append(f"  attn {impl:7s} {' / '.join(f'{x:g}' for x in d['range']):>18s}  x {d['anchor']} anchor; {d['why']}")
     L.append("  attention anchors (H100, head dim 64, TFLOP/s at 512/1k/2k tokens; FlashAttention-3 paper): " + "; ".join(
         f"{prov} {dr} {'/'.join(f'{x:.0f}' for x in v)}" for dr, t in ATTENTION_ANCHORS.items() for prov, v in t.items()))
-    L += ["", f"{'backend':19s} {'FLOPs':>9s} {'HBM bytes':>10s} {'launches':>9s} "
-              f"{'A100 ms [low, high]':>26s} {'H100 ms [low, high]':>26s}   ({LABEL})"]
+    L += ["", f"{'backend':19s} {'FLOPs':>9s} {'HBM bytes':>10s} {'launches':>9s} {'GEMM calls A100/H100':>21s} "
+              f"{'A100 ms [low, high]':>26s} {'H100 ms [low, high]':>26s}   ({LABEL}; FLOPs, bytes, launches: H100 step)"]
     for b, r in report["backends"].items():
         cells = [f"{r['est_ms'][g]:8.2f} [{r['est_ms_range'][g][0]:6.2f}, {r['est_ms_range'][g][1]:6.2f}]" for g in PEAKS]
-        L.append(f"{b:19s} {_fmt(r['flops']):>9s} {_fmt(r['hbm_bytes']):>10s} {r['launches']:>9d} "
+        gemms = "/".join(str(r["gemm_calls_by_gpu"][g]) for g in PEAKS)
+        L.append(f"{b:19s} {_fmt(r['flops']):>9s} {_fmt(r['hbm_bytes']):>10s} {r['launches']:>9d} {gemms:>21s} "
                  f"{cells[0]:>26s} {cells[1]:>26s}")
     L += ["", f"speedups ({LABEL}: central [range over the efficiency scenarios])",
           f"{'':36s} {'A100':>22s} {'H100':>22s}"]

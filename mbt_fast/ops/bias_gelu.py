@@ -6,8 +6,10 @@ bias a ``[M, F]`` table, ``row_weight`` int32 ``[N]`` with values in ``[0, M)``.
 ``linear_bias_gelu(x, weights, biases, segments, row_weight)`` is fc1 with this epilogue:
 ``gelu_tanh(x[s:e] @ W_m.T + b_m)`` per row segment. Where the bias goes is the backend's choice: the
 ``torch`` backend adds it inside each segment's GEMM (``addmm``, as ``nn.Linear``) and runs one GELU
-over the output, with no per-row bias gather; the kernel backends run the GEMMs without bias and then
-the fused ``bias_gelu`` kernel (one pass over the activations instead of two).
+over the output, with no per-row bias gather; the kernel backends run the GEMMs without bias (one
+grouped GEMM where the GPU has one, see ``segment_linear``) and then the fused ``bias_gelu`` kernel
+(one pass over the activations instead of two). On CUDA without autograd (inference) every backend
+runs bias and GELU in the GEMM's epilogue instead (``segment_linear.gelu_epilogue``: no GELU pass).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from mbt_fast import torch_ops
 from mbt_fast.ops._contract import check_backend, check_row_weight, check_tensor
-from mbt_fast.ops.segment_linear import segment_linear
+from mbt_fast.ops.segment_linear import gelu_epilogue, segment_linear, segment_linear_gelu
 
 
 def bias_gelu(x, bias, row_weight, *, backend: str = "torch"):
@@ -39,6 +41,9 @@ def linear_bias_gelu(x, weights, biases, segments, row_weight, *, backend: str =
     biases = list(biases)
     if len(biases) != len(weights):
         raise ValueError(f"biases: expected {len(weights)} (one per weight), got {len(biases)}")
+    needs_grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in [x, *weights, *biases])
+    if gelu_epilogue(x.device.type, needs_grad):
+        return segment_linear_gelu(x, weights, biases, segments)
     if backend == "torch":
         h = segment_linear(x, weights, biases, segments)
         # in place when nothing needs the pre-activation (inference): no second [N, B, F] buffer
