@@ -114,10 +114,11 @@ ATTENTION_DESIGNS = {
     "sdpa_flash": {"anchor": "FA2", "range": (0.85, 1.0, 1.2),
                    "why": "PyTorch SDPA's flash backend is FlashAttention-2; high end: SDPA picks cuDNN (up to 1.25x FA2)"},
     "triton": {"anchor": "Triton", "range": (0.60, 0.80, 0.95),
-               "why": "Triton tutorial design class, short of it today: masks in every iteration, wgmma waited on "
-                      "at once, one config for every architecture (issue 12)"},
+               "why": "Triton tutorial design class (unmasked main loops, tiles per architecture), short of it "
+                      "today: no TMA, wgmma waited on at once; range kept until a GPU measures it (issue 12)"},
     "cuda": {"anchor": "FA2", "range": (0.35, 0.50, 0.70),
-             "why": "mma.sync without cp.async pipelining, 64-row tiles, serialised loads: about half of FA2 (issue 13)"},
+             "why": "forward at FA2's design (128-row tiles, swizzled cp.async pipeline), backward still 64-row "
+                    "tiles and 7 GEMMs; range kept until a GPU measures it (issue 13)"},
 }
 
 
