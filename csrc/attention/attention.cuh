@@ -53,6 +53,10 @@ struct Shape {
     static constexpr int kBlockM = 64;                 // query rows per block (fwd, dQ)
     static constexpr int kBlockN = 64;                 // key rows per tile
     static constexpr int kBlockMBwd = D > 64 ? 32 : 64;  // query rows per inner step of dK/dV (register budget)
+    // backward: whether a warp keeps its A operands (Q and dO in dQ, K and V in dK/dV) in registers across the
+    // loop instead of re-reading them from shared memory at every k-step
+    static constexpr bool kBwdResidentDq = false;
+    static constexpr bool kBwdResidentDkv = false;
     // forward: D <= 64: 4 warps x 32 query rows (two m16 tiles per warp, so every K/V fragment from
     // ldmatrix feeds four mma instead of two). D = 128: 4 warps x 16 rows; with 32 rows O alone takes 128
     // registers per thread, and O + Q + S spilled (also with Q re-read from shared memory: 24 bytes on sm_80)

@@ -36,25 +36,74 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_preprocess_kernel
     if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.H + h) * p.Nq + n] = acc;
 }
 
+// acc[16 x 8 NT] += A B^T over k = D. A: this warp's 16 rows, from registers (`af`) when kResident, else rows
+// row0.. of the swizzled tile at a_tile; B: rows 0.. of the swizzled tile at b_tile, stored [n][k].
+template <int D, int NT, bool kResident, class T>
+MBT_DEVICE void gemm_nt_sw(float (&acc)[NT][4], const uint32_t (&af)[kResident ? D / 16 : 1][4], const T* smem,
+                           int a_tile, int row0, int b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        if constexpr (kResident) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = af[kk][i];
+        } else {
+            load_a_sw<D>(a, smem, a_tile, row0, kk * 16);
+        }
+#pragma unroll
+        for (int nn = 0; nn < NT / 2; ++nn) {
+            uint32_t bf[2][2];
+            load_b_sw<D>(bf, smem, b_tile, nn * 16, kk * 16);
+            mma_m16n8k16<T>(acc[2 * nn], a, bf[0]);
+            mma_m16n8k16<T>(acc[2 * nn + 1], a, bf[1]);
+        }
+    }
+}
+
+// acc[16 x D] += P B, P (16 x 16 KT) in registers as A fragments, B the swizzled tile at b_tile stored [k][n]
+// (read transposed by ldmatrix.trans)
+template <int D, int KT, class T>
+MBT_DEVICE void gemm_nn_sw(float (&acc)[D / 8][4], const uint32_t (&pf)[KT][4], const T* smem, int b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+        for (int dn = 0; dn < D / 16; ++dn) {
+            uint32_t bf[2][2];
+            load_b_trans_sw<D>(bf, smem, b_tile, kk * 16, dn * 16);
+            mma_m16n8k16<T>(acc[2 * dn], pf[kk], bf[0]);
+            mma_m16n8k16<T>(acc[2 * dn + 1], pf[kk], bf[1]);
+        }
+}
+
+// compile-time flag of a loop step: the tile may run past the segment's last key (as in the forward)
+template <bool B>
+struct TailTile {
+    static constexpr bool value = B;
+};
+
 template <class T, int D, bool kKeyMask>  // kKeyMask compiled apart, as in the forward
 MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params p) {
     using Sh = Shape<D>;
-    constexpr int S = Sh::kStride, BM = Sh::kBlockM, BN = Sh::kBlockN, NT = BN / 8;
+    constexpr int BM = Sh::kBlockM, BN = Sh::kBlockN, NT = BN / 8, KD = D / 16;
+    constexpr bool kResident = Sh::kBwdResidentDq;
+    constexpr int kStage = 2 * BN * D;  // elements of one stage: K, then V
     MBT_DYNAMIC_SMEM(T, smem);
-    T* q_tile = smem;
-    T* do_tile = q_tile + BM * S;
-    T* kv_tiles = do_tile + BM * S;  // stage s: K at kv_tiles + 2 s BN S, V right after it
+    // element offsets: stage s (K, then V) at s kStage; Q and dO over stage 1 when their fragments go to
+    // registers before stage 1 gets K/V (BM == BN: the same size), else after both stages
+    constexpr int kQTile = kResident ? kStage : 2 * kStage, kDoTile = kQTile + BM * D;
+    static_assert(!kResident || BM == BN, "Q and dO fill stage 1 exactly");
 
     const int4 blk = load16(p.blocks + block_x());
     const int q0 = blk.x, q1 = blk.y, k0 = blk.z, k1 = blk.w;
     const int b = block_y() / p.H, h = block_y() % p.H;
     const int warp = thread_x() / 32, lane = thread_x() % 32, gid = lane / 4, tig = lane % 4;
     const int wrow = warp * 16;
-    const bool active = q0 + wrow < q1;
+    const bool active = q0 + wrow < q1;  // warp-uniform: warps past the segment only help load
 
-    // group 0: Q, dO and the first K/V tile (waited for inside the loop)
-    load_stage_async<T, D, BM>(q_tile, p.q, p.dout, q0, q1, b, h);  // do_tile follows q_tile
-    load_stage_async<T, D, BN>(kv_tiles, p.k, p.v, k0, k1, b, h);
+    // group 0: Q and dO; group 1: the first K/V tile
+    load_stage_sw_async<T, D, BM>(smem + kQTile, p.q, p.dout, q0, q1, b, h);
+    cp_async_commit();
+    load_stage_sw_async<T, D, BN>(smem, p.k, p.v, k0, k1, b, h);
     cp_async_commit();
     // LSE (log2 units) and delta of rows gid, gid+8; rows past the segment get LSE = +inf, so P = 0
     float lse[2], delta[2];
@@ -65,44 +114,60 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
         lse[r] = row < q1 ? p.lse[at] * kLog2e : INFINITY;
         delta[r] = row < q1 ? p.delta[at] : 0.f;
     }
+    uint32_t qf[kResident ? KD : 1][4], dof[kResident ? KD : 1][4];
+    if constexpr (kResident) {
+        cp_async_wait<1>();
+        sync_threads();
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                load_a_sw<D>(qf[kk], smem, kQTile, wrow, kk * 16);
+                load_a_sw<D>(dof[kk], smem, kDoTile, wrow, kk * 16);
+            }
+        }
+        sync_threads();  // every warp holds its Q and dO: stage 1 may take the first prefetch
+    }
 
     float acc[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-    for (int kt = k0, stage = 0; kt < k1; kt += BN, stage ^= 1) {
-        const T* k_tile = kv_tiles + 2 * stage * BN * S;
-        const T* v_tile = k_tile + BN * S;
-        // prefetch the next K/V tile into the other stage (read to the end by every warp last iteration)
-        if (kt + BN < k1) load_stage_async<T, D, BN>(kv_tiles + 2 * (stage ^ 1) * BN * S, p.k, p.v, kt + BN, k1, b, h);
+    // one key tile at kt in `stage`; kTail: the tile may hold keys past k1 (zero-filled), whose P is forced to 0
+    auto step = [&](int kt, int stage, auto tail) {
+        constexpr bool kTail = decltype(tail)::value;
+        const int k_tile = stage * kStage, v_tile = k_tile + BN * D;
+        // prefetch the next K/V tile into the other stage, which every warp finished reading last step
+        if (kt + BN < k1) load_stage_sw_async<T, D, BN>(smem + (stage ^ 1) * kStage, p.k, p.v, kt + BN, k1, b, h);
         current_stage_ready();
-        if (!active) {
-            sync_threads();  // match the active warps' end-of-tile barrier
-            continue;
+        if (active) {
+            float s[NT][4], dp[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
+            gemm_nt_sw<D, NT, kResident, T>(s, qf, smem, kQTile, wrow, k_tile);    // S = Q K^T
+            gemm_nt_sw<D, NT, kResident, T>(dp, dof, smem, kDoTile, wrow, v_tile);  // dP = dO V^T
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int col = kt + 8 * j + 2 * tig + (i % 2);
+                    const bool keep = (!kTail || col < k1) && (!kKeyMask || key_allowed(p, b, col));
+                    const float pr = keep ? exp2f(s[j][i] * p.scale_log2 - lse[i / 2]) : 0.f;
+                    s[j][i] = pr * (dp[j][i] - delta[i / 2]);  // dS (unscaled)
+                }
+            uint32_t dsf[BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dsf[kk], s[2 * kk], s[2 * kk + 1]);
+            gemm_nn_sw<D, BN / 16, T>(acc, dsf, smem, k_tile);  // dQ += dS K
         }
+        sync_threads();  // this stage fully read before the next step's prefetch overwrites it
+    };
+    // full key tiles carry no bound test; a partial last tile gets one
+    int kt = k0, stage = 0;
+    for (; kt + BN <= k1; kt += BN, stage ^= 1) step(kt, stage, TailTile<false>{});
+    if (kt < k1) step(kt, stage, TailTile<true>{});
 
-        float s[NT][4], dp[NT][4];
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
-        gemm_smem_nt<D, NT, T>(s, q_tile, wrow, k_tile, 0);
-        gemm_smem_nt<D, NT, T>(dp, do_tile, wrow, v_tile, 0);
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int col = kt + 8 * j + 2 * tig + (i % 2);
-                const float pr = col < k1 && (!kKeyMask || key_allowed(p, b, col))
-                                     ? exp2f(s[j][i] * p.scale_log2 - lse[i / 2]) : 0.f;
-                s[j][i] = pr * (dp[j][i] - delta[i / 2]);  // dS (unscaled)
-            }
-        uint32_t dsf[BN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dsf[kk], s[2 * kk], s[2 * kk + 1]);
-        gemm_reg_nn<D, BN / 16, T>(acc, dsf, k_tile);
-        sync_threads();  // this stage fully read before the next iteration's prefetch overwrites it
-    }
     if (!active) return;
     store_acc<T, D>(acc, p.scale, p.scale, p.dq, q0 + wrow, q1, b, h);
 }
@@ -110,12 +175,16 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
 template <class T, int D>
 MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params p) {
     using Sh = Shape<D>;
-    constexpr int S = Sh::kStride, BN = Sh::kBlockN, BM = Sh::kBlockMBwd, NT = BM / 8;
+    constexpr int BN = Sh::kBlockN, BM = Sh::kBlockMBwd, NT = BM / 8, KD = D / 16;
+    constexpr bool kResident = Sh::kBwdResidentDkv;
+    constexpr int kStage = 2 * BM * D;  // elements of one stage: Q, then dO
     MBT_DYNAMIC_SMEM(T, smem);
-    T* k_tile = smem;
-    T* v_tile = k_tile + BN * S;
-    T* qdo_tiles = v_tile + BN * S;  // stage s: Q at qdo_tiles + 2 s BM S, dO right after it
-    float* stats = reinterpret_cast<float*>(qdo_tiles + 4 * BM * S);  // stage s: LSE at stats + 2 s BM, delta after
+    // element offsets: stage s (Q, then dO) at s kStage; K and V over stage 1 (and past it when larger) when
+    // their fragments go to registers before stage 1 gets Q/dO, else after both stages; then the fp32 LSE
+    // and delta of each stage
+    constexpr int kKTile = kResident ? kStage : 2 * kStage, kVTile = kKTile + BN * D;
+    constexpr int kElems = kVTile + BN * D > 2 * kStage ? kVTile + BN * D : 2 * kStage;
+    float* stats = reinterpret_cast<float*>(smem + kElems);  // stage s: LSE at stats + 2 s BM, delta after
 
     const int4 blk = load16(p.blocks + block_x());
     const int k0 = blk.x, k1 = blk.y, q0 = blk.z, q1 = blk.w;
@@ -125,6 +194,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
     const bool active = k0 + wrow < k1;
 
     // LSE (log2 units) and delta of the query tile at qt into a stage; P^T = 0 for queries past the segment
+    // (their zero-filled Q rows give S = 0, and exp2(0 - inf) = 0), so the query bound needs no other test
     auto load_stats = [&](float* lse_s, int qt) {
         for (int i = thread_x(); i < BM; i += kThreads) {
             const int row = qt + i;
@@ -133,13 +203,25 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
             lse_s[BM + i] = row < q1 ? p.delta[at] : 0.f;
         }
     };
-    // group 0: K, V and the first Q/dO tile (waited for inside the loop)
-    load_tile_async<T, D, BN>(k_tile, p.k, k0, k1, b, h);
-    load_tile_async<T, D, BN>(v_tile, p.v, k0, k1, b, h);
-    load_tile_async<T, D, BM>(qdo_tiles, p.q, q0, q1, b, h);
-    load_tile_async<T, D, BM>(qdo_tiles + BM * S, p.dout, q0, q1, b, h);
+    // group 0: K and V; group 1: the first Q/dO tile
+    load_stage_sw_async<T, D, BN>(smem + kKTile, p.k, p.v, k0, k1, b, h);
+    cp_async_commit();
+    load_stage_sw_async<T, D, BM>(smem, p.q, p.dout, q0, q1, b, h);
     cp_async_commit();
     load_stats(stats, q0);
+    uint32_t kf[kResident ? KD : 1][4], vf[kResident ? KD : 1][4];
+    if constexpr (kResident) {
+        cp_async_wait<1>();
+        sync_threads();
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                load_a_sw<D>(kf[kk], smem, kKTile, wrow, kk * 16);
+                load_a_sw<D>(vf[kk], smem, kVTile, wrow, kk * 16);
+            }
+        }
+        sync_threads();  // every warp holds its K and V: stage 1 may take the first prefetch
+    }
 
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -148,47 +230,41 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
         for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
 
     for (int qt = q0, stage = 0; qt < q1; qt += BM, stage ^= 1) {
-        const T* q_tile = qdo_tiles + 2 * stage * BM * S;
-        const T* do_tile = q_tile + BM * S;
+        const int q_tile = stage * kStage, do_tile = q_tile + BM * D;
         const float* lse_s = stats + 2 * stage * BM;
         const float* delta_s = lse_s + BM;
         // prefetch the next Q/dO tile and its statistics into the other stage (read to the end last iteration)
         if (qt + BM < q1) {
-            T* next = qdo_tiles + 2 * (stage ^ 1) * BM * S;
-            load_tile_async<T, D, BM>(next, p.q, qt + BM, q1, b, h);
-            load_tile_async<T, D, BM>(next + BM * S, p.dout, qt + BM, q1, b, h);
+            load_stage_sw_async<T, D, BM>(smem + (stage ^ 1) * kStage, p.q, p.dout, qt + BM, q1, b, h);
             load_stats(stats + 2 * (stage ^ 1) * BM, qt + BM);
         }
         current_stage_ready();
-        if (!active) {
-            sync_threads();  // match the active warps' end-of-tile barrier
-            continue;
+        if (active) {
+            // transposed scores: rows = this warp's 16 keys, columns = the BM queries of the tile
+            float st[NT][4], dpt[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) st[j][i] = dpt[j][i] = 0.f;
+            gemm_nt_sw<D, NT, kResident, T>(st, kf, smem, kKTile, wrow, q_tile);  // S^T = K Q^T
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) st[j][i] = exp2f(st[j][i] * p.scale_log2 - lse_s[8 * j + 2 * tig + (i % 2)]);
+            uint32_t pf[BM / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], st[2 * kk], st[2 * kk + 1]);
+            gemm_nn_sw<D, BM / 16, T>(dv, pf, smem, do_tile);  // dV += P^T dO
+
+            gemm_nt_sw<D, NT, kResident, T>(dpt, vf, smem, kVTile, wrow, do_tile);  // dP^T = V dO^T
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - delta_s[8 * j + 2 * tig + (i % 2)]);
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+            gemm_nn_sw<D, BM / 16, T>(dk, pf, smem, q_tile);  // dK += dS^T Q
         }
-
-        // transposed scores: rows = this warp's 16 keys, columns = the BM queries of the tile
-        float st[NT][4], dpt[NT][4];
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) st[j][i] = dpt[j][i] = 0.f;
-        gemm_smem_nt<D, NT, T>(st, k_tile, wrow, q_tile, 0);
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) st[j][i] = exp2f(st[j][i] * p.scale_log2 - lse_s[8 * j + 2 * tig + (i % 2)]);
-        uint32_t pf[BM / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], st[2 * kk], st[2 * kk + 1]);
-        gemm_reg_nn<D, BM / 16, T>(dv, pf, do_tile);
-
-        gemm_smem_nt<D, NT, T>(dpt, v_tile, wrow, do_tile, 0);
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - delta_s[8 * j + 2 * tig + (i % 2)]);
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], dpt[2 * kk], dpt[2 * kk + 1]);
-        gemm_reg_nn<D, BM / 16, T>(dk, pf, q_tile);
         sync_threads();  // this stage fully read before the next iteration's prefetch overwrites it
     }
     if (!active) return;
@@ -240,8 +316,8 @@ static void launch_bwd(Params p, const std::vector<attn_host::Segment>& segs, co
         const std::vector<Segment> table = tile_table(segs, Sh::kBlockM, /*by_keys=*/false);
         at::Tensor blocks = table_tensor(table, device);
         p.blocks = reinterpret_cast<const int4*>(blocks.data_ptr<int32_t>());
-        // Q, dO, and two stages of K and V
-        const size_t smem = static_cast<size_t>(2 * Sh::kBlockM + 4 * Sh::kBlockN) * Sh::kStride * sizeof(T);
+        // two stages of K and V, Q and dO over stage 1 (kBwdResidentDq) or after it
+        const size_t smem = static_cast<size_t>((Sh::kBwdResidentDq ? 4 : 6) * Sh::kBlockN) * D * sizeof(T);
         auto kernel = p.key_mask != nullptr ? _mbt_attention_bwd_dq_kernel<T, D, true>
                                             : _mbt_attention_bwd_dq_kernel<T, D, false>;
         set_max_dynamic_smem(kernel, smem);
@@ -266,9 +342,11 @@ static void launch_bwd(Params p, const std::vector<attn_host::Segment>& segs, co
         p.dk_acc = dk32.data_ptr<float>();
         p.dv_acc = dv32.data_ptr<float>();
     }
-    // K, V, and two stages of Q, dO and their LSE / delta
-    const size_t smem = static_cast<size_t>(2 * Sh::kBlockN + 4 * Sh::kBlockMBwd) * Sh::kStride * sizeof(T) +
-                        4 * Sh::kBlockMBwd * sizeof(float);
+    // two stages of Q and dO, K and V over stage 1 (and past it; kBwdResidentDkv) or after it, then two stages
+    // of LSE / delta
+    constexpr size_t kStage = 2 * Sh::kBlockMBwd * D, kKV = 2 * Sh::kBlockN * D;
+    constexpr size_t kElems = Sh::kBwdResidentDkv ? kStage + (kKV > kStage ? kKV : kStage) : 2 * kStage + kKV;
+    const size_t smem = kElems * sizeof(T) + 4 * Sh::kBlockMBwd * sizeof(float);
     auto kernel = _mbt_attention_bwd_dkv_kernel<T, D>;
     set_max_dynamic_smem(kernel, smem);
     for (const auto& w : waves) {
