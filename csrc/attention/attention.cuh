@@ -5,9 +5,8 @@
 // one launch covers every segment, and blockIdx.y covers batch x heads.
 //
 // Warp tiling: a block has 4 warps; in the forward kernel each warp owns 32 query rows (128-row tiles),
-// in the dQ kernel 16 query rows, in the dK/dV kernel 16 key rows. The backward's tiles sit in shared
-// memory with rows padded by 8 elements, so the 8 row addresses of an ldmatrix fall in distinct banks
-// (row stride (D+8)*2 bytes = 4 banks mod 32); the forward's are swizzled instead (Swizzled, below).
+// in the dQ kernel 16 query rows, in the dK/dV kernel 16 key rows. Every kernel's tiles are swizzled in
+// shared memory (Swizzled, below), so ldmatrix and cp.async are free of bank conflicts without padding.
 #pragma once
 
 #include <cmath>
@@ -20,7 +19,6 @@ namespace attn {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Strides are in elements. Size-1 dimensions may carry any stride; their index is always 0.
@@ -49,14 +47,14 @@ MBT_DEVICE bool key_allowed(const Params& p, int b, int col) {
 template <int D>
 struct Shape {
     static_assert(D == 32 || D == 64 || D == 128, "head dim must be 32, 64 or 128");
-    static constexpr int kStride = D + kPad;           // smem row stride (elements)
-    static constexpr int kBlockM = 64;                 // query rows per block (fwd, dQ)
+    static constexpr int kBlockM = 64;                 // query rows per block (dQ)
     static constexpr int kBlockN = 64;                 // key rows per tile
     static constexpr int kBlockMBwd = D > 64 ? 32 : 64;  // query rows per inner step of dK/dV (register budget)
     // backward: whether a warp keeps its A operands (Q and dO in dQ, K and V in dK/dV) in registers across the
-    // loop instead of re-reading them from shared memory at every k-step
-    static constexpr bool kBwdResidentDq = false;
-    static constexpr bool kBwdResidentDkv = false;
+    // loop instead of re-reading them from shared memory at every k-step. D = 128: 64 more registers per
+    // thread, and both kernels spilled (static count, nvcc 13.0, sm_90: 255 registers, 32-36 bytes of spills)
+    static constexpr bool kBwdResidentDq = D <= 64;
+    static constexpr bool kBwdResidentDkv = D <= 64;
     // forward: D <= 64: 4 warps x 32 query rows (two m16 tiles per warp, so every K/V fragment from
     // ldmatrix feeds four mma instead of two). D = 128: 4 warps x 16 rows; with 32 rows O alone takes 128
     // registers per thread, and O + Q + S spilled (also with Q re-read from shared memory: 24 bytes on sm_80)
@@ -74,40 +72,6 @@ MBT_DEVICE T* row_ptr_mut(const TensorRef& t, int64_t n, int b, int h) {
     return static_cast<T*>(t.ptr) + n * t.sn + b * t.sb + h * t.sh;
 }
 
-// Start copying rows [r0, r0+ROWS) of t (head b,h) into a padded smem tile: one cp.async per 16-byte
-// chunk, so all of a thread's chunks are in flight at once (no register round trip); rows >= r_end are
-// zeroed with plain stores. The copies belong to the next committed group: the tile is complete for
-// this thread after the cp_async_wait covering it, and for the block after a sync_threads that follows.
-template <class T, int D, int ROWS>
-MBT_DEVICE void load_tile_async(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {
-    constexpr int kChunks = D / 8;  // 8 elements = 16 bytes
-    for (int i = thread_x(); i < ROWS * kChunks; i += kThreads) {
-        const int r = i / kChunks, c = i % kChunks;
-        T* dst = tile + r * Shape<D>::kStride + c * 8;
-        if (r0 + r < r_end)
-            cp_async16(dst, row_ptr<T>(t, r0 + r, b, h) + c * 8);
-        else
-            store16(reinterpret_cast<uint4*>(dst), uint4{0, 0, 0, 0});
-    }
-}
-
-// The two tiles of one pipeline stage (K and V, or Q and dO), rows [r0, r0+ROWS) of each: `first` at
-// `stage`, `second` right after it (ROWS padded rows later), in the same group of copies.
-template <class T, int D, int ROWS>
-MBT_DEVICE void load_stage_async(T* stage, const TensorRef& first, const TensorRef& second, int r0, int r_end,
-                                 int b, int h) {
-    load_tile_async<T, D, ROWS>(stage, first, r0, r_end, b, h);
-    load_tile_async<T, D, ROWS>(stage + ROWS * Shape<D>::kStride, second, r0, r_end, b, h);
-}
-
-// load_tile_async, then wait for it: the tile is complete for this thread on return.
-template <class T, int D, int ROWS>
-MBT_DEVICE void load_tile(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {
-    load_tile_async<T, D, ROWS>(tile, t, r0, r_end, b, h);
-    cp_async_commit();
-    cp_async_wait<0>();
-}
-
 // In a two-stage loop, after issuing the next tile's copies (or none past the last tile: the empty group
 // keeps the count uniform): commit them and wait for every older group, then a barrier, so the current
 // stage is complete for the whole block on return while the prefetch stays in flight.
@@ -117,31 +81,6 @@ MBT_DEVICE void current_stage_ready() {
     sync_threads();
 }
 
-// A fragment (16x16) of a row-major smem tile at (row0, col0).
-template <int STRIDE, class T>
-MBT_DEVICE void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0) {
-    const int l = thread_x() % 32;
-    ldmatrix_x4(a, tile + (row0 + l % 16) * STRIDE + col0 + (l / 16) * 8);
-}
-
-// B fragments (k16 x n8, two n-tiles) from a tile stored [n][k] (e.g. K rows for Q K^T).
-template <int STRIDE, class T>
-MBT_DEVICE void load_b(uint32_t (&b)[2][2], const T* tile, int n0, int k0) {
-    const int l = thread_x() % 32;
-    uint32_t r[4];
-    ldmatrix_x4(r, tile + (n0 + (l / 16) * 8 + l % 8) * STRIDE + k0 + ((l / 8) % 2) * 8);
-    b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
-}
-
-// B fragments (k16 x n8, two n-tiles) from a tile stored [k][n] (e.g. V rows for P V), via ldmatrix.trans.
-template <int STRIDE, class T>
-MBT_DEVICE void load_b_trans(uint32_t (&b)[2][2], const T* tile, int k0, int n0) {
-    const int l = thread_x() % 32;
-    uint32_t r[4];
-    ldmatrix_x4_trans(r, tile + (k0 + ((l / 8) % 2) * 8 + l % 8) * STRIDE + n0 + (l / 16) * 8);
-    b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
-}
-
 // Two adjacent 16x8 fp32 accumulator tiles -> one 16x16 A fragment in T (the C and A layouts line up).
 template <class T>
 MBT_DEVICE void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
@@ -149,40 +88,6 @@ MBT_DEVICE void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c
     a[1] = TypeOps<T>::pack(c0[2], c0[3]);
     a[2] = TypeOps<T>::pack(c1[0], c1[1]);
     a[3] = TypeOps<T>::pack(c1[2], c1[3]);
-}
-
-// acc[16 x 8*NT] += A(smem rows row0.., all D cols) @ B^T where B is stored [n][k] rows n0.. (k = D)
-template <int D, int NT, class T>
-MBT_DEVICE void gemm_smem_nt(float (&acc)[NT][4], const T* a_tile, int row0, const T* b_tile, int n0) {
-    constexpr int S = Shape<D>::kStride;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        load_a<S>(a, a_tile, row0, kk * 16);
-#pragma unroll
-        for (int nn = 0; nn < NT / 2; ++nn) {
-            uint32_t b[2][2];
-            load_b<S>(b, b_tile, n0 + nn * 16, kk * 16);
-            mma_m16n8k16<T>(acc[2 * nn], a, b[0]);
-            mma_m16n8k16<T>(acc[2 * nn + 1], a, b[1]);
-        }
-    }
-}
-
-// acc[16 x D] += P @ B where P (16 x 16*KT) is in registers as A fragments and B is stored [k][n] rows k0..
-template <int D, int KT, class T>
-MBT_DEVICE void gemm_reg_nn(float (&acc)[D / 8][4], const uint32_t (&p)[KT][4], const T* b_tile) {
-    constexpr int S = Shape<D>::kStride;
-#pragma unroll
-    for (int kk = 0; kk < KT; ++kk) {
-#pragma unroll
-        for (int dn = 0; dn < D / 16; ++dn) {
-            uint32_t b[2][2];
-            load_b_trans<S>(b, b_tile, kk * 16, dn * 16);
-            mma_m16n8k16<T>(acc[2 * dn], p[kk], b[0]);
-            mma_m16n8k16<T>(acc[2 * dn + 1], p[kk], b[1]);
-        }
-    }
 }
 
 // max / sum over the 4 lanes that share an accumulator row
@@ -214,7 +119,7 @@ MBT_DEVICE void store_acc(const float (&acc)[D / 8][4], float mul0, float mul1, 
     }
 }
 
-// ---- Swizzled tiles (forward kernel) ---------------------------------------------------------------------
+// ---- Swizzled tiles ------------------------------------------------------------------------------------
 //
 // Rows of D elements, no padding; the 16-byte chunk c of row r is stored at chunk c ^ pattern(r). An
 // ldmatrix phase reads one chunk from each of 8 consecutive rows, and 8 consecutive cp.async lanes write 8
@@ -231,8 +136,11 @@ struct Swizzled {
     static MBT_HOST_DEVICE int at(int r, int c) { return r * D + ((c ^ pattern(r)) << 3); }
 };
 
-// load_tile_async into a swizzled tile, branch-free: rows >= r_end are zero-filled by the copy itself (their
-// source address is row r0's, which exists), so the zeros also belong to the group
+// Start copying rows [r0, r0+ROWS) of t (head b,h) into a swizzled tile: one cp.async per 16-byte chunk, so
+// all of a thread's chunks are in flight at once (no register round trip). Branch-free: rows >= r_end are
+// zero-filled by the copy itself (their source address is row r0's, which exists), so the zeros also belong
+// to the group. The copies belong to the next committed group: the tile is complete for this thread after
+// the cp_async_wait covering it, and for the block after a sync_threads that follows.
 template <class T, int D, int ROWS>
 MBT_DEVICE void load_tile_sw_async(T* tile, const TensorRef& t, int r0, int r_end, int b, int h) {
     constexpr int kChunks = D / 8;
@@ -245,7 +153,8 @@ MBT_DEVICE void load_tile_sw_async(T* tile, const TensorRef& t, int r0, int r_en
     }
 }
 
-// load_stage_async into swizzled tiles: `first` at `stage`, `second` ROWS rows later
+// The two tiles of one pipeline stage (K and V, Q and dO) into swizzled tiles, in the same group of copies:
+// `first` at `stage`, `second` ROWS rows later
 template <class T, int D, int ROWS>
 MBT_DEVICE void load_stage_sw_async(T* stage, const TensorRef& first, const TensorRef& second, int r0, int r_end,
                                     int b, int h) {
@@ -264,7 +173,9 @@ MBT_DEVICE const T* ldsm_row(const T* base, int tile, int row0, int dr, int c0, 
     return base + (lane ^ (c0 << 3));
 }
 
-// load_a / load_b / load_b_trans on swizzled tiles (row0 / n0 / k0 multiples of 8, col0 / k0 / n0 of 16)
+// Fragments from swizzled tiles (row0 / n0 / k0 multiples of 8, col0 / k0 / n0 of 16): load_a_sw, a 16x16 A
+// fragment at (row0, col0); load_b_sw, B fragments (k16 x n8, two n-tiles) of a tile stored [n][k] (K rows
+// for Q K^T); load_b_trans_sw, the same of a tile stored [k][n] (V rows for P V), via ldmatrix.trans
 template <int D, class T>
 MBT_DEVICE void load_a_sw(uint32_t (&a)[4], const T* base, int tile, int row0, int col0) {
     const int l = thread_x() % 32;

@@ -7,6 +7,14 @@
 //      segment's key tiles: S = Q K^T, P = exp(S - LSE), dP = dO V^T, dS = P (dP - delta), dQ += dS K;
 //   3. _mbt_attention_bwd_dkv_kernel: one block per key tile (4 warps x 16 keys), loops over the
 //      segment's query tiles with the transposed products: dV += P^T dO, dK += dS^T Q.
+// GEMMs per (query tile, key tile) pair: 3 in dQ and 4 in dK/dV. FlashAttention-2 does 5 in one kernel
+// (S, dP, dV, dK, dQ) and adds dQ with atomics; without atomics dQ is summed by the block that owns the query
+// tile, which must recompute S and dP itself: 5 + 2 = 7, the GEMM count of the split.
+// Tiles are swizzled (attention.cuh, Swizzled) and loaded by zero-filling cp.async; at D <= 64 each warp
+// keeps its A operands in registers for the whole loop (Q and dO in dQ, K and V in dK/dV; Shape::kBwdResident*),
+// so only B operands stream from shared memory, and P / dS stay in registers as A fragments (acc_to_a).
+// Only a segment's partial last key tile tests the key bound in dQ; in dK/dV query rows past the segment
+// get LSE = +inf (P = 0) and key rows past it are not stored.
 // When segments share keys, the dK/dV launches go in waves of segments with disjoint key ranges,
 // accumulating in fp32 buffers; otherwise (every PackedLayout) dK/dV are written once, directly.
 #include "attention_host.h"
