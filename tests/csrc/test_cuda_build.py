@@ -2,6 +2,7 @@
 (slow) a real nvcc build for sm_80 + sm_90: compile, link, load, ops registered, no register spills in
 the attention kernels per ``ptxas -v``."""
 import os
+import re
 import subprocess
 
 import pytest
@@ -96,6 +97,8 @@ def test_nvcc_build_sm80_sm90_no_spills(tmp_path, monkeypatch):
                 assert dtype_op in part, f"{obj} {arch}: no {dtype_op.strip()} in the SASS"
             if obj == "attention_fwd.cuda.o":
                 _check_forward_sass(part, arch)
+            else:
+                _check_backward_sass(part, arch)
         # +PTX: compute_90 PTX embedded beside the SASS, for GPUs newer than sm_90 to JIT-compile
         ptx = subprocess.run([cuobjdump, "-lptx", str(tmp_path / "build" / obj)], capture_output=True, text=True).stdout
         assert "sm_90" in ptx and "sm_80" not in ptx, f"{obj}: expected compute_90 PTX only, cuobjdump -lptx says {ptx!r}"
@@ -113,6 +116,34 @@ def _check_forward_sass(part, arch):
         if "Li128E" not in name:
             hmma, ldsm = body.count(" HMMA."), body.count(" LDSM.")
             assert 0 < ldsm <= 0.35 * hmma, f"{arch} {name}: {ldsm} LDSM for {hmma} HMMA (> 0.35 per HMMA)"
+
+
+def _main_loop(body):
+    """The instructions of the loop (a backward branch's span) holding the most HMMA."""
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
+    best = []
+    for a, t in ins:
+        m = re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", t)
+        if m and int(m.group(1), 16) < a:
+            loop = [tt for aa, tt in ins if int(m.group(1), 16) <= aa <= a]
+            if sum(x.startswith("HMMA") for x in loop) > sum(x.startswith("HMMA") for x in best):
+                best = loop
+    return best
+
+
+def _check_backward_sass(part, arch):
+    """The backward's design in its SASS: at D <= 64 the A operands (Q, dO in dQ; K, V in dK/dV) stay in
+    registers, so the key / query loop reads only B operands: one LDSM per 2 HMMA (A re-read from shared
+    memory at every k-step: 0.56-0.58)."""
+    kernels = {chunk.split()[0]: chunk for chunk in part.split("Function : ")[1:]}
+    backward = {name: body for name, body in kernels.items() if re.search(r"mbt_attention_bwd_d(q|kv)_kernel", name)}
+    assert len(backward) == 18, sorted(backward)  # {half, bf16} x {32, 64, 128} x {dq, dq with a key mask, dkv}
+    for name, body in backward.items():
+        if "Li128E" in name:
+            continue
+        loop = [t.split()[0] for t in _main_loop(body)]
+        hmma, ldsm = sum(o.startswith("HMMA") for o in loop), sum(o.startswith("LDSM") for o in loop)
+        assert 0 < ldsm <= 0.5 * hmma, f"{arch} {name}: main loop has {ldsm} LDSM for {hmma} HMMA (> 0.5 per HMMA)"
 
 
 def _cuobjdump():
