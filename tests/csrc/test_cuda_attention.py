@@ -251,3 +251,15 @@ def test_backward_tile_edges(backend, case, head_dim, dtype, masked):
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
     if mask is not None:
         assert (dk[~mask[0]] == 0).all() and (dv[~mask[0]] == 0).all()
+
+
+def test_backward_tail_tile_with_very_negative_scores(backend):
+    """Keys past a segment's end sit in its last tile as zero rows (score 0); with every real score near -22
+    the LSE is too, so without the tail tile's bound test their P = exp(0 - LSE) ~ 1e8 overflows fp16 in the
+    dS operand of dQ += dS K and turns dQ into NaN (inf x 0) instead of adding nothing."""
+    g = torch.Generator().manual_seed(11)
+    q = -2.0 + 0.1 * torch.randn(50, 1, 1, 32, generator=g)
+    k = 2.0 + 0.1 * torch.randn(50, 1, 1, 32, generator=g)
+    v = torch.randn(50, 1, 1, 32, generator=g)
+    _, dq, _, _ = _compare(backend, q, k, v, [(0, 50, 0, 50)], torch.float16)
+    assert torch.isfinite(dq).all()
