@@ -117,8 +117,8 @@ ATTENTION_DESIGNS = {
                "why": "Triton tutorial design class (unmasked main loops, tiles per architecture), short of it "
                       "today: no TMA, wgmma waited on at once; range kept until a GPU measures it (issue 12)"},
     "cuda": {"anchor": "FA2", "range": (0.35, 0.50, 0.70),
-             "why": "forward at FA2's design (128-row tiles, swizzled cp.async pipeline), backward still 64-row "
-                    "tiles and 7 GEMMs; range kept until a GPU measures it (issue 13)"},
+             "why": "forward at FA2's design (128-row tiles, swizzled cp.async pipeline), backward 64-row tiles "
+                    "and 7 GEMMs (deterministic, no atomics); range kept until a GPU measures it (issue 13)"},
 }
 
 

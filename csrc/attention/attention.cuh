@@ -44,6 +44,13 @@ MBT_DEVICE bool key_allowed(const Params& p, int b, int col) {
     return p.key_mask == nullptr || p.key_mask[static_cast<int64_t>(b) * p.Nk + col] != 0;
 }
 
+// compile-time flag of a key-loop step (forward and dQ): the tile may run past the segment's last key,
+// so only that step, compiled apart, tests the bound
+template <bool B>
+struct TailTile {
+    static constexpr bool value = B;
+};
+
 template <int D>
 struct Shape {
     static_assert(D == 32 || D == 64 || D == 128, "head dim must be 32, 64 or 128");

@@ -83,12 +83,6 @@ MBT_DEVICE void gemm_nn_sw(float (&acc)[D / 8][4], const uint32_t (&pf)[KT][4], 
         }
 }
 
-// compile-time flag of a loop step: the tile may run past the segment's last key (as in the forward)
-template <bool B>
-struct TailTile {
-    static constexpr bool value = B;
-};
-
 template <class T, int D, bool kKeyMask>  // kKeyMask compiled apart, as in the forward
 MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params p) {
     using Sh = Shape<D>;

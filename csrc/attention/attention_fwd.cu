@@ -18,12 +18,6 @@ namespace MBT_NS {
 using namespace mbt;
 using namespace mbt::attn;
 
-// compile-time flag of a loop step: the tile may run past the segment's last key
-template <bool B>
-struct TailTile {
-    static constexpr bool value = B;
-};
-
 // kKeyMask: compiled apart, so the unmasked kernel carries no per-score mask test (static count, nvcc 13.0,
 // sm_90 bf16 D=64: 3488 SASS instructions without a mask, 3944 with one)
 template <class T, int D, bool kKeyMask>
