@@ -53,6 +53,25 @@ def _row_modality(n, starts_ptr, slot_starts_ptr, NBOT: tl.constexpr, M: tl.cons
 
 
 @triton.jit
+def _slot_mean(x_ptr, y_ptr, keep_ptr, slot_starts_ptr, s, smask, cols, mask, B, C, M: tl.constexpr,
+               HAS_KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 mean over the ``M`` modalities of ``x + keep * y`` on slot rows ``s`` (indices inside each
+    modality's flattened slot range ``[slot_start[m] * B, (slot_start[m] + NBOT) * B)``)."""
+    b = s % B
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for m in tl.static_range(M):
+        offs = (tl.load(slot_starts_ptr + m).to(tl.int64) * B + s)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_KEEP:
+            k = tl.load(keep_ptr + b * M + m, mask=smask, other=0.0)
+            acc += x + k[:, None] * y
+        else:
+            acc += x + y
+    return acc * (1.0 / M)
+
+
+@triton.jit
 def _residual_mean_fwd_kernel(
     x_ptr, y_ptr, keep_ptr, out_ptr, starts_ptr, slot_starts_ptr,
     n_rows, B, C, n_row_blocks,
@@ -88,19 +107,9 @@ def _residual_mean_fwd_kernel(
         # [slot_start[m] * B, (slot_start[m] + NBOT) * B); s indexes inside that range
         s = (pid - n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
         smask = s < NBOT * B
-        b = s % B
         mask = smask[:, None] & cmask[None, :]
-        acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-        for m in tl.static_range(M):
-            offs = (tl.load(slot_starts_ptr + m).to(tl.int64) * B + s)[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_KEEP:
-                k = tl.load(keep_ptr + b * M + m, mask=smask, other=0.0)
-                acc += x + k[:, None] * y
-            else:
-                acc += x + y
-        mean = (acc * (1.0 / M)).to(out_ptr.dtype.element_ty)
+        mean = _slot_mean(x_ptr, y_ptr, keep_ptr, slot_starts_ptr, s, smask, cols, mask, B, C, M, HAS_KEEP,
+                          BLOCK_R, BLOCK_C).to(out_ptr.dtype.element_ty)
         for m in tl.static_range(M):
             offs = (tl.load(slot_starts_ptr + m).to(tl.int64) * B + s)[:, None] * C + cols[None, :]
             tl.store(out_ptr + offs, mean, mask=mask)

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mbt_fast.kernels.residual_mean import MAX_MODALITIES, _MODES, _row_modality, _tables, residual_mean_ref
+from mbt_fast.kernels.residual_mean import (MAX_MODALITIES, _MODES, _row_modality, _slot_mean, _tables,
+                                           residual_mean_ref)
 from mbt_fast.kernels.segment_layernorm import MAX_C, segment_layernorm_ref
 from mbt_fast.layout import PackedLayout
 
@@ -88,19 +89,9 @@ def _residual_mean_layernorm_fwd_kernel(
         # [slot_start[m] * B, (slot_start[m] + NBOT) * B); s indexes inside that range
         s = (pid - n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
         smask = s < NBOT * B
-        b = s % B
         mask = smask[:, None] & cmask[None, :]
-        acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-        for m in tl.static_range(M):
-            offs = (tl.load(slot_starts_ptr + m).to(tl.int64) * B + s)[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_KEEP:
-                k = tl.load(keep_ptr + b * M + m, mask=smask, other=0.0)
-                acc += x + k[:, None] * y
-            else:
-                acc += x + y
-        out = (acc * (1.0 / M)).to(xo_ptr.dtype.element_ty)
+        out = _slot_mean(x_ptr, y_ptr, keep_ptr, slot_starts_ptr, s, smask, cols, mask, B, C, M, HAS_KEEP,
+                         BLOCK_R, BLOCK_C).to(xo_ptr.dtype.element_ty)
         mean, sc, rstd = _ln_row_stats(out.to(tl.float32), mask, C, eps)  # the same row in every slot
         xhat = sc * rstd[:, None]
         for m in tl.static_range(M):

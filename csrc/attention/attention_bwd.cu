@@ -83,6 +83,24 @@ MBT_DEVICE void gemm_nn_sw(float (&acc)[D / 8][4], const uint32_t (&pf)[KT][4], 
         }
 }
 
+// The A operands a warp keeps for the whole loop (Q and dO in dQ, K and V in dK/dV): once the older cp.async
+// group (those two tiles) has landed, every active warp reads its 16 rows of both into registers; the
+// closing barrier frees the tiles' stage for the first prefetch.
+template <int D, int KD, class T>
+MBT_DEVICE void load_resident_pair(uint32_t (&af)[KD][4], uint32_t (&bf)[KD][4], const T* smem, int a_tile,
+                                   int b_tile, int wrow, bool active) {
+    cp_async_wait<1>();
+    sync_threads();
+    if (active) {
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            load_a_sw<D>(af[kk], smem, a_tile, wrow, kk * 16);
+            load_a_sw<D>(bf[kk], smem, b_tile, wrow, kk * 16);
+        }
+    }
+    sync_threads();
+}
+
 template <class T, int D, bool kKeyMask>  // kKeyMask compiled apart, as in the forward
 MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params p) {
     using Sh = Shape<D>;
@@ -117,18 +135,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
         delta[r] = row < q1 ? p.delta[at] : 0.f;
     }
     uint32_t qf[kResident ? KD : 1][4], dof[kResident ? KD : 1][4];
-    if constexpr (kResident) {
-        cp_async_wait<1>();
-        sync_threads();
-        if (active) {
-#pragma unroll
-            for (int kk = 0; kk < KD; ++kk) {
-                load_a_sw<D>(qf[kk], smem, kQTile, wrow, kk * 16);
-                load_a_sw<D>(dof[kk], smem, kDoTile, wrow, kk * 16);
-            }
-        }
-        sync_threads();  // every warp holds its Q and dO: stage 1 may take the first prefetch
-    }
+    if constexpr (kResident) load_resident_pair<D>(qf, dof, smem, kQTile, kDoTile, wrow, active);
 
     float acc[D / 8][4];
 #pragma unroll
@@ -212,18 +219,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
     cp_async_commit();
     load_stats(stats, q0);
     uint32_t kf[kResident ? KD : 1][4], vf[kResident ? KD : 1][4];
-    if constexpr (kResident) {
-        cp_async_wait<1>();
-        sync_threads();
-        if (active) {
-#pragma unroll
-            for (int kk = 0; kk < KD; ++kk) {
-                load_a_sw<D>(kf[kk], smem, kKTile, wrow, kk * 16);
-                load_a_sw<D>(vf[kk], smem, kVTile, wrow, kk * 16);
-            }
-        }
-        sync_threads();  // every warp holds its K and V: stage 1 may take the first prefetch
-    }
+    if constexpr (kResident) load_resident_pair<D>(kf, vf, smem, kKTile, kVTile, wrow, active);
 
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
