@@ -97,9 +97,20 @@ def _key_valid(KM, offs_n, k_end, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constex
 
 
 @triton.jit
-def _fwd_key_block(acc, l_i, m_i, q, K, V, KM, n_start, k_end, stride_kn, stride_vn, offs_d, qk_scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   SCALE_POSITIVE: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_FP32: tl.constexpr):
+def _full_block(P, Desc, rows_n, stride_n, offs_d, bh_coords, n_start, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """A full key block ``[BLOCK_N, D]`` (no row past the segment): with ``TMA`` one tensor-memory-
+    accelerator copy from ``Desc``, a ``(B, N, H, D)`` descriptor, at ``bh_coords = (b, h)`` (sm_90
+    candidates: no per-thread addresses, no LDGSTS); else per-thread loads from ``P``."""
+    if TMA:
+        return tl.reshape(Desc.load([bh_coords[0], n_start, bh_coords[1], 0]), [BLOCK_N, offs_d.shape[0]])
+    return tl.load(P + rows_n * stride_n + offs_d[None, :])
+
+
+@triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KM, n_start, k_end, stride_kn, stride_vn, offs_d,
+                   qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   SCALE_POSITIVE: tl.constexpr, HAS_KEY_MASK: tl.constexpr, TMA: tl.constexpr,
+                   DOT_FP32: tl.constexpr):
     """One key block of the online softmax. Only a segment's last, partial block is ``MASKED``: full
     blocks load without predicates and never select, and fold the scale into the exponent (one FFMA
     per score: ``exp2(qk * scale - max)``, the row max taken on the unscaled scores). A key mask
@@ -110,7 +121,7 @@ def _fwd_key_block(acc, l_i, m_i, q, K, V, KM, n_start, k_end, stride_kn, stride
         n_mask = offs_n < k_end
         k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
     else:
-        k = tl.load(K + rows_n * stride_kn + offs_d[None, :])
+        k = _full_block(K, KDesc, rows_n, stride_kn, offs_d, bh_coords, n_start, BLOCK_N, TMA)
     qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
     if MASKED or HAS_KEY_MASK:
         valid = _key_valid(KM, offs_n, k_end, MASKED, HAS_KEY_MASK)
@@ -132,27 +143,29 @@ def _fwd_key_block(acc, l_i, m_i, q, K, V, KM, n_start, k_end, stride_kn, stride
     if MASKED:
         v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
     else:
-        v = tl.load(V + rows_n * stride_vn + offs_d[None, :])
+        v = _full_block(V, VDesc, rows_n, stride_vn, offs_d, bh_coords, n_start, BLOCK_N, TMA)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _mbt_attention_fwd_kernel(
-    Q, K, V, Out, Lse, QBlocks, KeyMask,
+    Q, K, V, Out, Lse, QBlocks, KeyMask, KDesc, VDesc,
     stride_qn, stride_qb, stride_qh,
     stride_kn, stride_kb, stride_kh,
     stride_vn, stride_vb, stride_vh,
     stride_on, stride_ob, stride_oh,
     num_heads, nq, mask_stride, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
-    PEEL_TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+    PEEL_TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, TMA: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """One program = one query block of one segment, for one (sample, head)."""
+    """One program = one query block of one segment, for one (sample, head). With ``TMA`` the full key
+    blocks come through the descriptors ``KDesc``/``VDesc`` (``_full_block``); else they are unread."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 for a batch-major caller at large B
     h = (bh % num_heads).to(tl.int64)
+    bh_coords = (bh // num_heads, bh % num_heads)  # int32 TMA coordinates
     # block table row: (q_start, q_end, k_start, k_end, first row of this block)
     q_end = tl.load(QBlocks + blk * 5 + 1)
     k_start = tl.load(QBlocks + blk * 5 + 2)
@@ -177,12 +190,13 @@ def _mbt_attention_fwd_kernel(
     if PEEL_TAIL:  # the full key blocks unmasked, then the partial one
         k_tail += (k_end - k_start) // BLOCK_N * BLOCK_N
         for n_start in range(k_start, k_tail, BLOCK_N):
-            acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, KeyMask, n_start, k_end, stride_kn, stride_vn,
-                                           offs_d, qk_scale, BLOCK_M, BLOCK_N, False, SCALE_POSITIVE, HAS_KEY_MASK,
-                                           DOT_FP32)
+            acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KeyMask, n_start, k_end,
+                                           stride_kn, stride_vn, offs_d, qk_scale, BLOCK_M, BLOCK_N, False,
+                                           SCALE_POSITIVE, HAS_KEY_MASK, TMA, DOT_FP32)
     for n_start in range(k_tail, k_end, BLOCK_N):  # masked: the tail, or every block without PEEL_TAIL
-        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, KeyMask, n_start, k_end, stride_kn, stride_vn, offs_d,
-                                       qk_scale, BLOCK_M, BLOCK_N, True, SCALE_POSITIVE, HAS_KEY_MASK, DOT_FP32)
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KeyMask, n_start, k_end,
+                                       stride_kn, stride_vn, offs_d, qk_scale, BLOCK_M, BLOCK_N, True, SCALE_POSITIVE,
+                                       HAS_KEY_MASK, TMA, DOT_FP32)
 
     acc = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + rows_m * stride_on + offs_d[None, :],
@@ -401,8 +415,9 @@ def _mbt_attention_bwd_dq_kernel(
 # * dK/dV: 128 keys per CTA on 8 warps on both (Q and dO stream once per 128 keys); on sm_90 the 4-warp
 #   64-key tile fits 3 CTAs per SM (142 registers) but reads Q and dO twice as often: a candidate;
 # * dQ: 128 query rows on 8 warps (sm_80 0.67 LDSM/HMMA at 2 CTAs; 0.58 with 64 keys but 1 CTA).
-def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> dict:
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+def _cfg(block_m: int, block_n: int, warps: int, stages: int, tma: bool = False) -> dict:
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return dict(cfg, TMA=True) if tma else cfg
 
 
 _PRE = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # the delta row reduction: one config everywhere
@@ -427,6 +442,8 @@ def _candidates(head_dim: int, dtype: torch.dtype, arch: int) -> dict:
     fwd = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)]
     if arch == 80 and head_dim == 64:
         fwd = [fwd[2], fwd[0], fwd[1]]
+    if arch == 90:  # the full key blocks by TMA (_full_block): chosen only by timing on the GPU
+        fwd += [_cfg(128, 64, 8, 3, tma=True), _cfg(128, 128, 8, 2, tma=True)]
     # (on sm_80 the 4-warp 64-key tile spills 8 bytes with 3 stages, and at D = 32 with 2 as well)
     dkdv = [_cfg(32, 128, 8, 3)] + ([_cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2)] if arch == 90
                                     else [_cfg(32, 64, 4, 2)] if head_dim == 64 else [])
@@ -491,10 +508,11 @@ def _bench(fn) -> float:
 _TUNED: dict = {}
 
 
-def _tuned(kernel: str, q: torch.Tensor, key: tuple, run, cfgs: dict | None) -> dict:
+def _tuned(kernel: str, q: torch.Tensor, key: tuple, run, cfgs: dict | None, tma: bool = False) -> dict:
     """The tile config of ``kernel`` for this launch: ``cfgs``'s if given (tests), the interpreter's, the
     static pick of the device's table, or with autotuning the fastest candidate, timed once per ``key``
-    (the shape) by calling ``run(config)`` and kept for the process. Never times inside a CUDA-graph
+    (the shape) by calling ``run(config)`` and kept for the process. TMA candidates (never the static
+    pick) take part only when ``tma`` says the tensors allow it. Never times inside a CUDA-graph
     capture (the static pick is used there)."""
     if cfgs is not None:
         return cfgs[kernel]
@@ -502,10 +520,10 @@ def _tuned(kernel: str, q: torch.Tensor, key: tuple, run, cfgs: dict | None) -> 
     if triton_interpreting() and q.device.type == "cpu":
         return _INTERPRETER[kernel]
     arch = _arch(q.device)
-    cands = _candidates(D, dtype, arch)[kernel]
+    cands = [c for c in _candidates(D, dtype, arch)[kernel] if tma or not c.get("TMA")]
     if len(cands) == 1 or not autotuning() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return cands[0]
-    tkey = (kernel, arch, dtype, D, key)
+    tkey = (kernel, arch, dtype, D, key, tma)
     if tkey not in _TUNED:
         _TUNED[tkey] = min(cands, key=lambda c: _bench(lambda: run(c)))
     return _TUNED[tkey]
@@ -588,6 +606,26 @@ def _strides(t: torch.Tensor) -> tuple:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """A TMA descriptor's rules: 16-byte aligned start and strides (the last stride is 1 already)."""
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """Whether the TMA candidates may run on these tensors: CUDA tensors that TMA can read."""
+    return all(t.is_cuda and _tma_aligned(t) for t in ts)
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple:
+    """``(B, N, H, D)`` TMA descriptors of ``[N, B, H, D]`` keys and values (any strides, D stride 1);
+    one box is one full key block of one (sample, head)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, B, H, D = k.shape
+    return tuple(TensorDescriptor(t, [B, n, H, D], [t.stride(1), t.stride(0), t.stride(2), 1], [1, block_n, 1, D])
+                 for t in (k, v))
+
+
 def _mask_args(key_mask, dummy: torch.Tensor) -> tuple:
     """(pointer, row stride, HAS_KEY_MASK): the bool ``[B, Nk]`` mask as uint8 rows, or an unread dummy."""
     if key_mask is None:
@@ -611,15 +649,18 @@ def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | N
     def run(cfg):
         table = _tables(segments, "q", cfg["BLOCK_M"], 0, str(q.device))
         mask, mask_stride, has_mask = _mask_args(key_mask, table)
+        tma = cfg.get("TMA", False)
+        descs = _kv_descriptors(k, v, cfg["BLOCK_N"]) if tma else (k, v)  # unread without TMA
         _mbt_attention_fwd_kernel[(table.shape[0], B * H)](
-            q, k, v, out, lse, table, mask,
+            q, k, v, out, lse, table, mask, *descs,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             H, nq, mask_stride, scale,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, SCALE_POSITIVE=scale >= 0,
-            PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask, DOT_FP32=triton_interpreting(),
+            PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask, TMA=tma, DOT_FP32=triton_interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    run(_tuned("fwd", q, (segments, B, H, key_mask is not None), run, configs))
+    tma = _tma_ok(k, v)
+    run(_tuned("fwd", q, (segments, B, H, key_mask is not None), run, configs, tma))
     return out, lse
 
 
@@ -866,13 +907,18 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64, arch: int 
         return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": D, "PEEL_TAIL": _peel_tail(dtype),
                 "HAS_KEY_MASK": False, "DOT_FP32": False}
 
+    def kv_descs(cfg):  # what the launcher passes as KDesc/VDesc: descriptors with TMA, else k and v again
+        desc = f"tensordesc<{ty[1:]}[1,{cfg['BLOCK_N']},1,{D}]>" if cfg.get("TMA") else ty
+        return {"KDesc": desc, "VDesc": desc}
+
     def each(kernel):  # (index, config) of the kernel's candidates, or of its static pick alone
         return list(enumerate(cands[kernel] if candidates else cands[kernel][:1]))
 
     return [
         *(spec(_mbt_attention_fwd_kernel, "fwd",
-               {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32", "KeyMask": "*u8",
-                **strides("q", "k", "v", "o"), **scalars}, c, {**blocks(c), "SCALE_POSITIVE": True}, i)
+               {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32", "KeyMask": "*u8", **kv_descs(c),
+                **strides("q", "k", "v", "o"), **scalars}, c,
+               {**blocks(c), "SCALE_POSITIVE": True, "TMA": c.get("TMA", False)}, i)
           for i, c in each("fwd")),
         *(spec(_mbt_attention_bwd_preprocess_kernel, "bwd",
                {"Out": ty, "DO": ty, "Delta": "*fp32", **strides("o", "do"), "num_heads": "i32", "nq": "i32"},
@@ -889,6 +935,7 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64, arch: int 
 
 
 def _tile_name(cfg: dict) -> str:
-    """``128x64 w8 s3``: block rows x block columns (the preprocess: rows only), warps, stages."""
+    """``128x64 w8 s3``: block rows x block columns (the preprocess: rows only), warps, stages, and
+    ``tma`` where the full key blocks come by TMA."""
     cols = f"x{cfg['BLOCK_N']}" if "BLOCK_N" in cfg else ""
-    return f"{cfg['BLOCK_M']}{cols} w{cfg['num_warps']} s{cfg['num_stages']}"
+    return f"{cfg['BLOCK_M']}{cols} w{cfg['num_warps']} s{cfg['num_stages']}" + (" tma" if cfg.get("TMA") else "")

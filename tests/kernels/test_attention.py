@@ -224,6 +224,39 @@ def test_gpu_block_sizes(D, dtype, arch):
                    scale=0.125)
 
 
+@pytest.mark.parametrize("dtype,memory,masked", [(F16, "packed", False), (BF16, "permuted", False),
+                                                (BF16, "packed", True)])
+def test_tma_key_blocks(dtype, memory, masked):
+    """The TMA candidates (sm_90) read a segment's full key blocks through (B, N, H, D) descriptors: under
+    the interpreter they give bitwise the output and LSE of the same tile with per-thread loads, and meet
+    the 2x rule, on ragged segments (full blocks, tails, a 1-row segment), batch-major strides and a key
+    mask."""
+    seg = ((0, 32, 0, 64), (32, 96, 64, 130), (96, 97, 0, 33), (97, 130, 33, 130))
+    q, k, v = _inputs(130, 130, 2, 3, 32, dtype, memory, seed=5)
+    mask = _random_key_mask(2, 130, seg, seed=6) if masked else None
+    tma = dict(attn._INTERPRETER, fwd=attn._cfg(32, 32, 4, 1, tma=True))
+    assert attn._tma_aligned(k) and attn._tma_aligned(v)
+    with torch.no_grad():
+        got = attn._mbt_attention_fwd(q, k, v, seg, 0.2, tma, mask)
+        want = attn._mbt_attention_fwd(q, k, v, seg, 0.2, attn._INTERPRETER, mask)
+    for name, a, b in zip(("out", "lse"), got, want):
+        assert torch.equal(a, b), f"{name}: TMA and pointer loads differ by {(a.float() - b.float()).abs().max():.3e}"
+    ref_kw = {"key_mask": mask} if masked else {}
+    _run_and_check(q, k, v, seg, scale=0.2, grad=False, ref_kw=ref_kw,
+                   fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, seg, 0.2, tma, mask))
+
+
+def test_tma_alignment_rule():
+    """TMA candidates are offered only for tensors a descriptor can address: 16-byte aligned start and
+    strides, on CUDA."""
+    qkv = torch.empty(40, 2, 3, 4, 64, dtype=F16)
+    assert attn._tma_aligned(qkv[:, :, 1])
+    assert not attn._tma_aligned(torch.empty(40 * 2 * 4 * 64 + 1, dtype=F16)[1:].view(40, 2, 4, 64)), "start off by 2 bytes"
+    assert attn._tma_aligned(torch.empty(40, 2, 4, 72, dtype=F16)[..., :64]), "144-byte row stride"
+    assert not attn._tma_aligned(torch.empty(40, 2, 4, 68, dtype=F16)[..., :64]), "136-byte row stride"
+    assert not attn._tma_ok(qkv[:, :, 1]), "CPU tensors never take the TMA path"
+
+
 def test_lse_and_determinism():
     q, k, v = _inputs(45, 45, 2, 2, 32, F32, "packed")
     seg = ((0, 30, 0, 45), (30, 45, 30, 45))
@@ -311,7 +344,8 @@ def test_mbt_b_on_gpu(dtype, fused, packed):
 def test_autotune_on_gpu():
     """Autotuning on a real GPU (MBT-B rgb+bottleneck segment, batch 2, 12 heads, bf16): every kernel's
     winner is one of its architecture's candidates, and the tuned output and gradients meet the 2x rule
-    against the fp32 reference like the static pick's."""
+    against the fp32 reference like the static pick's; so does every forward candidate run on its own
+    (on sm_90 the TMA tiles)."""
     layout = PackedLayout(("spectrogram", "rgb"), (401, 3137), 5)
     segments = tuple(sorted(tuple(r) for r in layout.attn_segments(True)))
     n = layout.total_rows
@@ -332,6 +366,11 @@ def test_autotune_on_gpu():
     for name, got, r, e in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, leaves32, g.float()),
                                torch.autograd.grad(eager, leaves_lo, g)):
         _assert_close(name, got, r, e, FLOORS[BF16][1])
+    assert attn._tma_ok(*qkv.unbind(2)[1:])
+    with torch.no_grad():
+        for c in cands["fwd"]:
+            one, _ = attn._mbt_attention_fwd(*qkv.unbind(2), segments, 0.125, {"fwd": c})
+            _assert_close(f"out ({attn._tile_name(c)})", one, ref, eager, FLOORS[BF16][0])
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -462,6 +501,24 @@ def test_autotune_keeps_the_fastest_once_per_shape(monkeypatch, fake_gpu):
     explicit = attn._configs(64, BF16, interpreting=True)
     assert attn._tuned("dkdv", q, ("shape", 3), run, explicit) == explicit["dkdv"], "configs given: no tuning"
     assert len(timed) == 2 * len(cands)
+
+
+def test_autotune_offers_tma_only_where_tma_can_read(monkeypatch, fake_gpu):
+    """The sm_90 forward's TMA candidates are timed only when the launch says the tensors allow TMA
+    (``_tma_ok``); the static pick never uses TMA."""
+    q, times, timed = fake_gpu
+    monkeypatch.setenv("MBT_FAST_AUTOTUNE", "1")
+    cands = attn._candidates(64, BF16, 90)["fwd"]
+    tma = [attn._tile_name(c) for c in cands if c.get("TMA")]
+    assert tma and not cands[0].get("TMA")
+    for i, c in enumerate(cands):  # a TMA candidate is the fastest
+        times[attn._tile_name(c)] = 1.0 if c.get("TMA") else 5.0 + i
+    run = lambda c: timed.append(attn._tile_name(c))  # noqa: E731
+    assert not attn._tuned("fwd", q, ("shape",), run, None, tma=False).get("TMA")
+    assert not set(timed) & set(tma), timed
+    assert attn._tuned("fwd", q, ("shape",), run, None, tma=True).get("TMA")
+    assert set(tma) <= set(timed)
+    assert not any(c.get("TMA") for k, cs in attn._candidates(64, BF16, 80).items() for c in cs), "TMA is sm_90's"
 
 
 def test_interpreter_uses_its_small_tiles(monkeypatch):

@@ -8,7 +8,8 @@ each architecture's autotune list (the static pick and the ones a GPU may choose
 * fp16/bf16 forward and backward GEMMs run on tensor cores (HMMA on sm_80; HGMMA or HMMA on sm_90);
 * the design of the main loops (``loop_sass``, one iteration): fp16/bf16 main loops hold no select
   (FSEL; only a segment's last, partial block is masked, outside the loop), and the forward's softmax
-  scale is folded into the exponent's argument (an FFMA per score, no FMUL per score).
+  scale is folded into the exponent's argument (an FFMA per score, no FMUL per score);
+* the sm_90 forward's TMA candidates load K and V by TMA (UTMALDG) in the main loop, not by cp.async.
 """
 import os
 
@@ -100,3 +101,16 @@ def test_sm80_forward_pick_reads_less_shared_memory_per_mma(rows):
 
     assert ratio(pick) < ratio(other), (pick["loop_sass"], other["loop_sass"])
     assert pick["ctas_per_sm"] * pick["num_warps"] >= other["ctas_per_sm"] * other["num_warps"], (pick, other)
+
+
+def test_tma_candidates_load_by_tma(rows):
+    """A ``tma`` tile's main loop copies K and V with two TMA loads and no cp.async; every other tile
+    keeps cp.async (LDGSTS)."""
+    fwd = [r for r in rows if r["kernel"] == KERNELS["fwd"] and r["dtype"] != "fp32"]
+    assert any(r["tile"].endswith(" tma") for r in fwd)
+    for r in fwd:
+        loop, where = r["loop_sass"], f"{r['arch']} {r['dtype']} D={r['head_dim']} {r['tile']}"
+        if r["tile"].endswith(" tma"):
+            assert r["arch"] == "sm_90" and loop["UTMALDG"] == 2 and loop["LDGSTS"] == 0, f"{where}: {loop}"
+        else:
+            assert loop["UTMALDG"] == 0 and loop["LDGSTS"] > 0, f"{where}: {loop}"
