@@ -72,6 +72,32 @@ def _slot_mean(x_ptr, y_ptr, keep_ptr, slot_starts_ptr, s, smask, cols, mask, B,
 
 
 @triton.jit
+def _row_residual(x_ptr, y_ptr, keep_ptr, starts_ptr, slot_starts_ptr, r, rmask, cols, cmask, B, C,
+                  M: tl.constexpr, NBOT: tl.constexpr, MODE: tl.constexpr, HAS_KEEP: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """``x + keep[b, m] * y`` (fp32) on the flattened rows ``r = n * B + b`` of a row program, with the
+    slot rows left at ``x`` in "keep" mode and skipped in "mean" mode (their programs are the slot
+    programs). Returns it with the offsets, the mask, the row mask and the token rows ``n``."""
+    n = r // B
+    b = r - n * B
+    mod, is_slot = _row_modality(n, starts_ptr, slot_starts_ptr, NBOT, M)
+    if HAS_KEEP:
+        k = tl.load(keep_ptr + b * M + mod, mask=rmask, other=0.0)
+    else:
+        k = tl.full([BLOCK_R], 1.0, tl.float32)
+    if MODE == 2:
+        rmask = rmask & (is_slot == 0)
+    offs = r.to(tl.int64)[:, None] * C + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = x + k[:, None] * y
+    if MODE == 1:  # "keep": slot rows are x itself, not x + 0 * y (an inf in y must not become NaN)
+        out = tl.where(is_slot[:, None], x, out)
+    return out, offs, mask, rmask, n
+
+
+@triton.jit
 def _residual_mean_fwd_kernel(
     x_ptr, y_ptr, keep_ptr, out_ptr, starts_ptr, slot_starts_ptr,
     n_rows, B, C, n_row_blocks,
@@ -83,24 +109,8 @@ def _residual_mean_fwd_kernel(
     cmask = cols < C
     if pid < n_row_blocks:
         r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # flattened row n * B + b
-        rmask = r < n_rows
-        n = r // B
-        b = r - n * B
-        mod, is_slot = _row_modality(n, starts_ptr, slot_starts_ptr, NBOT, M)
-        if HAS_KEEP:
-            k = tl.load(keep_ptr + b * M + mod, mask=rmask, other=0.0)
-        else:
-            k = tl.full([BLOCK_R], 1.0, tl.float32)
-        smask = rmask
-        if MODE == 2:  # "mean": slot rows belong to the slot programs
-            smask = rmask & (is_slot == 0)
-        offs = r.to(tl.int64)[:, None] * C + cols[None, :]
-        mask = smask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        out = x + k[:, None] * y
-        if MODE == 1:  # "keep": slot rows are x itself, not x + 0 * y (an inf in y must not become NaN)
-            out = tl.where(is_slot[:, None], x, out)
+        out, offs, mask, _, _ = _row_residual(x_ptr, y_ptr, keep_ptr, starts_ptr, slot_starts_ptr, r, r < n_rows,
+                                              cols, cmask, B, C, M, NBOT, MODE, HAS_KEEP, BLOCK_R)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # slot program: slot rows of modality m are the contiguous flattened rows

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mbt_fast.kernels.residual_mean import (MAX_MODALITIES, _MODES, _row_modality, _slot_mean, _tables,
-                                           residual_mean_ref)
+from mbt_fast.kernels.residual_mean import (MAX_MODALITIES, _MODES, _row_modality, _row_residual, _slot_mean,
+                                           _tables, residual_mean_ref)
 from mbt_fast.kernels.segment_layernorm import MAX_C, segment_layernorm_ref
 from mbt_fast.layout import PackedLayout
 
@@ -56,23 +56,8 @@ def _residual_mean_layernorm_fwd_kernel(
     cmask = cols < C
     if pid < n_row_blocks:
         r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # flattened row n * B + b
-        rmask = r < n_rows
-        n = r // B
-        b = r - n * B
-        mod, is_slot = _row_modality(n, starts_ptr, slot_starts_ptr, NBOT, M)
-        if HAS_KEEP:
-            k = tl.load(keep_ptr + b * M + mod, mask=rmask, other=0.0)
-        else:
-            k = tl.full([BLOCK_R], 1.0, tl.float32)
-        if MODE == 2:  # "mean": slot rows belong to the slot programs
-            rmask = rmask & (is_slot == 0)
-        mask = rmask[:, None] & cmask[None, :]
-        offs = r.to(tl.int64)[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        out = x + k[:, None] * y
-        if MODE == 1:  # "keep": slot rows are x itself, not x + 0 * y (an inf in y must not become NaN)
-            out = tl.where(is_slot[:, None], x, out)
+        out, offs, mask, rmask, n = _row_residual(x_ptr, y_ptr, keep_ptr, starts_ptr, slot_starts_ptr, r,
+                                                  r < n_rows, cols, cmask, B, C, M, NBOT, MODE, HAS_KEEP, BLOCK_R)
         out = out.to(xo_ptr.dtype.element_ty)
         tl.store(xo_ptr + offs, out, mask=mask)
         # normalise the stored (rounded) x_new: the tensor the composition normalises and backward sees
