@@ -470,14 +470,13 @@ def bias_gelu_cost(rows: int, Fdim: int, M: int, esize: int, direction: str) -> 
 
 def residual_mean_cost(rows: int, batch: int, C: int, M: int, n_bottleneck: int, mean: bool, has_keep: bool,
                        esize: int, direction: str) -> OpCost:
-    x = rows * C * esize
-    slots = M * n_bottleneck * batch * C * esize if mean else 0  # the mean re-reads every slot
+    x = rows * C * esize  # each slot row is read once: in "mean" mode only the slot programs load the slots
     keep = 4 * batch * M if has_keep else 0
     if direction == "fwd":
-        return OpCost("fused:residual_mean_fwd", "elementwise", vec_flops=2 * rows * C, bytes=3 * x + slots + keep)
+        return OpCost("fused:residual_mean_fwd", "elementwise", vec_flops=2 * rows * C, bytes=3 * x + keep)
     # reads g; writes gy, and gx only in "mean" mode (otherwise gx is g itself)
     return OpCost("fused:residual_mean_bwd", "elementwise", vec_flops=rows * C,
-                  bytes=x + x + (x if mean else 0) + slots + keep)
+                  bytes=x + x + (x if mean else 0) + keep)
 
 
 def residual_mean_layernorm_cost(rows: int, batch: int, C: int, M: int, n_bottleneck: int, mean: bool,
