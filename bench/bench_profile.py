@@ -93,10 +93,11 @@ def profile_step(step, device: torch.device) -> dict[str, dict]:
 
 
 def model_by_class(cfg, batch: int, backend: str, gpu: str) -> dict:
-    """The perf model's per-class estimate of the same step (bf16 autocast, as the GPU step runs)."""
+    """The perf model's per-class estimate of the same step (bf16 autocast, as the GPU step runs), on
+    that GPU's code paths (segment_linear's grouped GEMM where it has one)."""
     from mbt_fast import perf_model
 
-    return perf_model.count_step(cfg, batch, backend, amp=True).by_class(gpu)
+    return perf_model.count_step(cfg, batch, backend, amp=True, gpu=gpu).by_class(gpu)
 
 
 def rows_for(preset, cfg, backend, batch, device, gpu, warmup: int) -> list[dict]:

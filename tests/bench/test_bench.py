@@ -172,6 +172,20 @@ def test_op_classes_of_real_kernel_names():
     assert got == cases, {k: (v, cases[k]) for k, v in got.items() if v != cases[k]}
 
 
+def test_profile_model_takes_the_gpus_code_paths():
+    """The profile's model column counts the step on the profiled GPU's paths: on an H100 the grouped
+    GEMM of fc1 (its bytes differ from the per-segment count), on an A100 the per-segment GEMMs."""
+    from mbt_fast.config import MBTConfig
+
+    cfg = MBTConfig.preset("tiny")
+    gemm = {g: bench_profile.model_by_class(cfg, 2, "triton", g)["gemm"] for g in ("h100", "a100")}
+    per_segment = perf_model.count_step(cfg, 2, "triton", amp=True).by_class("h100")["gemm"]
+    grouped = perf_model.count_step(cfg, 2, "triton", amp=True, gpu="h100").by_class("h100")["gemm"]
+    assert grouped["hbm_bytes"] != per_segment["hbm_bytes"]
+    assert gemm["h100"] == grouped
+    assert gemm["a100"]["hbm_bytes"] == per_segment["hbm_bytes"]
+
+
 def test_sdpa_backends_names_what_ran():
     q = torch.randn(1, 2, 8, 16)
     assert common.sdpa_backends(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == "flash (CPU)"
