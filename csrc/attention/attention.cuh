@@ -203,5 +203,24 @@ MBT_DEVICE void load_b_trans_sw(uint32_t (&b)[2][2], const T* base, int tile, in
     b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
 }
 
+// acc[mt] (16 x D) += P[mt] B for MT m16 tiles: P[mt] (16 x 16 KT) in registers as A fragments, B the swizzled
+// tile at b_tile stored [k][n] (read transposed by ldmatrix.trans). Each B fragment feeds all MT tiles (the
+// forward's 32-row warps: MT = 2); pointers, so one 16-row tile passes as &acc, &pf with MT = 1.
+template <int D, int KT, int MT, class T>
+MBT_DEVICE void gemm_nn_sw(float (*acc)[D / 8][4], const uint32_t (*pf)[KT][4], const T* smem, int b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+        for (int dn = 0; dn < D / 16; ++dn) {
+            uint32_t bf[2][2];
+            load_b_trans_sw<D>(bf, smem, b_tile, kk * 16, dn * 16);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_m16n8k16<T>(acc[mt][2 * dn], pf[mt][kk], bf[0]);
+                mma_m16n8k16<T>(acc[mt][2 * dn + 1], pf[mt][kk], bf[1]);
+            }
+        }
+}
+
 }  // namespace attn
 }  // namespace mbt

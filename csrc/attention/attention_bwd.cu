@@ -68,21 +68,6 @@ MBT_DEVICE void gemm_nt_sw(float (&acc)[NT][4], const uint32_t (&af)[kResident ?
     }
 }
 
-// acc[16 x D] += P B, P (16 x 16 KT) in registers as A fragments, B the swizzled tile at b_tile stored [k][n]
-// (read transposed by ldmatrix.trans)
-template <int D, int KT, class T>
-MBT_DEVICE void gemm_nn_sw(float (&acc)[D / 8][4], const uint32_t (&pf)[KT][4], const T* smem, int b_tile) {
-#pragma unroll
-    for (int kk = 0; kk < KT; ++kk)
-#pragma unroll
-        for (int dn = 0; dn < D / 16; ++dn) {
-            uint32_t bf[2][2];
-            load_b_trans_sw<D>(bf, smem, b_tile, kk * 16, dn * 16);
-            mma_m16n8k16<T>(acc[2 * dn], pf[kk], bf[0]);
-            mma_m16n8k16<T>(acc[2 * dn + 1], pf[kk], bf[1]);
-        }
-}
-
 // The A operands a warp keeps for the whole loop (Q and dO in dQ, K and V in dK/dV): once the older cp.async
 // group (those two tiles) has landed, every active warp reads its 16 rows of both into registers; the
 // closing barrier frees the tiles' stage for the first prefetch.
@@ -168,7 +153,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
             uint32_t dsf[BN / 16][4];
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dsf[kk], s[2 * kk], s[2 * kk + 1]);
-            gemm_nn_sw<D, BN / 16, T>(acc, dsf, smem, k_tile);  // dQ += dS K
+            gemm_nn_sw<D, BN / 16, 1>(&acc, &dsf, smem, k_tile);  // dQ += dS K
         }
         sync_threads();  // this stage fully read before the next step's prefetch overwrites it
     };
@@ -252,7 +237,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
             uint32_t pf[BM / 16][4];
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], st[2 * kk], st[2 * kk + 1]);
-            gemm_nn_sw<D, BM / 16, T>(dv, pf, smem, do_tile);  // dV += P^T dO
+            gemm_nn_sw<D, BM / 16, 1>(&dv, &pf, smem, do_tile);  // dV += P^T dO
 
             gemm_nt_sw<D, NT, kResident, T>(dpt, vf, smem, kVTile, wrow, do_tile);  // dP^T = V dO^T
 #pragma unroll
@@ -261,7 +246,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
                 for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - delta_s[8 * j + 2 * tig + (i % 2)]);
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], dpt[2 * kk], dpt[2 * kk + 1]);
-            gemm_nn_sw<D, BM / 16, T>(dk, pf, smem, q_tile);  // dK += dS^T Q
+            gemm_nn_sw<D, BM / 16, 1>(&dk, &pf, smem, q_tile);  // dK += dS^T Q
         }
         sync_threads();  // this stage fully read before the next iteration's prefetch overwrites it
     }
