@@ -203,5 +203,59 @@ MBT_DEVICE void load_b_trans_sw(uint32_t (&b)[2][2], const T* base, int tile, in
     b[0][0] = r[0]; b[0][1] = r[1]; b[1][0] = r[2]; b[1][1] = r[3];
 }
 
+// ---- Warp GEMMs (forward and backward) -----------------------------------------------------------------
+//
+// A warp multiplies MT m16 row tiles at once, so each B fragment read by ldmatrix feeds all MT of them (the
+// forward at D <= 64: MT = 2). acc and the A fragments come as pointers to their m-tiles, so a kernel with one
+// 16-row tile per warp (the backward) passes &acc, &af with MT = 1.
+
+// acc[mt] (16 x 8 NT) += A[mt] B^T over k = D. A[mt]: from registers (af[mt]) when kResident, else rows
+// row0 + 16 mt.. of the swizzled tile at a_tile; B: rows 0.. of the swizzled tile at b_tile, stored [n][k].
+template <int D, int NT, int MT, bool kResident, class T>
+MBT_DEVICE void gemm_nt_sw(float (*acc)[NT][4], const uint32_t (*af)[kResident ? D / 16 : 1][4], const T* smem,
+                           int a_tile, int row0, int b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            if constexpr (kResident) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) a[mt][i] = af[mt][kk][i];
+            } else {
+                load_a_sw<D>(a[mt], smem, a_tile, row0 + 16 * mt, kk * 16);
+            }
+        }
+#pragma unroll
+        for (int nn = 0; nn < NT / 2; ++nn) {
+            uint32_t bf[2][2];
+            load_b_sw<D>(bf, smem, b_tile, nn * 16, kk * 16);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_m16n8k16<T>(acc[mt][2 * nn], a[mt], bf[0]);
+                mma_m16n8k16<T>(acc[mt][2 * nn + 1], a[mt], bf[1]);
+            }
+        }
+    }
+}
+
+// acc[mt] (16 x D) += P[mt] B, P[mt] (16 x 16 KT) in registers as A fragments, B the swizzled tile at b_tile
+// stored [k][n] (read transposed by ldmatrix.trans)
+template <int D, int KT, int MT, class T>
+MBT_DEVICE void gemm_nn_sw(float (*acc)[D / 8][4], const uint32_t (*pf)[KT][4], const T* smem, int b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+        for (int dn = 0; dn < D / 16; ++dn) {
+            uint32_t bf[2][2];
+            load_b_trans_sw<D>(bf, smem, b_tile, kk * 16, dn * 16);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_m16n8k16<T>(acc[mt][2 * dn], pf[mt][kk], bf[0]);
+                mma_m16n8k16<T>(acc[mt][2 * dn + 1], pf[mt][kk], bf[1]);
+            }
+        }
+}
+
 }  // namespace attn
 }  // namespace mbt

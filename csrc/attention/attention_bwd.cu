@@ -44,45 +44,6 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_preprocess_kernel
     if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.H + h) * p.Nq + n] = acc;
 }
 
-// acc[16 x 8 NT] += A B^T over k = D. A: this warp's 16 rows, from registers (`af`) when kResident, else rows
-// row0.. of the swizzled tile at a_tile; B: rows 0.. of the swizzled tile at b_tile, stored [n][k].
-template <int D, int NT, bool kResident, class T>
-MBT_DEVICE void gemm_nt_sw(float (&acc)[NT][4], const uint32_t (&af)[kResident ? D / 16 : 1][4], const T* smem,
-                           int a_tile, int row0, int b_tile) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        if constexpr (kResident) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = af[kk][i];
-        } else {
-            load_a_sw<D>(a, smem, a_tile, row0, kk * 16);
-        }
-#pragma unroll
-        for (int nn = 0; nn < NT / 2; ++nn) {
-            uint32_t bf[2][2];
-            load_b_sw<D>(bf, smem, b_tile, nn * 16, kk * 16);
-            mma_m16n8k16<T>(acc[2 * nn], a, bf[0]);
-            mma_m16n8k16<T>(acc[2 * nn + 1], a, bf[1]);
-        }
-    }
-}
-
-// acc[16 x D] += P B, P (16 x 16 KT) in registers as A fragments, B the swizzled tile at b_tile stored [k][n]
-// (read transposed by ldmatrix.trans)
-template <int D, int KT, class T>
-MBT_DEVICE void gemm_nn_sw(float (&acc)[D / 8][4], const uint32_t (&pf)[KT][4], const T* smem, int b_tile) {
-#pragma unroll
-    for (int kk = 0; kk < KT; ++kk)
-#pragma unroll
-        for (int dn = 0; dn < D / 16; ++dn) {
-            uint32_t bf[2][2];
-            load_b_trans_sw<D>(bf, smem, b_tile, kk * 16, dn * 16);
-            mma_m16n8k16<T>(acc[2 * dn], pf[kk], bf[0]);
-            mma_m16n8k16<T>(acc[2 * dn + 1], pf[kk], bf[1]);
-        }
-}
-
 // The A operands a warp keeps for the whole loop (Q and dO in dQ, K and V in dK/dV): once the older cp.async
 // group (those two tiles) has landed, every active warp reads its 16 rows of both into registers; the
 // closing barrier frees the tiles' stage for the first prefetch.
@@ -154,8 +115,8 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
             for (int j = 0; j < NT; ++j)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
-            gemm_nt_sw<D, NT, kResident, T>(s, qf, smem, kQTile, wrow, k_tile);    // S = Q K^T
-            gemm_nt_sw<D, NT, kResident, T>(dp, dof, smem, kDoTile, wrow, v_tile);  // dP = dO V^T
+            gemm_nt_sw<D, NT, 1, kResident>(&s, &qf, smem, kQTile, wrow, k_tile);    // S = Q K^T
+            gemm_nt_sw<D, NT, 1, kResident>(&dp, &dof, smem, kDoTile, wrow, v_tile);  // dP = dO V^T
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -168,7 +129,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dq_kernel(Params 
             uint32_t dsf[BN / 16][4];
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dsf[kk], s[2 * kk], s[2 * kk + 1]);
-            gemm_nn_sw<D, BN / 16, T>(acc, dsf, smem, k_tile);  // dQ += dS K
+            gemm_nn_sw<D, BN / 16, 1>(&acc, &dsf, smem, k_tile);  // dQ += dS K
         }
         sync_threads();  // this stage fully read before the next step's prefetch overwrites it
     };
@@ -244,7 +205,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
             for (int j = 0; j < NT; ++j)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) st[j][i] = dpt[j][i] = 0.f;
-            gemm_nt_sw<D, NT, kResident, T>(st, kf, smem, kKTile, wrow, q_tile);  // S^T = K Q^T
+            gemm_nt_sw<D, NT, 1, kResident>(&st, &kf, smem, kKTile, wrow, q_tile);  // S^T = K Q^T
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -252,16 +213,16 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_bwd_dkv_kernel(Params
             uint32_t pf[BM / 16][4];
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], st[2 * kk], st[2 * kk + 1]);
-            gemm_nn_sw<D, BM / 16, T>(dv, pf, smem, do_tile);  // dV += P^T dO
+            gemm_nn_sw<D, BM / 16, 1>(&dv, &pf, smem, do_tile);  // dV += P^T dO
 
-            gemm_nt_sw<D, NT, kResident, T>(dpt, vf, smem, kVTile, wrow, do_tile);  // dP^T = V dO^T
+            gemm_nt_sw<D, NT, 1, kResident>(&dpt, &vf, smem, kVTile, wrow, do_tile);  // dP^T = V dO^T
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) dpt[j][i] = st[j][i] * (dpt[j][i] - delta_s[8 * j + 2 * tig + (i % 2)]);
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) acc_to_a<T>(pf[kk], dpt[2 * kk], dpt[2 * kk + 1]);
-            gemm_nn_sw<D, BM / 16, T>(dk, pf, smem, q_tile);  // dK += dS^T Q
+            gemm_nn_sw<D, BM / 16, 1>(&dk, &pf, smem, q_tile);  // dK += dS^T Q
         }
         sync_threads();  // this stage fully read before the next iteration's prefetch overwrites it
     }

@@ -80,18 +80,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < KD; ++kk)
-#pragma unroll
-                for (int nn = 0; nn < NT / 2; ++nn) {
-                    uint32_t bf[2][2];
-                    load_b_sw<D>(bf, smem, k_tile, nn * 16, kk * 16);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_m16n8k16<T>(s[mt][2 * nn], qf[mt][kk], bf[0]);
-                        mma_m16n8k16<T>(s[mt][2 * nn + 1], qf[mt][kk], bf[1]);
-                    }
-                }
+            gemm_nt_sw<D, NT, MT, true>(s, qf, smem, kQTile, wrow, k_tile);  // S = Q K^T
 
             // which of this lane's columns may be attended: tested on the tail tile and with a key mask only
             bool keep[NT][2];
@@ -143,19 +132,7 @@ MBT_GLOBAL void MBT_LAUNCH_BOUNDS(kThreads) _mbt_attention_fwd_kernel(Params p) 
                 for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(pf[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
             }
 
-            // O += P V
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-                for (int dn = 0; dn < D / 16; ++dn) {
-                    uint32_t bf[2][2];
-                    load_b_trans_sw<D>(bf, smem, v_tile, kk * 16, dn * 16);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_m16n8k16<T>(acc[mt][2 * dn], pf[mt][kk], bf[0]);
-                        mma_m16n8k16<T>(acc[mt][2 * dn + 1], pf[mt][kk], bf[1]);
-                    }
-                }
+            gemm_nn_sw<D, BN / 16, MT>(acc, pf, smem, v_tile);  // O += P V
         }
         sync_threads();  // this stage fully read before the next step's prefetch overwrites it
     };
