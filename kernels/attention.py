@@ -107,24 +107,28 @@ def _full_block(P, Desc, rows_n, stride_n, offs_d, bh_coords, n_start, BLOCK_N: 
 
 
 @triton.jit
-def _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KM, n_start, k_end, stride_kn, stride_vn, offs_d,
-                   qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   SCALE_POSITIVE: tl.constexpr, HAS_KEY_MASK: tl.constexpr, TMA: tl.constexpr,
-                   DOT_FP32: tl.constexpr):
-    """One key block of the online softmax. Only a segment's last, partial block is ``MASKED``: full
-    blocks load without predicates and never select, and fold the scale into the exponent (one FFMA
-    per score: ``exp2(qk * scale - max)``, the row max taken on the unscaled scores). A key mask
-    selects on every block."""
+def _fwd_qk(q, K, KDesc, bh_coords, n_start, k_end, stride_kn, offs_d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            MASKED: tl.constexpr, TMA: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The raw scores ``q K^T`` of one key block (fp32); only a segment's last, partial block is
+    ``MASKED`` (its keys past the segment load as 0)."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
     rows_n = offs_n.to(tl.int64)[:, None]  # int64: N * stride_n can pass 2**31 at large batch
     if MASKED:
-        n_mask = offs_n < k_end
-        k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=(offs_n < k_end)[:, None], other=0.0)
     else:
         k = _full_block(K, KDesc, rows_n, stride_kn, offs_d, bh_coords, n_start, BLOCK_N, TMA)
-    qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
+    return _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
+
+
+@triton.jit
+def _fwd_softmax(qk, l_i, m_i, KM, n_start, k_end, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 SCALE_POSITIVE: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """The online-softmax step of one block's scores: ``p`` (fp32), the factor ``alpha`` that rescales
+    what was accumulated before, and the new row sums and maxima. Full blocks never select and fold
+    the scale into the exponent (one FFMA per score: ``exp2(qk * scale - max)``, the row max taken on
+    the unscaled scores); the masked tail and a key mask select."""
     if MASKED or HAS_KEY_MASK:
-        valid = _key_valid(KM, offs_n, k_end, MASKED, HAS_KEY_MASK)
+        valid = _key_valid(KM, n_start + tl.arange(0, BLOCK_N), k_end, MASKED, HAS_KEY_MASK)
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if HAS_KEY_MASK:  # a block of padding keeps a row's max at -inf: exponentiate against 0 instead
@@ -139,13 +143,34 @@ def _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KM, n_start,
         m_base = m_new
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_base)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, n_start, k_end, stride_vn, offs_d, BLOCK_N: tl.constexpr,
+            MASKED: tl.constexpr, TMA: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``acc * alpha + p V`` for one key block (``p`` rounded to V's dtype first, as FlashAttention)."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    rows_n = offs_n.to(tl.int64)[:, None]
     if MASKED:
-        v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=(offs_n < k_end)[:, None], other=0.0)
     else:
         v = _full_block(V, VDesc, rows_n, stride_vn, offs_d, bh_coords, n_start, BLOCK_N, TMA)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32)
-    return acc, l_i, m_new
+    return _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32)
+
+
+@triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KM, n_start, k_end, stride_kn, stride_vn, offs_d,
+                   qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   SCALE_POSITIVE: tl.constexpr, HAS_KEY_MASK: tl.constexpr, TMA: tl.constexpr,
+                   DOT_FP32: tl.constexpr):
+    """One key block in order: scores, softmax, ``P V``."""
+    qk = _fwd_qk(q, K, KDesc, bh_coords, n_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, MASKED, TMA, DOT_FP32)
+    p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KM, n_start, k_end, qk_scale, BLOCK_N, MASKED, SCALE_POSITIVE,
+                                      HAS_KEY_MASK)
+    acc = _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, n_start, k_end, stride_vn, offs_d, BLOCK_N, MASKED, TMA,
+                  DOT_FP32)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -157,10 +182,14 @@ def _mbt_attention_fwd_kernel(
     stride_on, stride_ob, stride_oh,
     num_heads, nq, mask_stride, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
-    PEEL_TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, TMA: tl.constexpr, DOT_FP32: tl.constexpr,
+    PEEL_TAIL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, TMA: tl.constexpr, OVERLAP_PV: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """One program = one query block of one segment, for one (sample, head). With ``TMA`` the full key
-    blocks come through the descriptors ``KDesc``/``VDesc`` (``_full_block``); else they are unread."""
+    blocks come through the descriptors ``KDesc``/``VDesc`` (``_full_block``); else they are unread.
+    With ``OVERLAP_PV`` (needs ``PEEL_TAIL``) block j's ``P V`` is issued after block j+1's ``Q K^T`` and
+    before its softmax: on sm_90 the ``P V`` wgmma then runs during that softmax (the pipeliner waits on
+    the ``Q K^T`` wgmma at once, and on ``P V`` only at the next ``Q K^T``)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 for a batch-major caller at large B
@@ -189,14 +218,48 @@ def _mbt_attention_fwd_kernel(
     k_tail = k_start
     if PEEL_TAIL:  # the full key blocks unmasked, then the partial one
         k_tail += (k_end - k_start) // BLOCK_N * BLOCK_N
-        for n_start in range(k_start, k_tail, BLOCK_N):
+    if OVERLAP_PV:
+        # block 0 (the tail when the segment has no full block): scores and softmax, its P V deferred
+        if k_tail > k_start:
+            qk = _fwd_qk(q, K, KDesc, bh_coords, k_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, False, TMA,
+                         DOT_FP32)
+            p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KeyMask, k_start, k_end, qk_scale, BLOCK_N, False,
+                                              SCALE_POSITIVE, HAS_KEY_MASK)
+        else:
+            qk = _fwd_qk(q, K, KDesc, bh_coords, k_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, True, TMA,
+                         DOT_FP32)
+            p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KeyMask, k_start, k_end, qk_scale, BLOCK_N, True,
+                                              SCALE_POSITIVE, HAS_KEY_MASK)
+        p = p.to(V.dtype.element_ty)
+        for n_start in range(k_start + BLOCK_N, k_tail, BLOCK_N):  # full blocks: Q K^T, previous P V, softmax
+            qk = _fwd_qk(q, K, KDesc, bh_coords, n_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, False, TMA,
+                         DOT_FP32)
+            acc = _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, n_start - BLOCK_N, k_end, stride_vn, offs_d, BLOCK_N,
+                          False, TMA, DOT_FP32)
+            p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KeyMask, n_start, k_end, qk_scale, BLOCK_N, False,
+                                              SCALE_POSITIVE, HAS_KEY_MASK)
+            p = p.to(V.dtype.element_ty)
+        if (k_tail > k_start) & (k_tail < k_end):  # the tail after full blocks
+            qk = _fwd_qk(q, K, KDesc, bh_coords, k_tail, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, True, TMA,
+                         DOT_FP32)
+            acc = _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, k_tail - BLOCK_N, k_end, stride_vn, offs_d, BLOCK_N,
+                          False, TMA, DOT_FP32)
+            p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KeyMask, k_tail, k_end, qk_scale, BLOCK_N, True,
+                                              SCALE_POSITIVE, HAS_KEY_MASK)
+            p = p.to(V.dtype.element_ty)
+        last = k_tail - BLOCK_N * (k_tail >= k_end).to(tl.int32)  # the tail, else the last full block
+        acc = _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, last, k_end, stride_vn, offs_d, BLOCK_N, True, TMA,
+                      DOT_FP32)
+    else:
+        if PEEL_TAIL:
+            for n_start in range(k_start, k_tail, BLOCK_N):
+                acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KeyMask, n_start,
+                                               k_end, stride_kn, stride_vn, offs_d, qk_scale, BLOCK_M, BLOCK_N, False,
+                                               SCALE_POSITIVE, HAS_KEY_MASK, TMA, DOT_FP32)
+        for n_start in range(k_tail, k_end, BLOCK_N):  # masked: the tail, or every block without PEEL_TAIL
             acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KeyMask, n_start, k_end,
-                                           stride_kn, stride_vn, offs_d, qk_scale, BLOCK_M, BLOCK_N, False,
+                                           stride_kn, stride_vn, offs_d, qk_scale, BLOCK_M, BLOCK_N, True,
                                            SCALE_POSITIVE, HAS_KEY_MASK, TMA, DOT_FP32)
-    for n_start in range(k_tail, k_end, BLOCK_N):  # masked: the tail, or every block without PEEL_TAIL
-        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KeyMask, n_start, k_end,
-                                       stride_kn, stride_vn, offs_d, qk_scale, BLOCK_M, BLOCK_N, True, SCALE_POSITIVE,
-                                       HAS_KEY_MASK, TMA, DOT_FP32)
 
     acc = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + rows_m * stride_on + offs_d[None, :],
@@ -415,9 +478,9 @@ def _mbt_attention_bwd_dq_kernel(
 # * dK/dV: 128 keys per CTA on 8 warps on both (Q and dO stream once per 128 keys); on sm_90 the 4-warp
 #   64-key tile fits 3 CTAs per SM (142 registers) but reads Q and dO twice as often: a candidate;
 # * dQ: 128 query rows on 8 warps (sm_80 0.67 LDSM/HMMA at 2 CTAs; 0.58 with 64 keys but 1 CTA).
-def _cfg(block_m: int, block_n: int, warps: int, stages: int, tma: bool = False) -> dict:
+def _cfg(block_m: int, block_n: int, warps: int, stages: int, tma: bool = False, overlap_pv: bool = False) -> dict:
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    return dict(cfg, TMA=True) if tma else cfg
+    return {**cfg, **({"TMA": True} if tma else {}), **({"OVERLAP_PV": True} if overlap_pv else {})}
 
 
 _PRE = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # the delta row reduction: one config everywhere
@@ -436,14 +499,18 @@ def _candidates(head_dim: int, dtype: torch.dtype, arch: int) -> dict:
         fwd = dict(tile, BLOCK_N=32, num_warps=8) if head_dim == 128 else tile
         return {"fwd": [fwd], "pre": [_PRE], "dkdv": [tile], "dq": [tile]}
     if head_dim == 128:
-        return {"fwd": [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)], "pre": [_PRE],
+        fwd = [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)]
+        if arch == 90:
+            fwd.append(_cfg(128, 64, 8, 2, tma=True, overlap_pv=True))
+        return {"fwd": fwd, "pre": [_PRE],
                 "dkdv": [_cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)],
                 "dq": [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)]}
     fwd = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)]
     if arch == 80 and head_dim == 64:
         fwd = [fwd[2], fwd[0], fwd[1]]
-    if arch == 90:  # the full key blocks by TMA (_full_block): chosen only by timing on the GPU
-        fwd += [_cfg(128, 64, 8, 3, tma=True), _cfg(128, 128, 8, 2, tma=True)]
+    if arch == 90:  # TMA loads, and P V overlapping the next softmax: chosen only by timing on the GPU
+        fwd += [_cfg(128, 64, 8, 3, tma=True), _cfg(128, 128, 8, 2, tma=True),
+                _cfg(128, 64, 8, 3, tma=True, overlap_pv=True), _cfg(128, 128, 8, 2, tma=True, overlap_pv=True)]
     # (on sm_80 the 4-warp 64-key tile spills 8 bytes with 3 stages, and at D = 32 with 2 as well)
     dkdv = [_cfg(32, 128, 8, 3)] + ([_cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2)] if arch == 90
                                     else [_cfg(32, 64, 4, 2)] if head_dim == 64 else [])
@@ -656,7 +723,8 @@ def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | N
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             H, nq, mask_stride, scale,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, SCALE_POSITIVE=scale >= 0,
-            PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask, TMA=tma, DOT_FP32=triton_interpreting(),
+            PEEL_TAIL=_peel_tail(q.dtype), HAS_KEY_MASK=has_mask, TMA=tma,
+            OVERLAP_PV=cfg.get("OVERLAP_PV", False), DOT_FP32=triton_interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     tma = _tma_ok(k, v)
@@ -918,7 +986,8 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64, arch: int 
         *(spec(_mbt_attention_fwd_kernel, "fwd",
                {"Q": ty, "K": ty, "V": ty, "Out": ty, "Lse": "*fp32", "QBlocks": "*i32", "KeyMask": "*u8", **kv_descs(c),
                 **strides("q", "k", "v", "o"), **scalars}, c,
-               {**blocks(c), "SCALE_POSITIVE": True, "TMA": c.get("TMA", False)}, i)
+               {**blocks(c), "SCALE_POSITIVE": True, "TMA": c.get("TMA", False),
+                "OVERLAP_PV": c.get("OVERLAP_PV", False)}, i)
           for i, c in each("fwd")),
         *(spec(_mbt_attention_bwd_preprocess_kernel, "bwd",
                {"Out": ty, "DO": ty, "Delta": "*fp32", **strides("o", "do"), "num_heads": "i32", "nq": "i32"},
@@ -936,6 +1005,7 @@ def aot_specs(dtype: torch.dtype = torch.float16, head_dim: int = 64, arch: int 
 
 def _tile_name(cfg: dict) -> str:
     """``128x64 w8 s3``: block rows x block columns (the preprocess: rows only), warps, stages, and
-    ``tma`` where the full key blocks come by TMA."""
+    ``tma`` where the full key blocks come by TMA, ``overlap`` where P V overlaps the next softmax."""
     cols = f"x{cfg['BLOCK_N']}" if "BLOCK_N" in cfg else ""
-    return f"{cfg['BLOCK_M']}{cols} w{cfg['num_warps']} s{cfg['num_stages']}" + (" tma" if cfg.get("TMA") else "")
+    flags = "".join(f" {name}" for key, name in (("TMA", "tma"), ("OVERLAP_PV", "overlap")) if cfg.get(key))
+    return f"{cfg['BLOCK_M']}{cols} w{cfg['num_warps']} s{cfg['num_stages']}{flags}"

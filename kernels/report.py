@@ -18,6 +18,8 @@ For each kernel's ``aot_specs(dtype)`` (the MBT-B configuration, GPU block sizes
   barriers), over the whole kernel (prologue and epilogue included, loops counted once);
 * ``loop_sass``: the same counts over the main loop alone (``sass_counts``): what each main-loop
   iteration executes, the number that a masked tail peeled out of the loop changes;
+* ``ex2_under_wgmma``: the main loop's ``MUFU.EX2`` issued while a wgmma is in flight
+  (``ex2_under_wgmma``): how much of the softmax overlaps a tensor-core MMA on sm_90;
 * ``ctas_per_sm`` and ``occupancy_limiter``: how many CTAs of the kernel fit on one SM by registers,
   shared memory and warps (``occupancy``), the arithmetic of CUDA's occupancy calculator.
 
@@ -44,7 +46,7 @@ import torch
 OPS = ("attention", "residual_mean", "segment_layernorm", "residual_mean_layernorm", "bias_gelu")
 KEYS = ("kernel", "direction", "arch", "dtype", "head_dim", "tile", "config", "num_warps", "registers",
         "spill_bytes", "shared_bytes",
-        "ctas_per_sm", "occupancy_limiter", "mma_instructions", "sass", "loop_sass")
+        "ctas_per_sm", "occupancy_limiter", "mma_instructions", "sass", "loop_sass", "ex2_under_wgmma")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # counted in the SASS: mnemonic (before the first '.') except where the suffix is the point (MUFU.EX2)
 SASS_OPCODES = ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDSM", "LDG", "STG", "FSEL", "FMUL", "FADD", "FFMA",
@@ -144,14 +146,10 @@ def _count(ops: list[str]) -> dict:
     return counts
 
 
-def sass_counts(sass: str) -> tuple[dict, dict | None]:
-    """Static counts of ``SASS_OPCODES`` in ``nvdisasm -c`` output (predicated instructions included):
-    over the whole kernel, and over its main loop (``None`` without a loop).
-
-    The main loop is the first innermost loop in code order, a loop being the instructions from a label
-    to a backward ``BRA`` to it: the source's main loop, which the compiler lays out before a peeled
-    masked tail (a second loop of at most one trip) and the epilogue, so its counts say what every
-    iteration but a segment's last executes."""
+def _main_loop(sass: str) -> tuple[list[tuple[str, str]], tuple[int, int] | None]:
+    """The instructions of ``nvdisasm -c`` output as (opcode, operands), and the index range of the main
+    loop: the first innermost loop in code order, a loop being the instructions from a label to a
+    backward ``BRA`` to it (None without a loop)."""
     ops, labels, loops = [], {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L\w+):", line)
@@ -164,11 +162,44 @@ def sass_counts(sass: str) -> tuple[dict, dict | None]:
         target = re.search(r"`\((\.L\w+)\)", m.group(2))
         if m.group(1) == "BRA" and target and target.group(1) in labels:
             loops.append((labels[target.group(1)], len(ops)))
-        ops.append(m.group(1))
+        ops.append((m.group(1), m.group(2)))
     loops = [(a, b) for a, b in loops if a < b]  # not the self-branch that ends a kernel
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    hot = min(innermost, default=None)
-    return _count(ops), (None if hot is None else _count(ops[hot[0]:hot[1] + 1]))
+    return ops, min(innermost, default=None)
+
+
+def sass_counts(sass: str) -> tuple[dict, dict | None]:
+    """Static counts of ``SASS_OPCODES`` in ``nvdisasm -c`` output (predicated instructions included):
+    over the whole kernel, and over its main loop (``None`` without a loop).
+
+    The main loop (``_main_loop``) is the source's main loop, which the compiler lays out before a
+    peeled masked tail (a second loop of at most one trip) and the epilogue, so its counts say what
+    every iteration but a segment's last executes."""
+    ops, hot = _main_loop(sass)
+    names = [op for op, _ in ops]
+    return _count(names), (None if hot is None else _count(names[hot[0]:hot[1] + 1]))
+
+
+def ex2_under_wgmma(sass: str) -> int | None:
+    """How many of the main loop's ``MUFU.EX2`` (the softmax's exponentials) issue while a wgmma is in
+    flight: after an ``HGMMA`` (each starts on issue; ``gsb0`` only marks a group's last) and before the
+    ``WARPGROUP.DEPBAR`` that waits for it. The loop body is walked twice so that a group issued late in
+    one iteration and waited in the next counts; the second walk is counted. 0 where the softmax
+    overlaps no wgmma (and on sm_80, which has none); None without a loop."""
+    ops, hot = _main_loop(sass)
+    if hot is None:
+        return None
+    body = ops[hot[0]:hot[1] + 1]
+    in_flight, count = False, 0
+    for walk in range(2):
+        for op, args in body:
+            if op.startswith("HGMMA"):
+                in_flight = True
+            elif op.startswith("WARPGROUP.DEPBAR"):
+                in_flight = False
+            elif op.startswith("MUFU.EX2") and in_flight and walk == 1:
+                count += 1
+    return count
 
 
 def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int) -> tuple[int, str]:
@@ -198,8 +229,8 @@ def compile_spec(spec: dict, arch: int, dtype: str) -> dict:
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         usage = _res_usage(path, compiled.metadata.name)
-        sass, loop_sass = sass_counts(subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True,
-                                                     text=True, check=True).stdout)
+        text = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+        sass, loop_sass = sass_counts(text)
     registers, shared = usage.get("REG", 0), int(compiled.metadata.shared)
     ctas, limiter = occupancy(registers, shared, spec["num_warps"], arch)
     return {
@@ -219,6 +250,7 @@ def compile_spec(spec: dict, arch: int, dtype: str) -> dict:
         "mma_instructions": sass["HMMA"] + sass["HGMMA"],
         "sass": sass,
         "loop_sass": loop_sass,
+        "ex2_under_wgmma": ex2_under_wgmma(text),
     }
 
 

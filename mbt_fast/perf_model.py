@@ -114,9 +114,8 @@ ATTENTION_DESIGNS = {
     "sdpa_flash": {"anchor": "FA2", "range": (0.85, 1.0, 1.2),
                    "why": "PyTorch SDPA's flash backend is FlashAttention-2; high end: SDPA picks cuDNN (up to 1.25x FA2)"},
     "triton": {"anchor": "Triton", "range": (0.60, 0.80, 0.95),
-               "why": "Triton tutorial design class (unmasked main loops, tiles per architecture, TMA tiles as "
-                      "sm_90 autotune candidates; wgmma waited after QK^T as the tutorial's loop under Triton "
-                      "3.8); range kept until a GPU measures it"},
+               "why": "Triton tutorial design class (unmasked main loops, tiles per architecture; TMA and "
+                      "P V-under-softmax tiles as sm_90 autotune candidates); range kept until a GPU measures it"},
     "cuda": {"anchor": "FA2", "range": (0.35, 0.50, 0.70),
              "why": "forward at FA2's design (128-row tiles, swizzled cp.async pipeline), backward 64-row tiles "
                     "and 7 GEMMs (deterministic, no atomics); range kept until a GPU measures it (issue 13)"},

@@ -224,26 +224,29 @@ def test_gpu_block_sizes(D, dtype, arch):
                    scale=0.125)
 
 
+@pytest.mark.parametrize("flags", [dict(tma=True), dict(overlap_pv=True), dict(tma=True, overlap_pv=True)],
+                         ids=["tma", "overlap", "tma-overlap"])
 @pytest.mark.parametrize("dtype,memory,masked", [(F16, "packed", False), (BF16, "permuted", False),
                                                 (BF16, "packed", True)])
-def test_tma_key_blocks(dtype, memory, masked):
-    """The TMA candidates (sm_90) read a segment's full key blocks through (B, N, H, D) descriptors: under
-    the interpreter they give bitwise the output and LSE of the same tile with per-thread loads, and meet
-    the 2x rule, on ragged segments (full blocks, tails, a 1-row segment), batch-major strides and a key
-    mask."""
-    seg = ((0, 32, 0, 64), (32, 96, 64, 130), (96, 97, 0, 33), (97, 130, 33, 130))
+def test_sm90_forward_variants(dtype, memory, masked, flags):
+    """The sm_90 forward candidates: ``tma`` reads a segment's full key blocks through (B, N, H, D)
+    descriptors, ``overlap`` issues block j's P V after block j+1's scores (its own prologue, tail and
+    epilogue). Under the interpreter both give bitwise the output and LSE of the same tile in order with
+    pointer loads, and meet the 2x rule, on segments of full blocks only, full blocks plus a tail, a
+    tail alone (no full block) and a 1-row query range; batch-major strides; a key mask."""
+    seg = ((0, 32, 0, 64), (32, 96, 64, 130), (96, 97, 0, 33), (97, 130, 110, 130))
     q, k, v = _inputs(130, 130, 2, 3, 32, dtype, memory, seed=5)
     mask = _random_key_mask(2, 130, seg, seed=6) if masked else None
-    tma = dict(attn._INTERPRETER, fwd=attn._cfg(32, 32, 4, 1, tma=True))
+    variant = dict(attn._INTERPRETER, fwd=attn._cfg(32, 32, 4, 1, **flags))
     assert attn._tma_aligned(k) and attn._tma_aligned(v)
     with torch.no_grad():
-        got = attn._mbt_attention_fwd(q, k, v, seg, 0.2, tma, mask)
+        got = attn._mbt_attention_fwd(q, k, v, seg, 0.2, variant, mask)
         want = attn._mbt_attention_fwd(q, k, v, seg, 0.2, attn._INTERPRETER, mask)
     for name, a, b in zip(("out", "lse"), got, want):
-        assert torch.equal(a, b), f"{name}: TMA and pointer loads differ by {(a.float() - b.float()).abs().max():.3e}"
+        assert torch.equal(a, b), f"{name}: {flags} and the in-order tile differ by {(a.float() - b.float()).abs().max():.3e}"
     ref_kw = {"key_mask": mask} if masked else {}
     _run_and_check(q, k, v, seg, scale=0.2, grad=False, ref_kw=ref_kw,
-                   fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, seg, 0.2, tma, mask))
+                   fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, seg, 0.2, variant, mask))
 
 
 def test_tma_alignment_rule():

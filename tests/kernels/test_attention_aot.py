@@ -9,7 +9,9 @@ each architecture's autotune list (the static pick and the ones a GPU may choose
 * the design of the main loops (``loop_sass``, one iteration): fp16/bf16 main loops hold no select
   (FSEL; only a segment's last, partial block is masked, outside the loop), and the forward's softmax
   scale is folded into the exponent's argument (an FFMA per score, no FMUL per score);
-* the sm_90 forward's TMA candidates load K and V by TMA (UTMALDG) in the main loop, not by cp.async.
+* the sm_90 forward's TMA candidates load K and V by TMA (UTMALDG) in the main loop, not by cp.async;
+* the sm_90 forward's ``overlap`` candidates issue most of the softmax's exponentials while the P V
+  wgmma is in flight (``ex2_under_wgmma``); the in-order tiles issue none.
 """
 import os
 
@@ -107,10 +109,24 @@ def test_tma_candidates_load_by_tma(rows):
     """A ``tma`` tile's main loop copies K and V with two TMA loads and no cp.async; every other tile
     keeps cp.async (LDGSTS)."""
     fwd = [r for r in rows if r["kernel"] == KERNELS["fwd"] and r["dtype"] != "fp32"]
-    assert any(r["tile"].endswith(" tma") for r in fwd)
+    assert any(" tma" in r["tile"] for r in fwd)
     for r in fwd:
         loop, where = r["loop_sass"], f"{r['arch']} {r['dtype']} D={r['head_dim']} {r['tile']}"
-        if r["tile"].endswith(" tma"):
+        if " tma" in r["tile"]:
             assert r["arch"] == "sm_90" and loop["UTMALDG"] == 2 and loop["LDGSTS"] == 0, f"{where}: {loop}"
         else:
             assert loop["UTMALDG"] == 0 and loop["LDGSTS"] > 0, f"{where}: {loop}"
+
+
+def test_overlap_candidates_run_the_softmax_under_the_pv_wgmma(rows):
+    """In an ``overlap`` tile's main loop at least half of the softmax's MUFU.EX2 issue while a wgmma is
+    in flight (the P V of the block before); in every other forward tile none does (the wgmma is waited
+    on right after Q K^T, and P V is issued after the softmax)."""
+    fwd = [r for r in rows if r["kernel"] == KERNELS["fwd"] and r["arch"] == "sm_90" and r["dtype"] != "fp32"]
+    assert any(" overlap" in r["tile"] for r in fwd)
+    for r in fwd:
+        where, ex2 = f"{r['dtype']} D={r['head_dim']} {r['tile']}", r["loop_sass"]["MUFU.EX2"]
+        if " overlap" in r["tile"]:
+            assert 2 * r["ex2_under_wgmma"] >= ex2, f"{where}: {r['ex2_under_wgmma']} of {ex2} exponentials overlapped"
+        else:
+            assert r["ex2_under_wgmma"] == 0, f"{where}: {r['ex2_under_wgmma']}"

@@ -17,7 +17,8 @@ ROW_KERNELS = {f"_{op}_{d}_kernel" for op in ROW_OPS for d in ("fwd", "bwd")}
 TYPES = {"kernel": str, "direction": str, "arch": str, "dtype": str, "head_dim": (int, type(None)),
          "tile": (str, type(None)), "config": int, "num_warps": int,
          "registers": int, "spill_bytes": int, "shared_bytes": int, "ctas_per_sm": int, "occupancy_limiter": str,
-         "mma_instructions": int, "sass": dict, "loop_sass": (dict, type(None))}
+         "mma_instructions": int, "sass": dict, "loop_sass": (dict, type(None)),
+         "ex2_under_wgmma": (int, type(None))}
 
 
 def _check_rows(rows):
@@ -61,6 +62,33 @@ def test_sass_counts():
     assert (whole["HMMA"], whole["FSEL"], whole["FFMA"], whole["FMUL"], whole["MUFU.EX2"]) == (2, 1, 1, 1, 2)
     assert (loop["HMMA"], loop["FSEL"], loop["FFMA"], loop["FMUL"], loop["MUFU.EX2"]) == (1, 0, 1, 0, 1)
     assert report.sass_counts("        /*0000*/   EXIT ;\n.L_x_0:\n        /*0010*/   BRA `(.L_x_0);")[1] is None
+
+
+# a made-up sm_90 main loop in the order the compiler lays it out: the Q K^T group and its wait, then the
+# P V group with an exponential issued between its MMAs; the group's wait is in the next walk, after one
+# more exponential (the loop entry is mid-iteration); the exponential after that wait overlaps nothing
+_WGMMA_LOOP = """
+.L_x_1:
+        /*0000*/                   MUFU.EX2 R9, R9 ;
+        /*0010*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0020*/                   MUFU.EX2 R9, R9 ;
+        /*0030*/                   WARPGROUP.ARRIVE ;
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0070*/                   WARPGROUP.ARRIVE ;
+        /*0080*/                   HGMMA.64x64x16.F32.BF16 R56, gdesc[UR8].tnspB, R56 ;
+        /*0090*/                   MUFU.EX2 R10, R10 ;
+        /*00a0*/                   HGMMA.64x64x16.F32.BF16 R56, gdesc[UR9].tnspB, R56, gsb0 ;
+        /*00b0*/              @!P1 BRA `(.L_x_1) ;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_ex2_under_wgmma():
+    assert report.ex2_under_wgmma(_WGMMA_LOOP) == 2  # 0x0090 and, on the next walk, 0x0000 (not 0x0020)
+    assert report.ex2_under_wgmma(_SASS) == 0  # sm_80: no wgmma
+    assert report.ex2_under_wgmma("        /*0000*/   EXIT ;") is None
 
 
 def test_occupancy_arithmetic():
