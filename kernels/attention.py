@@ -476,7 +476,8 @@ def _mbt_attention_bwd_dq_kernel(
 #   8 resident warps per SM (2 CTAs x 4 by registers, 254 each, against 1 CTA x 8 at 173);
 # * sm_90 forward: 128x64 on 8 warps (two warpgroups of wgmma, 121 registers, 2 CTAs per SM);
 # * dK/dV: 128 keys per CTA on 8 warps on both (Q and dO stream once per 128 keys); on sm_90 the 4-warp
-#   64-key tile fits 3 CTAs per SM (142 registers) but reads Q and dO twice as often: a candidate;
+#   64-key tile fits 3 CTAs per SM (142 registers) but reads Q and dO twice as often, and 16 query rows
+#   per step fit 2 CTAs (120 registers) at 57 % more instructions per query row: candidates;
 # * dQ: 128 query rows on 8 warps (sm_80 0.67 LDSM/HMMA at 2 CTAs; 0.58 with 64 keys but 1 CTA).
 def _cfg(block_m: int, block_n: int, warps: int, stages: int, tma: bool = False, overlap_pv: bool = False) -> dict:
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
@@ -512,7 +513,7 @@ def _candidates(head_dim: int, dtype: torch.dtype, arch: int) -> dict:
         fwd += [_cfg(128, 64, 8, 3, tma=True), _cfg(128, 128, 8, 2, tma=True),
                 _cfg(128, 64, 8, 3, tma=True, overlap_pv=True), _cfg(128, 128, 8, 2, tma=True, overlap_pv=True)]
     # (on sm_80 the 4-warp 64-key tile spills 8 bytes with 3 stages, and at D = 32 with 2 as well)
-    dkdv = [_cfg(32, 128, 8, 3)] + ([_cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2)] if arch == 90
+    dkdv = [_cfg(32, 128, 8, 3)] + ([_cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2), _cfg(16, 128, 8, 3)] if arch == 90
                                     else [_cfg(32, 64, 4, 2)] if head_dim == 64 else [])
     return {"fwd": fwd, "pre": [_PRE], "dkdv": dkdv, "dq": [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)]}
 

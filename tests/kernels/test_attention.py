@@ -249,6 +249,17 @@ def test_sm90_forward_variants(dtype, memory, masked, flags):
                    fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, seg, 0.2, variant, mask))
 
 
+@pytest.mark.parametrize("index", range(len(attn._candidates(64, BF16, 90)["dkdv"])))
+def test_sm90_dkdv_candidates(index):
+    """Every sm_90 dK/dV tile candidate (the autotune list: 16 to 64 query rows per step, 64 or 128 keys
+    per program) gives the 2x-rule gradients under the interpreter, across segments with full and
+    partial blocks on both axes."""
+    cfg = dict(attn._INTERPRETER, dkdv=attn._candidates(64, BF16, 90)["dkdv"][index])
+    seg = ((0, 40, 0, 150), (40, 150, 30, 150))
+    q, k, v = _inputs(150, 150, 2, 2, 32, BF16, "packed", seed=9)
+    _run_and_check(q, k, v, seg, scale=0.2, fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, seg, 0.2, cfg))
+
+
 def test_tma_alignment_rule():
     """TMA candidates are offered only for tensors a descriptor can address: 16-byte aligned start and
     strides, on CUDA."""
