@@ -97,26 +97,26 @@ def _key_valid(KM, offs_n, k_end, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constex
 
 
 @triton.jit
-def _full_block(P, Desc, rows_n, stride_n, offs_d, bh_coords, n_start, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
-    """A full key block ``[BLOCK_N, D]`` (no row past the segment): with ``TMA`` one tensor-memory-
-    accelerator copy from ``Desc``, a ``(B, N, H, D)`` descriptor, at ``bh_coords = (b, h)`` (sm_90
-    candidates: no per-thread addresses, no LDGSTS); else per-thread loads from ``P``."""
+def _key_rows(P, Desc, bh_coords, n_start, k_end, stride_n, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              TMA: tl.constexpr):
+    """The ``[BLOCK_N, D]`` rows of K or V from ``n_start``. Only a segment's last, partial block is
+    ``MASKED`` (its rows past the segment load as 0). A full block comes with ``TMA`` as one tensor-
+    memory-accelerator copy from ``Desc``, a ``(B, N, H, D)`` descriptor, at ``bh_coords = (b, h)``
+    (sm_90 candidates: no per-thread addresses, no LDGSTS); else by per-thread loads from ``P``."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    ptrs = P + offs_n.to(tl.int64)[:, None] * stride_n + offs_d[None, :]  # int64: N * stride_n can pass 2**31
+    if MASKED:
+        return tl.load(ptrs, mask=(offs_n < k_end)[:, None], other=0.0)
     if TMA:
         return tl.reshape(Desc.load([bh_coords[0], n_start, bh_coords[1], 0]), [BLOCK_N, offs_d.shape[0]])
-    return tl.load(P + rows_n * stride_n + offs_d[None, :])
+    return tl.load(ptrs)
 
 
 @triton.jit
 def _fwd_qk(q, K, KDesc, bh_coords, n_start, k_end, stride_kn, offs_d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             MASKED: tl.constexpr, TMA: tl.constexpr, DOT_FP32: tl.constexpr):
-    """The raw scores ``q K^T`` of one key block (fp32); only a segment's last, partial block is
-    ``MASKED`` (its keys past the segment load as 0)."""
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    rows_n = offs_n.to(tl.int64)[:, None]  # int64: N * stride_n can pass 2**31 at large batch
-    if MASKED:
-        k = tl.load(K + rows_n * stride_kn + offs_d[None, :], mask=(offs_n < k_end)[:, None], other=0.0)
-    else:
-        k = _full_block(K, KDesc, rows_n, stride_kn, offs_d, bh_coords, n_start, BLOCK_N, TMA)
+    """The raw scores ``q K^T`` of one key block (fp32)."""
+    k = _key_rows(K, KDesc, bh_coords, n_start, k_end, stride_kn, offs_d, BLOCK_N, MASKED, TMA)
     return _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_FP32)
 
 
@@ -150,12 +150,7 @@ def _fwd_softmax(qk, l_i, m_i, KM, n_start, k_end, qk_scale, BLOCK_N: tl.constex
 def _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, n_start, k_end, stride_vn, offs_d, BLOCK_N: tl.constexpr,
             MASKED: tl.constexpr, TMA: tl.constexpr, DOT_FP32: tl.constexpr):
     """``acc * alpha + p V`` for one key block (``p`` rounded to V's dtype first, as FlashAttention)."""
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    rows_n = offs_n.to(tl.int64)[:, None]
-    if MASKED:
-        v = tl.load(V + rows_n * stride_vn + offs_d[None, :], mask=(offs_n < k_end)[:, None], other=0.0)
-    else:
-        v = _full_block(V, VDesc, rows_n, stride_vn, offs_d, bh_coords, n_start, BLOCK_N, TMA)
+    v = _key_rows(V, VDesc, bh_coords, n_start, k_end, stride_vn, offs_d, BLOCK_N, MASKED, TMA)
     return _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32)
 
 
@@ -186,7 +181,7 @@ def _mbt_attention_fwd_kernel(
     DOT_FP32: tl.constexpr,
 ):
     """One program = one query block of one segment, for one (sample, head). With ``TMA`` the full key
-    blocks come through the descriptors ``KDesc``/``VDesc`` (``_full_block``); else they are unread.
+    blocks come through the descriptors ``KDesc``/``VDesc`` (``_key_rows``); else they are unread.
     With ``OVERLAP_PV`` (needs ``PEEL_TAIL``) block j's ``P V`` is issued after block j+1's ``Q K^T`` and
     before its softmax: on sm_90 the ``P V`` wgmma then runs during that softmax (the pipeliner waits on
     the ``Q K^T`` wgmma at once, and on ``P V`` only at the next ``Q K^T``)."""
