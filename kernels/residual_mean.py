@@ -72,12 +72,11 @@ def _slot_mean(x_ptr, y_ptr, keep_ptr, slot_starts_ptr, s, smask, cols, mask, B,
 
 
 @triton.jit
-def _row_residual(x_ptr, y_ptr, keep_ptr, starts_ptr, slot_starts_ptr, r, rmask, cols, cmask, B, C,
-                  M: tl.constexpr, NBOT: tl.constexpr, MODE: tl.constexpr, HAS_KEEP: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
-    """``x + keep[b, m] * y`` (fp32) on the flattened rows ``r = n * B + b`` of a row program, with the
-    slot rows left at ``x`` in "keep" mode and skipped in "mean" mode (their programs are the slot
-    programs). Returns it with the offsets, the mask, the row mask and the token rows ``n``."""
+def _row_keep(keep_ptr, starts_ptr, slot_starts_ptr, r, rmask, B, M: tl.constexpr, NBOT: tl.constexpr,
+              MODE: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """For the flattened rows ``r = n * B + b`` of a row program: the token rows ``n``, which are slot
+    rows, the factor of ``y`` (``keep[b, m]``, 0 on slot rows in "keep" mode) and the row mask without
+    the slot rows in "mean" mode (their programs are the slot programs)."""
     n = r // B
     b = r - n * B
     mod, is_slot = _row_modality(n, starts_ptr, slot_starts_ptr, NBOT, M)
@@ -85,8 +84,21 @@ def _row_residual(x_ptr, y_ptr, keep_ptr, starts_ptr, slot_starts_ptr, r, rmask,
         k = tl.load(keep_ptr + b * M + mod, mask=rmask, other=0.0)
     else:
         k = tl.full([BLOCK_R], 1.0, tl.float32)
+    if MODE == 1:
+        k = tl.where(is_slot, 0.0, k)
     if MODE == 2:
         rmask = rmask & (is_slot == 0)
+    return n, is_slot, k, rmask
+
+
+@triton.jit
+def _row_residual(x_ptr, y_ptr, keep_ptr, starts_ptr, slot_starts_ptr, r, rmask, cols, cmask, B, C,
+                  M: tl.constexpr, NBOT: tl.constexpr, MODE: tl.constexpr, HAS_KEEP: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """``x + keep[b, m] * y`` (fp32) on the rows of a row program (``_row_keep``), the slot rows left at
+    ``x`` in "keep" mode. Returns it with the offsets, the mask, the row mask and the token rows ``n``."""
+    n, is_slot, k, rmask = _row_keep(keep_ptr, starts_ptr, slot_starts_ptr, r, rmask, B, M, NBOT, MODE, HAS_KEEP,
+                                     BLOCK_R)
     offs = r.to(tl.int64)[:, None] * C + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -138,19 +150,8 @@ def _residual_mean_bwd_kernel(
     cmask = cols < C
     if pid < n_row_blocks:
         r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = r < n_rows
-        n = r // B
-        b = r - n * B
-        mod, is_slot = _row_modality(n, starts_ptr, slot_starts_ptr, NBOT, M)
-        if HAS_KEEP:
-            k = tl.load(keep_ptr + b * M + mod, mask=rmask, other=0.0)
-        else:
-            k = tl.full([BLOCK_R], 1.0, tl.float32)
-        if MODE == 1:
-            k = tl.where(is_slot, 0.0, k)
-        smask = rmask
-        if MODE == 2:
-            smask = rmask & (is_slot == 0)
+        _, _, k, smask = _row_keep(keep_ptr, starts_ptr, slot_starts_ptr, r, r < n_rows, B, M, NBOT, MODE, HAS_KEEP,
+                                   BLOCK_R)
         offs = r.to(tl.int64)[:, None] * C + cols[None, :]
         mask = smask[:, None] & cmask[None, :]
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)

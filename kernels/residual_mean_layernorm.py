@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mbt_fast.kernels.residual_mean import (MAX_MODALITIES, _MODES, _row_modality, _row_residual, _slot_mean,
-                                           _tables, residual_mean_ref)
+from mbt_fast.kernels.residual_mean import (MAX_MODALITIES, _MODES, _row_keep, _row_residual, _slot_mean, _tables,
+                                           residual_mean_ref)
 from mbt_fast.kernels.segment_layernorm import MAX_C, segment_layernorm_ref
 from mbt_fast.layout import PackedLayout
 
@@ -133,21 +133,12 @@ def _residual_mean_layernorm_bwd_kernel(
         row_end = tl.minimum(row0 + rows_per_prog, n_rows)
         for start in range(row0, row_end, BLOCK_R):
             r = start + tl.arange(0, BLOCK_R)
-            rmask = r < row_end
-            n = r // B
-            b = r - n * B
-            mod, is_slot = _row_modality(n, starts_ptr, slot_starts_ptr, NBOT, M)
-            if MODE == 2:  # "mean": slot rows belong to the slot programs
-                rmask = rmask & (is_slot == 0)
+            # "keep" slot rows are x itself (y gets nothing); "mean" slot rows belong to the slot programs
+            n, _, k, rmask = _row_keep(keep_ptr, starts_ptr, slot_starts_ptr, r, r < row_end, B, M, NBOT, MODE,
+                                       HAS_KEEP, BLOCK_R)
             mask = rmask[:, None] & cmask[None, :]
             d, pw, pb, wrow = _ln_row_grad(xo_ptr, gh_ptr, gxo_ptr, w_ptr, rw_ptr, mean_ptr, rstd_ptr, r, n, rmask,
                                            cols, mask, C, HAS_GXO)
-            if HAS_KEEP:
-                k = tl.load(keep_ptr + b * M + mod, mask=rmask, other=0.0)
-            else:
-                k = tl.full([BLOCK_R], 1.0, tl.float32)
-            if MODE == 1:  # "keep" slot rows are x itself: y gets nothing
-                k = tl.where(is_slot, 0.0, k)
             offs = r.to(tl.int64)[:, None] * C + cols[None, :]
             tl.store(gx_ptr + offs, d.to(gx_ptr.dtype.element_ty), mask=mask)
             tl.store(gy_ptr + offs, (k[:, None] * d).to(gy_ptr.dtype.element_ty), mask=mask)
