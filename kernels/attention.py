@@ -155,14 +155,37 @@ def _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, n_start, k_end, stride_vn, offs_
 
 
 @triton.jit
+def _fwd_scores(q, K, KDesc, bh_coords, KM, n_start, k_end, stride_kn, offs_d, l_i, m_i, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
+                HAS_KEY_MASK: tl.constexpr, TMA: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One key block's scores and softmax step (``_fwd_softmax``'s results)."""
+    qk = _fwd_qk(q, K, KDesc, bh_coords, n_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, MASKED, TMA, DOT_FP32)
+    return _fwd_softmax(qk, l_i, m_i, KM, n_start, k_end, qk_scale, BLOCK_N, MASKED, SCALE_POSITIVE, HAS_KEY_MASK)
+
+
+@triton.jit
+def _fwd_overlapped_block(acc, p, alpha, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KM, n_start, k_end, stride_kn,
+                          stride_vn, offs_d, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          MASKED: tl.constexpr, SCALE_POSITIVE: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                          TMA: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``OVERLAP_PV`` order: block ``n_start``'s scores, then the previous (full) block's ``P V`` with its
+    ``p``/``alpha``, then ``n_start``'s softmax; returns ``p`` in V's dtype for the next step."""
+    qk = _fwd_qk(q, K, KDesc, bh_coords, n_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, MASKED, TMA, DOT_FP32)
+    acc = _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, n_start - BLOCK_N, k_end, stride_vn, offs_d, BLOCK_N, False,
+                  TMA, DOT_FP32)
+    p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KM, n_start, k_end, qk_scale, BLOCK_N, MASKED, SCALE_POSITIVE,
+                                      HAS_KEY_MASK)
+    return acc, p.to(V.dtype.element_ty), alpha, l_i, m_i
+
+
+@triton.jit
 def _fwd_key_block(acc, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords, KM, n_start, k_end, stride_kn, stride_vn, offs_d,
                    qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                    SCALE_POSITIVE: tl.constexpr, HAS_KEY_MASK: tl.constexpr, TMA: tl.constexpr,
                    DOT_FP32: tl.constexpr):
     """One key block in order: scores, softmax, ``P V``."""
-    qk = _fwd_qk(q, K, KDesc, bh_coords, n_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, MASKED, TMA, DOT_FP32)
-    p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KM, n_start, k_end, qk_scale, BLOCK_N, MASKED, SCALE_POSITIVE,
-                                      HAS_KEY_MASK)
+    p, alpha, l_i, m_i = _fwd_scores(q, K, KDesc, bh_coords, KM, n_start, k_end, stride_kn, offs_d, l_i, m_i, qk_scale,
+                                     BLOCK_M, BLOCK_N, MASKED, SCALE_POSITIVE, HAS_KEY_MASK, TMA, DOT_FP32)
     acc = _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, n_start, k_end, stride_vn, offs_d, BLOCK_N, MASKED, TMA,
                   DOT_FP32)
     return acc, l_i, m_i
@@ -216,32 +239,24 @@ def _mbt_attention_fwd_kernel(
     if OVERLAP_PV:
         # block 0 (the tail when the segment has no full block): scores and softmax, its P V deferred
         if k_tail > k_start:
-            qk = _fwd_qk(q, K, KDesc, bh_coords, k_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, False, TMA,
-                         DOT_FP32)
-            p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KeyMask, k_start, k_end, qk_scale, BLOCK_N, False,
-                                              SCALE_POSITIVE, HAS_KEY_MASK)
+            p, alpha, l_i, m_i = _fwd_scores(q, K, KDesc, bh_coords, KeyMask, k_start, k_end, stride_kn, offs_d, l_i,
+                                             m_i, qk_scale, BLOCK_M, BLOCK_N, False, SCALE_POSITIVE, HAS_KEY_MASK,
+                                             TMA, DOT_FP32)
         else:
-            qk = _fwd_qk(q, K, KDesc, bh_coords, k_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, True, TMA,
-                         DOT_FP32)
-            p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KeyMask, k_start, k_end, qk_scale, BLOCK_N, True,
-                                              SCALE_POSITIVE, HAS_KEY_MASK)
+            p, alpha, l_i, m_i = _fwd_scores(q, K, KDesc, bh_coords, KeyMask, k_start, k_end, stride_kn, offs_d, l_i,
+                                             m_i, qk_scale, BLOCK_M, BLOCK_N, True, SCALE_POSITIVE, HAS_KEY_MASK,
+                                             TMA, DOT_FP32)
         p = p.to(V.dtype.element_ty)
         for n_start in range(k_start + BLOCK_N, k_tail, BLOCK_N):  # full blocks: Q K^T, previous P V, softmax
-            qk = _fwd_qk(q, K, KDesc, bh_coords, n_start, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, False, TMA,
-                         DOT_FP32)
-            acc = _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, n_start - BLOCK_N, k_end, stride_vn, offs_d, BLOCK_N,
-                          False, TMA, DOT_FP32)
-            p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KeyMask, n_start, k_end, qk_scale, BLOCK_N, False,
-                                              SCALE_POSITIVE, HAS_KEY_MASK)
-            p = p.to(V.dtype.element_ty)
+            acc, p, alpha, l_i, m_i = _fwd_overlapped_block(acc, p, alpha, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords,
+                                                            KeyMask, n_start, k_end, stride_kn, stride_vn, offs_d,
+                                                            qk_scale, BLOCK_M, BLOCK_N, False, SCALE_POSITIVE,
+                                                            HAS_KEY_MASK, TMA, DOT_FP32)
         if (k_tail > k_start) & (k_tail < k_end):  # the tail after full blocks
-            qk = _fwd_qk(q, K, KDesc, bh_coords, k_tail, k_end, stride_kn, offs_d, BLOCK_M, BLOCK_N, True, TMA,
-                         DOT_FP32)
-            acc = _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, k_tail - BLOCK_N, k_end, stride_vn, offs_d, BLOCK_N,
-                          False, TMA, DOT_FP32)
-            p, alpha, l_i, m_i = _fwd_softmax(qk, l_i, m_i, KeyMask, k_tail, k_end, qk_scale, BLOCK_N, True,
-                                              SCALE_POSITIVE, HAS_KEY_MASK)
-            p = p.to(V.dtype.element_ty)
+            acc, p, alpha, l_i, m_i = _fwd_overlapped_block(acc, p, alpha, l_i, m_i, q, K, V, KDesc, VDesc, bh_coords,
+                                                            KeyMask, k_tail, k_end, stride_kn, stride_vn, offs_d,
+                                                            qk_scale, BLOCK_M, BLOCK_N, True, SCALE_POSITIVE,
+                                                            HAS_KEY_MASK, TMA, DOT_FP32)
         last = k_tail - BLOCK_N * (k_tail >= k_end).to(tl.int32)  # the tail, else the last full block
         acc = _fwd_pv(acc, p, alpha, V, VDesc, bh_coords, last, k_end, stride_vn, offs_d, BLOCK_N, True, TMA,
                       DOT_FP32)
