@@ -276,14 +276,70 @@ def _open(path):
     return container
 
 
+AUDIO_BLOCK = 1 << 16  # decoded audio samples handed to the resampler at once
+
+
+class _Resampled:
+    """Decoded audio frames -> 16 kHz mono float32 (libswresample, through PyAV's resampler, mixes down and
+    resamples). The frames go to the resampler in blocks of ``AUDIO_BLOCK`` samples rather than one by one:
+    it streams, so the output is the same sample for sample (tested), and each call costs ~20 us of Python
+    whatever its length (10 s of AAC is ~470 frames). Blocks keep memory bounded on long tracks."""
+
+    def __init__(self):
+        import av
+
+        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self.chunks: list[np.ndarray] = []
+        self.block: list[np.ndarray] = []
+        self.first = None  # the block's first frame: its sample format, layout and rate
+        self.samples = 0
+
+    def add(self, frame) -> None:
+        kind = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self.first is not None and kind != (self.first.format.name, self.first.layout.name, self.first.sample_rate):
+            self._flush()  # a frame of another kind starts a block (the resampler then refuses it, as before)
+        try:
+            x = frame.to_ndarray()
+        except ValueError:  # a sample format without a numpy type: resampled alone
+            self._flush()
+            self._resample(frame)
+            return
+        if self.first is None:
+            self.first = frame
+        self.block.append(x)
+        self.samples += frame.samples
+        if self.samples >= AUDIO_BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        import av
+
+        if self.block:
+            f = self.first
+            frame = av.AudioFrame.from_ndarray(np.concatenate(self.block, axis=1), format=f.format, layout=f.layout)
+            frame.sample_rate = f.sample_rate
+            if f.time_base is not None:
+                frame.time_base = f.time_base
+            self._resample(frame)
+        self.block, self.first, self.samples = [], None, 0
+
+    def _resample(self, frame) -> None:
+        frame.pts = None  # the resampler should not try to fill timestamp gaps
+        self.chunks.extend(r.to_ndarray().reshape(-1) for r in self.resampler.resample(frame))
+
+    def finish(self) -> torch.Tensor | None:
+        self._flush()
+        self.chunks.extend(r.to_ndarray().reshape(-1) for r in self.resampler.resample(None))  # the filter's tail
+        return torch.from_numpy(np.concatenate(self.chunks).astype(np.float32, copy=False)) if self.chunks else None
+
+
 def _index_and_audio(container, vstream, astream, stages: _Stages):
-    """The demux pass: the video index and the whole audio track as 16 kHz mono float32 (libswresample
-    mixes down and resamples). Undecodable audio packets are skipped."""
+    """The demux pass: the video index and the whole audio track as 16 kHz mono float32 (:class:`_Resampled`).
+    Undecodable audio packets are skipped."""
     import av
 
     packets: list[tuple[int | None, bool]] = []
-    chunks: list[np.ndarray] = []
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE) if astream is not None else None
+    audio = _Resampled() if astream is not None else None
     for packet in container.demux(*[s for s in (vstream, astream) if s is not None]):
         stages.lap("demux/seek")
         if packet.stream.type == "video":
@@ -295,17 +351,16 @@ def _index_and_audio(container, vstream, astream, stages: _Stages):
         except av.FFmpegError:
             frames = []  # a damaged audio packet: its samples are lost, the rest of the track is kept
         for frame in frames:
-            frame.pts = None  # the resampler should not try to fill timestamp gaps
-            chunks.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(frame))
+            audio.add(frame)
         stages.lap("audio")
-    if resampler is not None:
-        chunks.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(None))  # flush
+    waveform = None
+    if audio is not None:
+        waveform = audio.finish()
         stages.lap("audio")
     # only used without pts: the stream's declared rate (raw H.264 carries it in its SPS; FFmpeg's
     # average_rate is a 25 fps placeholder there)
     rate = float(vstream.guessed_rate or vstream.average_rate or VIDEO_FPS)
     index = build_index(packets, float(vstream.time_base), rate)
-    waveform = torch.from_numpy(np.concatenate(chunks).astype(np.float32)) if chunks else None
     return index, waveform
 
 
