@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from mbt_fast.data import audio as audio_lib
 from mbt_fast.data.augment import spec_augment_freq
@@ -364,7 +364,9 @@ def collate_skip_bad(batch: list) -> dict:
         return out
     for k, v in good[0].items():  # every modality and the label
         if torch.is_tensor(v):
-            out[k] = torch.stack([b[k] for b in good])
+            # default_collate stacks into shared memory in a DataLoader worker, where the batch has to be to reach
+            # the training process: a stack in private memory would be copied there once more when sent
+            out[k] = default_collate([b[k] for b in good])
         elif k.endswith("_length"):
             out[k] = torch.tensor([b[k] for b in good], dtype=torch.int64)
     out["index"] = torch.tensor([b["index"] for b in good])

@@ -96,3 +96,35 @@ def test_auto_workers_follow_the_affinity_mask(monkeypatch):
         TrainConfig(num_workers=-1)
     with pytest.raises(ValueError, match="prefetch_factor"):
         TrainConfig(prefetch_factor=0)
+
+
+class _Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"rgb": torch.rand(3, 2, 8, 8, generator=g), "label": torch.zeros(4), "index": i,
+                "audio_missing": False, "decode_fallback": False, "text_length": i}
+
+
+def _collate_in_worker(batch):
+    from mbt_fast.data import collate_skip_bad
+
+    out = collate_skip_bad(batch)
+    return out, {k: out[k].is_shared() for k in ("rgb", "label")}  # the stacked item tensors
+
+
+def test_collate_stacks_into_shared_memory_in_a_worker():
+    # in a worker the batch must end up in shared memory to reach the training process: stacked there
+    # directly, it is not copied over once more when sent; the values are the ones stacked in process
+    from mbt_fast.data import collate_skip_bad
+
+    ds = _Items()
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=_collate_in_worker)
+    for k, (batch, shared) in enumerate(loader):
+        assert shared == {"rgb": True, "label": True}, shared
+        ref = collate_skip_bad([ds[i] for i in range(3 * k, 3 * k + 3)])
+        assert not ref["rgb"].is_shared()  # in the training process: ordinary memory
+        for key in ("rgb", "label", "text_length", "index"):
+            assert torch.equal(batch[key], ref[key]), key
