@@ -281,55 +281,38 @@ AUDIO_BLOCK = 1 << 16  # decoded audio samples handed to the resampler at once
 
 class _Resampled:
     """Decoded audio frames -> 16 kHz mono float32 (libswresample, through PyAV's resampler, mixes down and
-    resamples). The frames go to the resampler in blocks of ``AUDIO_BLOCK`` samples rather than one by one:
-    it streams, so the output is the same sample for sample (tested), and each call costs ~20 us of Python
-    whatever its length (10 s of AAC is ~470 frames). Blocks keep memory bounded on long tracks."""
+    resamples). The frames are gathered in an ``AudioFifo`` and go to the resampler in blocks of
+    ``AUDIO_BLOCK`` samples rather than one by one: it streams, so the output is the same sample for sample
+    (tested), and each call costs ~20 us of Python whatever its length (10 s of AAC is ~470 frames). Blocks
+    keep memory bounded on long tracks."""
 
     def __init__(self):
         import av
 
         self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self.fifo = av.AudioFifo()
+        self.kind = None  # the first frame's sample format, layout and rate
         self.chunks: list[np.ndarray] = []
-        self.block: list[np.ndarray] = []
-        self.first = None  # the block's first frame: its sample format, layout and rate
-        self.samples = 0
 
     def add(self, frame) -> None:
         kind = (frame.format.name, frame.layout.name, frame.sample_rate)
-        if self.first is not None and kind != (self.first.format.name, self.first.layout.name, self.first.sample_rate):
-            self._flush()  # a frame of another kind starts a block (the resampler then refuses it, as before)
-        try:
-            x = frame.to_ndarray()
-        except ValueError:  # a sample format without a numpy type: resampled alone
-            self._flush()
-            self._resample(frame)
-            return
-        if self.first is None:
-            self.first = frame
-        self.block.append(x)
-        self.samples += frame.samples
-        if self.samples >= AUDIO_BLOCK:
-            self._flush()
+        self.kind = self.kind or kind
+        if kind != self.kind:  # the resampler refuses it too; the FIFO would take another layout's samples
+            raise ValueError(f"audio frame {kind} does not match the track's first frame {self.kind}")
+        frame.pts = None  # no timestamp checks in the FIFO, no gap filling in the resampler
+        self.fifo.write(frame)
+        if self.fifo.samples >= AUDIO_BLOCK:
+            self._resample(self.fifo.read())
 
-    def _flush(self) -> None:
-        import av
-
-        if self.block:
-            f = self.first
-            frame = av.AudioFrame.from_ndarray(np.concatenate(self.block, axis=1), format=f.format, layout=f.layout)
-            frame.sample_rate = f.sample_rate
-            if f.time_base is not None:
-                frame.time_base = f.time_base
-            self._resample(frame)
-        self.block, self.first, self.samples = [], None, 0
-
-    def _resample(self, frame) -> None:
-        frame.pts = None  # the resampler should not try to fill timestamp gaps
+    def _resample(self, frame) -> None:  # None: flush the filter's tail
+        if frame is not None:
+            frame.pts = None
         self.chunks.extend(r.to_ndarray().reshape(-1) for r in self.resampler.resample(frame))
 
     def finish(self) -> torch.Tensor | None:
-        self._flush()
-        self.chunks.extend(r.to_ndarray().reshape(-1) for r in self.resampler.resample(None))  # the filter's tail
+        if self.fifo.samples:
+            self._resample(self.fifo.read())
+        self._resample(None)
         return torch.from_numpy(np.concatenate(self.chunks).astype(np.float32, copy=False)) if self.chunks else None
 
 

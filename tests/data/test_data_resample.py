@@ -64,10 +64,17 @@ def test_already_16k_mono_float_passes_through():
     assert np.array_equal(_blocks(frames), want) and np.array_equal(_per_frame(frames), want)
 
 
-def test_a_frame_of_another_rate_is_refused_as_before():
+@pytest.mark.parametrize("change", ["rate", "layout", "format"])
+def test_a_frame_of_another_kind_is_refused_as_before(change):
+    # (the AudioFifo itself does not compare layouts: it would take a stereo frame's first channel)
+    kinds = {"rate": [("fltp", "stereo", 48000)] * 2 + [("fltp", "stereo", 44100)],
+             "layout": [("fltp", "mono", 48000)] * 2 + [("fltp", "stereo", 48000)],
+             "format": [("fltp", "stereo", 48000)] * 2 + [("s16p", "stereo", 48000)]}[change]
     frames = []
-    for rate in (48000, 48000, 44100):
-        f = av.AudioFrame.from_ndarray(np.zeros((2, 1024), dtype=np.float32), format="fltp", layout="stereo")
+    for fmt, layout, rate in kinds:
+        dtype = np.float32 if fmt == "fltp" else np.int16
+        f = av.AudioFrame.from_ndarray(np.zeros((1 if layout == "mono" else 2, 1024), dtype=dtype), format=fmt,
+                                       layout=layout)
         f.sample_rate = rate
         frames.append(f)
     with pytest.raises(ValueError, match="does not match"):
