@@ -15,12 +15,14 @@ grayscale drop).
 Only what a clip needs is decoded (the loader's time is mostly video decoding):
 
 1. one demux pass, no video decoding: every video packet's pts and keyframe flag (the *index*), and the
-   audio track, decoded and resampled (the spectrogram window is placed by the track's full length);
+   audio track, decoded and resampled in blocks (the spectrogram window is placed by the track's full
+   length);
 2. the clip(s) are planned on the index (25 fps tick -> source frame), every random draw is made
-   (clip offset, scale jitter, crop, flip, in that order), so the wanted frames and their size are known;
+   (clip offset, scale jitter, crop, flip, in that order), so the wanted frames and their crop are known;
 3. ``container.seek`` to the last keyframe at or before the first wanted frame, decode until the last
    wanted one and stop. Each decoded frame is matched to the index by its exact pts. Wanted frames are
-   converted to RGB at source size (libswscale), resized and cropped as uint8 tensors; the clip becomes
+   converted to RGBA at source size (libswscale), and of the resized frame only the crop is computed
+   (:func:`resize_crop_uint8`: bit for bit the crop of the whole resize), in uint8; the clip becomes
    float once, at the end, as ``[3, T, crop_h, crop_w]``.
 
 Never a wrong frame: the seek is trusted only if the decoded pts prove it -- the first decoded frame is
