@@ -81,7 +81,7 @@ def prepare_clip(path: str, crop: int, num_mel: int) -> tuple[dict, dict]:
     tick_src = ticks_to_source_frames(index.times)
     size = resized_size(h, w, SCENIC_RESIZE / SCENIC_CROP * crop)  # eval's size for this crop: no resize there
     whole = Box(size, 0, 0, size)  # the whole resized frame: any crop is cut when training reads it
-    col = _Collector({int(j) for j in tick_src}, {whole}, clock)
+    col = _Collector({int(j) for j in tick_src}, {whole}, clock, pix_fmt="rgb24")
     with _open(path) as container:  # from the start, as the video path's reference decode
         err = _decode_from_start(container, container.streams.video[0], index, col, clock)
     if not col.got:
@@ -89,7 +89,7 @@ def prepare_clip(path: str, crop: int, num_mel: int) -> tuple[dict, dict]:
     keys = np.asarray(sorted(col.got))
     # a frame no decode produced (truncated file): the nearest decoded one, as read_clips does
     rows = np.abs(keys[None, :] - tick_src[:, None]).argmin(1)
-    tensors = {"frames": torch.stack([col.frames[(int(k), whole)][:3] for k in keys]),  # RGB planes
+    tensors = {"frames": torch.stack([col.frames[(int(k), whole)] for k in keys]),  # RGB planes
                "ticks": torch.from_numpy(rows.astype(np.int32))}
     if waveform is not None and waveform.numel() > 0:
         tensors["logmel"] = audio_lib.log_mel_spectrogram(waveform, audio_lib.SAMPLE_RATE, num_mel=num_mel).contiguous()
