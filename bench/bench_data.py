@@ -3,7 +3,8 @@ every video frame of the same file, in the same process, single-threaded (torch 
 
 The clip is generated with PyAV into a temporary folder (default: 10 s, 854x480, 30 fps, a keyframe
 every 2 s, H.264 with B-frames + AAC 48 kHz stereo, moving texture). Reports ms and clips/s per core,
-a per-stage breakdown (demux/seek, decode, resize/crop, audio + log-mel, collate) and the ratio
+a per-stage breakdown (demux/seek, decode, resize/crop, audio + log-mel, collate: in a DataLoader worker, as in
+training, with the hand-off of the batch to the training process) and the ratio
 item time / full-decode time; the rounds of full decode, train and eval items are interleaved, so load
 from other processes slows them alike. The same items read from a prepared cache (``mbt-fast prepare``,
 made once per clip and timed apart) run in the same rounds: clips/s and speed-up over the video item. Also the resize filter against ``tf.image.resize`` (bilinear,
@@ -68,8 +69,42 @@ def _summary(ms: list[float]) -> dict:
             "p80_ms": common._quantile(ms, 0.8), "reps": len(ms)}
 
 
+class _Ready(torch.utils.data.Dataset):
+    """Items made beforehand: the DataLoader worker only collates them."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _collate_and_send(batch) -> float:
+    """Seconds a DataLoader worker spends on ``collate_skip_bad`` and on pickling the batch for the queue to
+    the training process (which puts every storage not yet there into shared memory)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 -- registers torch's pickling of tensors through shared memory
+    from mbt_fast.data import collate_skip_bad
+
+    t0 = time.perf_counter()
+    ForkingPickler.dumps(collate_skip_bad(batch))
+    return time.perf_counter() - t0
+
+
+def worker_collate_ms(items: list, rounds: int = 3) -> float:
+    """ms per item to collate ``items`` into one batch and hand it over, in a DataLoader worker as in
+    training (median of ``rounds`` batches)."""
+    loader = torch.utils.data.DataLoader(_Ready(items * rounds), batch_size=len(items), num_workers=1,
+                                         collate_fn=_collate_and_send)
+    return 1e3 * statistics.median(list(loader)) / len(items)
+
+
 def bench_clip(path, name: str, rgb_shape, spec_shape, reps: int, warmup: int, batch: int) -> list[dict]:
-    from mbt_fast.data import VideoDataset, collate_skip_bad
+    from mbt_fast.data import VideoDataset
     from mbt_fast.data.video import read_clips
 
     from mbt_fast.data.prepared import PreparedDataset, prepare
@@ -106,10 +141,7 @@ def bench_clip(path, name: str, rgb_shape, spec_shape, reps: int, warmup: int, b
         st = {k: 1e3 * v / reps for k, v in ds.stage_seconds.items()}  # the timed rounds only
         paths = {k: v for k, v in ds.stats.items() if k in ("seek", "decode_fallback")} if ds.stats else {}
         ds.stage_seconds = None
-        items = [ds[(0, 5000 + i)] for i in range(batch)]
-        t0 = time.perf_counter()
-        collate_skip_bad(items)
-        collate_ms = 1e3 * (time.perf_counter() - t0) / batch
+        collate_ms = worker_collate_ms([ds[(0, 5000 + i)] for i in range(batch)])
         stages = {"demux/seek_ms": st.get("demux/seek", 0.0), "decode_ms": st.get("decode", 0.0),
                   "resize/crop_ms": st.get("resize/crop", 0.0),
                   "audio+log-mel_ms": st.get("audio", 0.0) + st.get("log-mel", 0.0), "collate_ms": collate_ms}
@@ -121,10 +153,7 @@ def bench_clip(path, name: str, rgb_shape, spec_shape, reps: int, warmup: int, b
                      "full_decode_ms": full, "ratio_vs_full_decode": item_ms / full,
                      "frames_decoded": getattr(probe, "frames_decoded", n_frames), "frames_in_file": n_frames, **stages,
                      "decode_path": " ".join(f"{k}={v}" for k, v in sorted(paths.items())), "status": "ok"})
-        items = [prep[m][(0, 5000 + i)] for i in range(batch)]
-        t0 = time.perf_counter()
-        collate_skip_bad(items)
-        p_collate = 1e3 * (time.perf_counter() - t0) / batch
+        p_collate = worker_collate_ms([prep[m][(0, 5000 + i)] for i in range(batch)])
         sp = _summary(times[f"prepared {m}"])
         p_ms = sp["median_ms"] + p_collate
         rows.append({"op": "prepared", "clip": name, "mode": m, "rgb_shape": "x".join(map(str, rgb_shape)),
@@ -159,11 +188,12 @@ def resize_check(seed: int = 0) -> dict:
             "swscale_bilinear_mean": d_sws.mean().item()}
 
 
-def write_markdown(rows: list[dict], resize: dict, path: Path, env: dict, cmd: str) -> Path:
+def write_markdown(rows: list[dict], resize: dict, path: Path, env: dict, cmd: str, batch: int) -> Path:
     lines = [f"# Data loading per core (CPU measurement)", "",
              f"`{cmd}` -- {env['device']}, torch {env['torch']}, PyAV {common.version('av')}, commit {env['commit']}; "
-             "torch and FFmpeg single-threaded. ms per item (median over interleaved rounds, collate added); "
-             "ratio = item / decoding every video frame of the file with PyAV.", "",
+             "torch and FFmpeg single-threaded. ms per item (median over interleaved rounds, collate added: "
+             f"batches of {batch} collated in a DataLoader worker, hand-off to the training process "
+             "included); ratio = item / decoding every video frame of the file with PyAV.", "",
              "| clip | mode | ms/item | clips/s | full decode ms | ratio | frames decoded/file | "
              + " | ".join(f"{s} ms" for s in STAGES) + " |",
              "|" + " --- |" * (7 + len(STAGES))]
@@ -240,7 +270,7 @@ def run(args) -> list[dict]:
                        title=f"\ndata loading per core ({env['measurement']}; torch {env['torch']}, commit {env['commit']})",
                        plot_args=None)
         print(f"resize vs tf.image.resize bilinear: {resize}")
-    write_markdown(rows, resize, out / "data.md", env, cmd)
+    write_markdown(rows, resize, out / "data.md", env, cmd, args.batch)
     return rows
 
 

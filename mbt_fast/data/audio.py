@@ -17,6 +17,7 @@ standardise these features; pass your own ``mean``/``std`` (e.g. computed with
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -83,12 +84,18 @@ def log_mel_spectrogram(waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE, 
     if waveform.dim() != 1:
         raise ValueError(f"waveform must be [num_samples] or [channels, num_samples], got shape {tuple(waveform.shape)}")
     wav = resample(waveform.to(torch.float32), sample_rate, SAMPLE_RATE)
-    window = torch.hamming_window(WIN_LENGTH, periodic=False, dtype=torch.float32)
+    window, filters = _stft_constants(num_mel)
     stft = torch.stft(wav, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=WIN_LENGTH, window=window,
                       center=True, pad_mode="constant", return_complex=True)
-    power = stft.real.square() + stft.imag.square()  # [freq, frames]
-    mel = power.transpose(0, 1) @ mel_filterbank(num_mel)
-    return torch.log(mel + LOG_OFFSET)
+    power = stft.real.square().add_(stft.imag.square())  # [freq, frames]
+    mel = power.transpose(0, 1) @ filters
+    return mel.add_(LOG_OFFSET).log_()
+
+
+@functools.lru_cache(maxsize=8)
+def _stft_constants(num_mel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window and the mel filters, made once per process (read only)."""
+    return torch.hamming_window(WIN_LENGTH, periodic=False, dtype=torch.float32), mel_filterbank(num_mel)
 
 
 def normalize_spectrogram(logmel: torch.Tensor, mean: float = SCENIC_SPEC_MEAN, std: float = SCENIC_SPEC_STD) -> torch.Tensor:

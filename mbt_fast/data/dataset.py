@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from mbt_fast.data import audio as audio_lib
 from mbt_fast.data.augment import spec_augment_freq
@@ -122,6 +122,33 @@ def read_folder(root) -> tuple[list[tuple[str, list[int]]], list[str]]:
             if f.suffix.lower() in VIDEO_EXTENSIONS:
                 items.append((str(f), [c]))
     return items, classes
+
+
+_FREED_MEMORY_KEPT: bool | None = None  # what keep_freed_memory() returned in this process (None: not called)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory this process frees for its next allocations instead of handing it
+    back to the OS. :class:`VideoDataset` calls it on its first item in a DataLoader worker.
+
+    Why: every item's clip is a new tensor (19 MB of float32 at MBT-B shapes) and a worker frees a batch's
+    items together after the collate; glibc then gives the top of its heap back to the OS, and the next
+    batch's items fault every page in again, zeroed by the kernel (~5k page faults per item, several ms).
+    Now chunks up to 32 MB (glibc's largest mmap threshold) come from the heap and the heap is never trimmed:
+    a worker keeps the memory of its busiest moment. Returns False where malloc is not glibc's."""
+    import ctypes
+    import os
+
+    global _FREED_MEMORY_KEPT
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+        mallopt = ctypes.CDLL(None).mallopt if glibc.startswith("glibc") else None
+    except (ValueError, OSError, AttributeError):
+        mallopt = None
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    _FREED_MEMORY_KEPT = bool(mallopt and mallopt(m_mmap_threshold, 32 << 20) and
+                              mallopt(m_trim_threshold, 2**31 - 1))
+    return _FREED_MEMORY_KEPT
 
 
 def item_seed(*parts) -> int:
@@ -288,6 +315,8 @@ class VideoDataset(Dataset):
         return out
 
     def __getitem__(self, key):
+        if _FREED_MEMORY_KEPT is None and torch.utils.data.get_worker_info() is not None:
+            keep_freed_memory()  # a DataLoader worker: reuse the freed clips' memory (see there)
         index, seed = key if isinstance(key, tuple) else (key, item_seed("eval", key))
         path, labels = self.items[index]
         rng = np.random.default_rng(seed)
@@ -364,7 +393,9 @@ def collate_skip_bad(batch: list) -> dict:
         return out
     for k, v in good[0].items():  # every modality and the label
         if torch.is_tensor(v):
-            out[k] = torch.stack([b[k] for b in good])
+            # default_collate stacks into shared memory in a DataLoader worker, where the batch has to be to reach
+            # the training process: a stack in private memory would be copied there once more when sent
+            out[k] = default_collate([b[k] for b in good])
         elif k.endswith("_length"):
             out[k] = torch.tensor([b[k] for b in good], dtype=torch.int64)
     out["index"] = torch.tensor([b["index"] for b in good])

@@ -36,7 +36,7 @@ import torch
 
 from mbt_fast.data import audio as audio_lib
 from mbt_fast.data.dataset import VideoDataset, read_csv, read_folder
-from mbt_fast.data.video import (SCENIC_CROP, SCENIC_RESIZE, DecodedClips, _Collector, _decode_from_start,
+from mbt_fast.data.video import (SCENIC_CROP, SCENIC_RESIZE, Box, DecodedClips, _Collector, _decode_from_start,
                                  _index_and_audio, _open, _Stages, assemble_clip, plan_clips, plan_crop,
                                  resize_uint8, resized_size, ticks_to_source_frames)
 
@@ -80,7 +80,8 @@ def prepare_clip(path: str, crop: int, num_mel: int) -> tuple[dict, dict]:
         raise ValueError(f"{path}: the video stream has no frame size ({w}x{h})")
     tick_src = ticks_to_source_frames(index.times)
     size = resized_size(h, w, SCENIC_RESIZE / SCENIC_CROP * crop)  # eval's size for this crop: no resize there
-    col = _Collector({int(j) for j in tick_src}, {size}, clock)
+    whole = Box(size, 0, 0, size)  # the whole resized frame: any crop is cut when training reads it
+    col = _Collector({int(j) for j in tick_src}, {whole}, clock, pix_fmt="rgb24")
     with _open(path) as container:  # from the start, as the video path's reference decode
         err = _decode_from_start(container, container.streams.video[0], index, col, clock)
     if not col.got:
@@ -88,7 +89,7 @@ def prepare_clip(path: str, crop: int, num_mel: int) -> tuple[dict, dict]:
     keys = np.asarray(sorted(col.got))
     # a frame no decode produced (truncated file): the nearest decoded one, as read_clips does
     rows = np.abs(keys[None, :] - tick_src[:, None]).argmin(1)
-    tensors = {"frames": torch.stack([col.frames[(int(k), size)] for k in keys]),
+    tensors = {"frames": torch.stack([col.frames[(int(k), whole)] for k in keys]),  # RGB planes
                "ticks": torch.from_numpy(rows.astype(np.int32))}
     if waveform is not None and waveform.numel() > 0:
         tensors["logmel"] = audio_lib.log_mel_spectrogram(waveform, audio_lib.SAMPLE_RATE, num_mel=num_mel).contiguous()

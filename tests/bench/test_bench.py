@@ -398,7 +398,7 @@ def test_bench_data_tiny(tmp_path):
     cols, csv_rows = _read(tmp_path / "data.csv")
     assert cols == bench_data.COLUMNS and len(csv_rows) == 5
     md = (tmp_path / "data.md").read_text()
-    assert "CPU measurement" in md and "Prepared cache" in md
+    assert "CPU measurement" in md and "Prepared cache" in md and "collated in a DataLoader worker" in md
 
 
 # ---- mbt-fast bench gpu ---------------------------------------------------------------------------------

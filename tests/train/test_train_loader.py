@@ -96,3 +96,99 @@ def test_auto_workers_follow_the_affinity_mask(monkeypatch):
         TrainConfig(num_workers=-1)
     with pytest.raises(ValueError, match="prefetch_factor"):
         TrainConfig(prefetch_factor=0)
+
+
+class _Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"rgb": torch.rand(3, 2, 8, 8, generator=g), "label": torch.zeros(4), "index": i,
+                "audio_missing": False, "decode_fallback": False, "text_length": i}
+
+
+def _collate_in_worker(batch):
+    from mbt_fast.data import collate_skip_bad
+
+    out = collate_skip_bad(batch)
+    return out, {k: out[k].is_shared() for k in ("rgb", "label")}  # the stacked item tensors
+
+
+def test_collate_stacks_into_shared_memory_in_a_worker():
+    # in a worker the batch must end up in shared memory to reach the training process: stacked there
+    # directly, it is not copied over once more when sent; the values are the ones stacked in process
+    from mbt_fast.data import collate_skip_bad
+
+    ds = _Items()
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=_collate_in_worker)
+    for k, (batch, shared) in enumerate(loader):
+        assert shared == {"rgb": True, "label": True}, shared
+        ref = collate_skip_bad([ds[i] for i in range(3 * k, 3 * k + 3)])
+        assert not ref["rgb"].is_shared()  # in the training process: ordinary memory
+        for key in ("rgb", "label", "text_length", "index"):
+            assert torch.equal(batch[key], ref[key]), key
+
+
+_WORKER_BATCHES = """
+import resource, sys, torch
+from mbt_fast.data import VideoDataset, collate_skip_bad, dataset
+if sys.argv[2] == "default":
+    dataset.keep_freed_memory = lambda: False
+state = {}
+def collate(batch):  # page faults while the worker made this batch's items
+    f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    prev = state.get("f", f)
+    collate_skip_bad(batch)
+    state["f"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return f - prev, dataset._FREED_MEMORY_KEPT
+ds = VideoDataset([(sys.argv[1], [0])] * 24, num_classes=1, rgb_shape=(32, 224, 224), spectrogram_shape=(800, 128))
+out = list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate))
+faults = sorted(f for f, _ in out[2:])  # once the worker's heap has grown to a batch
+print(out[-1][1] is True, faults[len(faults) // 2])
+"""
+
+
+def test_workers_keep_freed_memory_for_the_next_items(tmp_path):
+    """A worker frees a batch's clips (19 MB each at MBT-B shapes) together after the collate; with glibc's
+    defaults that memory goes back to the OS and the next batch faults in every page again."""
+    import subprocess
+    import sys
+
+    from mbt_fast.data import dataset
+    from mbt_fast.data.testing import write_clip
+
+    try:
+        glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except ValueError:
+        glibc = False
+    if not glibc:
+        assert dataset.keep_freed_memory() is False
+        pytest.skip("malloc is not glibc's here")
+    path = write_clip(tmp_path / "a.mp4", seconds=1.0, fps=25, size=(80, 48), gop=10)
+    runs = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", _WORKER_BATCHES, str(path), mode], capture_output=True,
+                             text=True, check=True).stdout.split()
+        runs[mode] = (out[0] == "True", int(out[1]))
+    assert runs["keep"][0] and not runs["default"][0], runs
+    assert runs["default"][1] > 4 * 4000, runs  # what it is for: ~every page of every clip, every batch
+    assert runs["keep"][1] < 4 * 400, runs
+
+
+def _memory_kept_in_worker(batch):
+    from mbt_fast.data import dataset
+
+    return dataset._FREED_MEMORY_KEPT
+
+
+def test_video_dataset_keeps_freed_memory_in_its_workers(tmp_path):
+    from mbt_fast.data import VideoDataset
+    from mbt_fast.data.testing import write_clip
+
+    path = write_clip(tmp_path / "a.mp4", seconds=1.0)
+    ds = VideoDataset([(str(path), [0])] * 2, num_classes=1, rgb_shape=(4, 16, 16), spectrogram_shape=(32, 16),
+                      mode="eval")
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=_memory_kept_in_worker)
+    kept = next(iter(loader))
+    assert kept is (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
