@@ -236,6 +236,7 @@ def _mbt_attention_fwd_kernel(
     k_tail = k_start
     if PEEL_TAIL:  # the full key blocks unmasked, then the partial one
         k_tail += (k_end - k_start) // BLOCK_N * BLOCK_N
+    tl.static_assert(PEEL_TAIL or not OVERLAP_PV, "OVERLAP_PV needs PEEL_TAIL (fp16/bf16 tiles)")
     if OVERLAP_PV:
         # block 0 (the tail when the segment has no full block): scores and softmax, its P V deferred
         if k_tail > k_start:

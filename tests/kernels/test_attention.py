@@ -260,6 +260,15 @@ def test_sm90_dkdv_candidates(index):
     _run_and_check(q, k, v, seg, scale=0.2, fn=lambda q, k, v: MBTAttentionFunction.apply(q, k, v, seg, 0.2, cfg))
 
 
+def test_overlap_is_refused_without_the_peeled_tail():
+    """fp32 runs one masked loop (no peeled tail), which the overlapped schedule does not cover: refused
+    when the kernel is built, not run wrong."""
+    q, k, v = _inputs(70, 70, 1, 1, 32, F32, "contiguous")
+    variant = dict(attn._INTERPRETER, fwd=attn._cfg(32, 32, 4, 1, overlap_pv=True))
+    with pytest.raises(Exception, match="OVERLAP_PV needs PEEL_TAIL"):
+        attn._mbt_attention_fwd(q.detach(), k.detach(), v.detach(), ((0, 70, 0, 70),), 0.2, variant)
+
+
 def test_tma_alignment_rule():
     """TMA candidates are offered only for tensors a descriptor can address: 16-byte aligned start and
     strides, on CUDA."""
