@@ -18,8 +18,8 @@ For each kernel's ``aot_specs(dtype)`` (the MBT-B configuration, GPU block sizes
   barriers), over the whole kernel (prologue and epilogue included, loops counted once);
 * ``loop_sass``: the same counts over the main loop alone (``sass_counts``): what each main-loop
   iteration executes, the number that a masked tail peeled out of the loop changes;
-* ``ex2_under_wgmma``: the main loop's ``MUFU.EX2`` issued while a wgmma is in flight
-  (``ex2_under_wgmma``): how much of the softmax overlaps a tensor-core MMA on sm_90;
+* ``ex2_under_wgmma``: the main loop's ``MUFU.EX2`` issued while a wgmma is in flight: how much of the
+  softmax overlaps a tensor-core MMA on sm_90;
 * ``ctas_per_sm`` and ``occupancy_limiter``: how many CTAs of the kernel fit on one SM by registers,
   shared memory and warps (``occupancy``), the arithmetic of CUDA's occupancy calculator.
 
@@ -183,7 +183,8 @@ def sass_counts(sass: str) -> tuple[dict, dict | None]:
 def ex2_under_wgmma(sass: str) -> int | None:
     """How many of the main loop's ``MUFU.EX2`` (the softmax's exponentials) issue while a wgmma is in
     flight: after an ``HGMMA`` (each starts on issue; ``gsb0`` only marks a group's last) and before the
-    ``WARPGROUP.DEPBAR`` that waits for it. The loop body is walked twice so that a group issued late in
+    next ``WARPGROUP.DEPBAR`` (taken as waiting for all: Triton emits ``gsb0, 0x0`` in these loops). The
+    loop body is walked twice so that a group issued late in
     one iteration and waited in the next counts; the second walk is counted. 0 where the softmax
     overlaps no wgmma (and on sm_80, which has none); None without a loop."""
     ops, hot = _main_loop(sass)
@@ -192,7 +193,7 @@ def ex2_under_wgmma(sass: str) -> int | None:
     body = ops[hot[0]:hot[1] + 1]
     in_flight, count = False, 0
     for walk in range(2):
-        for op, args in body:
+        for op, _ in body:
             if op.startswith("HGMMA"):
                 in_flight = True
             elif op.startswith("WARPGROUP.DEPBAR"):
