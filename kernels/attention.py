@@ -587,21 +587,24 @@ def _bench(fn) -> float:
 _TUNED: dict = {}
 
 
-def _tuned(kernel: str, q: torch.Tensor, key: tuple, run, cfgs: dict | None, tma: bool = False) -> dict:
+def _tuned(kernel: str, q: torch.Tensor, key: tuple, run, cfgs: dict | None, tma_ok=lambda: False) -> dict:
     """The tile config of ``kernel`` for this launch: ``cfgs``'s if given (tests), the interpreter's, the
     static pick of the device's table, or with autotuning the fastest candidate, timed once per ``key``
     (the shape) by calling ``run(config)`` and kept for the process. TMA candidates (never the static
-    pick) take part only when ``tma`` says the tensors allow it. Never times inside a CUDA-graph
-    capture (the static pick is used there)."""
+    pick) take part only when ``tma_ok()`` says the tensors allow it, asked only when tuning: the
+    untuned launch does no host work for them. Never times inside a CUDA-graph capture (the static
+    pick is used there)."""
     if cfgs is not None:
         return cfgs[kernel]
     D, dtype = q.shape[-1], q.dtype
     if triton_interpreting() and q.device.type == "cpu":
         return _INTERPRETER[kernel]
     arch = _arch(q.device)
-    cands = [c for c in _candidates(D, dtype, arch)[kernel] if tma or not c.get("TMA")]
+    cands = _candidates(D, dtype, arch)[kernel]
     if len(cands) == 1 or not autotuning() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return cands[0]
+    tma = tma_ok()
+    cands = [c for c in cands if tma or not c.get("TMA")]
     tkey = (kernel, arch, dtype, D, key, tma)
     if tkey not in _TUNED:
         _TUNED[tkey] = min(cands, key=lambda c: _bench(lambda: run(c)))
@@ -739,8 +742,7 @@ def _mbt_attention_fwd(q, k, v, segments: tuple, scale: float, configs: dict | N
             OVERLAP_PV=cfg.get("OVERLAP_PV", False), DOT_FP32=triton_interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    tma = _tma_ok(k, v)
-    run(_tuned("fwd", q, (segments, B, H, key_mask is not None), run, configs, tma))
+    run(_tuned("fwd", q, (segments, B, H, key_mask is not None), run, configs, lambda: _tma_ok(k, v)))
     return out, lse
 
 

@@ -537,9 +537,9 @@ def test_autotune_offers_tma_only_where_tma_can_read(monkeypatch, fake_gpu):
     for i, c in enumerate(cands):  # a TMA candidate is the fastest
         times[attn._tile_name(c)] = 1.0 if c.get("TMA") else 5.0 + i
     run = lambda c: timed.append(attn._tile_name(c))  # noqa: E731
-    assert not attn._tuned("fwd", q, ("shape",), run, None, tma=False).get("TMA")
+    assert not attn._tuned("fwd", q, ("shape",), run, None, tma_ok=lambda: False).get("TMA")
     assert not set(timed) & set(tma), timed
-    assert attn._tuned("fwd", q, ("shape",), run, None, tma=True).get("TMA")
+    assert attn._tuned("fwd", q, ("shape",), run, None, tma_ok=lambda: True).get("TMA")
     assert set(tma) <= set(timed)
     assert not any(c.get("TMA") for k, cs in attn._candidates(64, BF16, 80).items() for c in cs), "TMA is sm_90's"
 
